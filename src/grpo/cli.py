@@ -1,0 +1,91 @@
+"""Command line: `grpo demo` trains the embedded tiny model on a built-in task and shows it learning."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from grpo.config import GRPOConfig
+from grpo.embedded import EMBEDDED_MODEL_ID, TASKS
+from grpo.metrics import format_completions_table
+
+# Tuned on 2 CPU cores: the random-init tiny model needs a far higher learning rate than TRL's 1e-6 default.
+DEMO_SETTINGS: dict[str, dict[str, Any]] = {
+    "length": dict(num_generations=8, per_device_train_batch_size=16, gradient_accumulation_steps=1,
+                   max_completion_length=48, learning_rate=2e-3, max_steps=150, logging_steps=10),
+    "arithmetic": dict(num_generations=8, per_device_train_batch_size=32, gradient_accumulation_steps=1,
+                       max_completion_length=8, learning_rate=2e-3, max_steps=150, logging_steps=10),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grpo", description="Train language models with GRPO.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo", help="train the embedded tiny model on a built-in task (offline, about a minute on a CPU)",
+        description="Train the embedded tiny model on a built-in task and show the reward rise. Nothing is "
+        "downloaded: the model is built offline from a fixed seed.",
+    )
+    demo.add_argument("--task", choices=sorted(TASKS), default="length",
+                      help="length: the course's -|20 - len(completion)| reward; arithmetic: 'a+b=' answered "
+                      "correctly (default: length)")
+    demo.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the task's setting)")
+    demo.add_argument("--output-dir", default=None, help="run directory (default: runs/demo-<task>)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def run_demo(task: str = "length", max_steps: int | None = None, output_dir: str | None = None, seed: int = 0,
+             progress: bool = True) -> dict[str, Any]:
+    """Train on a built-in task; returns the mean reward before and after on the same held-out prompts."""
+    from grpo.trainer import GRPOTrainer
+
+    make_dataset, reward_funcs = TASKS[task]
+    settings = dict(DEMO_SETTINGS[task])
+    if max_steps is not None:
+        settings["max_steps"] = max_steps
+    args = GRPOConfig(output_dir=output_dir or f"runs/demo-{task}", seed=seed, gradient_checkpointing=False,
+                      lr_scheduler_type="constant", disable_tqdm=not progress, **settings)
+    trainer = GRPOTrainer(model=EMBEDDED_MODEL_ID, reward_funcs=reward_funcs, args=args,
+                          train_dataset=make_dataset(256, seed=seed))
+    held_out = list(make_dataset(args.prompts_per_generation * 4, seed=seed + 1000))
+
+    def measure(label: str) -> float:
+        rewards, tables = [], []
+        for start in range(0, len(held_out), args.prompts_per_generation):
+            rollout, metrics = trainer.generate_and_score(held_out[start:start + args.prompts_per_generation])
+            rewards.append(metrics["reward"])
+            tables.append(rollout)
+        mean = sum(rewards) / len(rewards)
+        sample = tables[0].select(_first_of_each_group(tables[0], args.num_generations, 4))
+        print(f"\n{label}: mean reward {mean:.3f} on {len(held_out)} held-out prompts x {args.num_generations}")
+        print(format_completions_table(
+            [{"prompt": p, "completion": c, "reward": r.item()}
+             for p, c, r in zip(sample.prompts, sample.completions, sample.rewards_per_func[:, 0])], None))
+        return mean
+
+    before = measure("Before training")
+    trainer.train()
+    after = measure("After training")
+    print(f"\nReward {before:.3f} -> {after:.3f} ({after - before:+.3f}) after {trainer.state.global_step} steps. "
+          f"Run directory: {args.output_dir} (grpo_config.json, metrics.jsonl, model)")
+    return {"before": before, "after": after, "output_dir": args.output_dir, "state": trainer.state}
+
+
+def _first_of_each_group(rollout: Any, group_size: int, count: int) -> Any:
+    import torch
+
+    return torch.arange(0, len(rollout), group_size)[:count]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        run_demo(args.task, args.max_steps, args.output_dir, args.seed, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

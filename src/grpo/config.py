@@ -1,0 +1,329 @@
+"""GRPOConfig: every knob of a run, with TRL's names, defaults and meanings.
+
+One dataclass. Construction validates everything that can be checked without a model, so a typo or an
+impossible batch geometry fails in the first second, not after the model has loaded. The derived batch
+geometry (`generation_batch_size`, `steps_per_generation`) is filled in by `__post_init__` exactly as TRL does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+LR_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+)
+SUPPORTED_TRACKERS = ("none",)
+
+# Fields of TRL's GRPOConfig / transformers' TrainingArguments that users pass and that grpo does not implement
+# yet. Passing one is an error that says so, rather than a "did you mean" for a name the user spelled right.
+NOT_YET_SUPPORTED = (
+    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "resume_from_checkpoint",
+    "eval_strategy", "eval_steps", "per_device_eval_batch_size", "num_generations_eval", "push_to_hub",
+    "hub_model_id", "fp16", "deepspeed", "fsdp", "fsdp_config", "optim", "logging_dir", "logging_first_step",
+    "importance_sampling_level", "delta", "mask_truncated_completions", "top_entropy_quantile", "entropy_coef",
+    "multi_objective_aggregation", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
+    "sapo_temperature_pos", "sapo_temperature_neg", "vllm_mode", "vllm_gpu_memory_utilization",
+    "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "use_liger_kernel", "cast_lm_head_to_fp32",
+    "pad_to_multiple_of", "cache_implementation", "log_unique_prompts", "max_tool_calling_iterations",
+    "torch_compile", "dataloader_num_workers", "use_transformers_continuous_batching",
+)
+# Fields TRL has removed; old course code still passes them.
+REMOVED_IN_TRL = {
+    "max_prompt_length": "TRL removed it in v0.28 and grpo never truncates prompts: filter long prompts from "
+    "the dataset instead",
+    "use_liger_loss": "TRL renamed it use_liger_kernel, which grpo does not implement yet",
+}
+
+
+def _did_you_mean(name: str, candidates: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"GRPOConfig.{field_name}={value!r} is not one of {list(choices)}.{_did_you_mean(str(value), choices)}"
+        )
+
+
+@dataclass
+class GRPOConfig:
+    """Configuration of a GRPO run. Field names, defaults and meanings follow TRL's `GRPOConfig`."""
+
+    # ---- where the run goes --------------------------------------------------------------------------------
+    output_dir: str = "trainer_output"
+    """Run directory: resolved config (`config.json`), `metrics.jsonl` and the final model are written here."""
+    run_name: str | None = None
+    """A display name for the run (defaults to the output directory's name)."""
+    report_to: str | list[str] = "none"
+    """Trackers to send metrics to. Only "none" is implemented so far; `metrics.jsonl` is always written."""
+    logging_steps: int = 10
+    """Log averaged metrics every this many optimizer steps (TRL's default is 10)."""
+    log_completions: bool = False
+    """Print a table of sampled completions with their rewards and advantages at every logging step."""
+    num_completions_to_print: int | None = None
+    """How many rows `log_completions` prints (None: all rows of the last generation round)."""
+    disable_tqdm: bool = False
+    """Turn off the progress bar."""
+
+    # ---- the optimisation loop -----------------------------------------------------------------------------
+    num_train_epochs: float = 3.0
+    """Passes over the prompts of the training set (ignored when `max_steps` > 0)."""
+    max_steps: int = -1
+    """Total optimizer steps. Overrides `num_train_epochs` when > 0; required for an IterableDataset."""
+    per_device_train_batch_size: int = 8
+    """Completions (not prompts) per device per micro-step."""
+    gradient_accumulation_steps: int = 1
+    """Micro-steps per optimizer step."""
+    learning_rate: float = 1e-6
+    """Peak AdamW learning rate. TRL's 1e-6 suits pretrained models; the embedded demo model uses far more."""
+    lr_scheduler_type: str = "linear"
+    """Schedule after warm-up, any of transformers' `get_scheduler` names."""
+    lr_scheduler_kwargs: dict[str, Any] | None = None
+    """Extra arguments for the scheduler (e.g. {"min_lr": 1e-7} for cosine_with_min_lr)."""
+    warmup_ratio: float = 0.0
+    """Fraction of all optimizer steps used for linear warm-up (used when `warmup_steps` is 0)."""
+    warmup_steps: float = 0
+    """Warm-up optimizer steps. As in transformers 5, a value in (0, 1) is read as a ratio of all steps."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value before each optimizer step (0 disables clipping)."""
+    seed: int = 42
+    """Seed for the prompt order, model initialisation by the user and sampling."""
+    bf16: bool | None = None
+    """bfloat16 autocast for forward passes. None (TRL: True) means on where the device supports bf16 (CUDA
+    with bf16 support), off on CPU, where it is slower than float32."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass to save memory (TRL's default is True)."""
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    """Arguments for `gradient_checkpointing_enable` (default {"use_reentrant": False})."""
+    use_cpu: bool = False
+    """Train on the CPU even when a GPU is available."""
+
+    # ---- model and data ------------------------------------------------------------------------------------
+    model_init_kwargs: dict[str, Any] | None = None
+    """Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a string (e.g. {"dtype":
+    "bfloat16"}). Also used for reward models given as strings."""
+    disable_dropout: bool = False
+    """Turn off dropout in the policy (and reference) model so log-probs are deterministic."""
+    remove_unused_columns: bool = False
+    """If True, only the `prompt` column reaches the reward functions; by default every column does."""
+    shuffle_dataset: bool = True
+    """Shuffle the prompt order every epoch (seeded by `seed`)."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra arguments for `apply_chat_template` on conversational prompts, e.g. {"enable_thinking": False}."""
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    num_generations: int = 8
+    """G: completions sampled per prompt. A group is the G completions of one prompt; must be >= 2."""
+    generation_batch_size: int | None = None
+    """Completions generated per generation round, across all devices. Default: per_device_train_batch_size x
+    world size x steps_per_generation. Mutually exclusive with `steps_per_generation`."""
+    steps_per_generation: int | None = None
+    """Micro-steps served from one generation round (default: gradient_accumulation_steps)."""
+    max_completion_length: int = 512
+    """Maximum number of generated tokens per completion (TRL's current default, 512)."""
+    temperature: float = 1.0
+    """Sampling temperature. Training log-probs use the logits divided by it as well, as in TRL."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0: off)."""
+    top_k: int = 0
+    """Keep only the top_k most likely tokens (0: off)."""
+    min_p: float | None = None
+    """Keep tokens whose probability is at least min_p times the most likely one's (None: off)."""
+    repetition_penalty: float = 1.0
+    """Penalty on tokens already in the prompt or completion (1.0: off)."""
+    generation_kwargs: dict[str, Any] | None = None
+    """Extra generation arguments (transformers `GenerationConfig` names). They override the fields above."""
+    use_vllm: bool = False
+    """Generate with vLLM. Not implemented yet: grpo generates with its own transformers-based backend."""
+
+    # ---- the objective -------------------------------------------------------------------------------------
+    num_iterations: int = 1
+    """mu: optimisation passes over each generation round. > 1 makes the clipped ratio active."""
+    beta: float = 0.0
+    """KL coefficient against the reference model (k3 estimator). 0.0 loads no reference model."""
+    epsilon: float = 0.2
+    """Lower clip range: the ratio is clipped at 1 - epsilon."""
+    epsilon_high: float | None = None
+    """Upper clip range: the ratio is clipped at 1 + epsilon_high (None: same as epsilon; DAPO uses 0.28)."""
+    loss_type: str = "dapo"
+    """Loss aggregation: "dapo" (token mean over the optimizer step, default), "grpo" (sequence mean of token
+    means), "dr_grpo" (token sum / (sequences x max_completion_length))."""
+    scale_rewards: str | bool = "group"
+    """Divide advantages by the group's reward std ("group", also True), the whole round's ("batch"), or not
+    at all ("none", also False; Dr. GRPO)."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function for their weighted sum (None: all 1.0)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> GRPOConfig:
+        _reject_unknown_fields(cls, kwargs)
+        return super().__new__(cls)
+
+    def __post_init__(self) -> None:
+        if self.scale_rewards is True:
+            self.scale_rewards = "group"
+        elif self.scale_rewards is False:
+            self.scale_rewards = "none"
+        _check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        _check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        _check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
+        if isinstance(self.report_to, str):
+            self.report_to = [] if self.report_to == "none" else [self.report_to]
+        elif self.report_to is None:
+            self.report_to = []
+        self.report_to = [t for t in self.report_to if t != "none"]
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        self._check_ranges()
+        self._derive_batch_geometry()
+        if self.use_vllm and importlib.util.find_spec("vllm") is None:
+            raise ValueError(
+                "GRPOConfig.use_vllm=True but vLLM is not installed. Install it with `pip install vllm` "
+                "(CUDA machines only), or set use_vllm=False to use grpo's built-in generation."
+            )
+
+    def _check_ranges(self) -> None:
+        positive_ints = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_iterations",
+                         "max_completion_length", "logging_steps")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GRPOConfig.{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.num_generations, int) or self.num_generations < 2:
+            raise ValueError(
+                f"GRPOConfig.num_generations={self.num_generations!r}: GRPO compares completions within a "
+                "group, so it needs at least 2 per prompt. Set num_generations to 2 or more (8 is TRL's default)."
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"GRPOConfig.temperature must be > 0, got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"GRPOConfig.top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ValueError(f"GRPOConfig.top_k must be >= 0 (0 disables it), got {self.top_k}.")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"GRPOConfig.min_p must be in [0, 1] or None, got {self.min_p}.")
+        if self.beta < 0 or self.epsilon < 0 or self.epsilon_high < 0:
+            raise ValueError("GRPOConfig.beta, epsilon and epsilon_high must be >= 0.")
+        if self.learning_rate < 0:
+            raise ValueError(f"GRPOConfig.learning_rate must be >= 0, got {self.learning_rate}.")
+        if self.warmup_steps < 0 or not 0 <= self.warmup_ratio <= 1:
+            raise ValueError("GRPOConfig.warmup_steps must be >= 0 and warmup_ratio in [0, 1].")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("Set GRPOConfig.max_steps > 0 or num_train_epochs > 0: there is nothing to train.")
+        unsupported = [t for t in self.report_to if t not in SUPPORTED_TRACKERS]
+        if unsupported:
+            raise ValueError(
+                f"GRPOConfig.report_to={unsupported}: trackers are not implemented yet; metrics are always written "
+                f"to {os.path.join(self.output_dir, 'metrics.jsonl')}. Set report_to='none'."
+            )
+
+    def _derive_batch_geometry(self) -> None:
+        """TRL's batch geometry: generation_batch_size = per_device_train_batch_size x world x spg."""
+        per_step = self.per_device_train_batch_size * self.world_size
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError(
+                "GRPOConfig.generation_batch_size and steps_per_generation describe the same thing; set only one."
+            )
+        if self.generation_batch_size is None:
+            if self.steps_per_generation is None:
+                self.steps_per_generation = self.gradient_accumulation_steps
+            self.generation_batch_size = per_step * self.steps_per_generation
+        else:
+            if self.generation_batch_size % per_step != 0:
+                raise ValueError(
+                    f"GRPOConfig.generation_batch_size={self.generation_batch_size} must be a multiple of "
+                    f"per_device_train_batch_size x world size = {per_step}."
+                )
+            self.steps_per_generation = self.generation_batch_size // per_step
+        if self.generation_batch_size % self.num_generations != 0:
+            raise ValueError(self._indivisible_round_message())
+        passes = self.steps_per_generation * self.num_iterations
+        if passes % self.gradient_accumulation_steps != 0:
+            raise ValueError(
+                f"steps_per_generation x num_iterations = {self.steps_per_generation} x {self.num_iterations} = "
+                f"{passes} micro-steps per generation round must be a multiple of gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps}, so that an optimizer step never spans two rounds (its loss "
+                "normaliser is counted over the whole step). Set steps_per_generation to a multiple of "
+                f"{self.gradient_accumulation_steps}, or leave it unset."
+            )
+
+    def _indivisible_round_message(self) -> str:
+        gbs, g = self.generation_batch_size, self.num_generations
+        group_sizes = [d for d in range(2, gbs + 1) if gbs % d == 0][:6]
+        batch_sizes = [b for b in range(1, 4 * g + 1) if (b * self.world_size * self.steps_per_generation) % g == 0]
+        return (
+            f"The generation batch of {gbs} completions (per_device_train_batch_size="
+            f"{self.per_device_train_batch_size} x world size {self.world_size} x steps_per_generation="
+            f"{self.steps_per_generation}) does not divide into groups of num_generations={g}. Fix it by setting "
+            f"num_generations to one of {group_sizes}, or per_device_train_batch_size to one of "
+            f"{batch_sizes[:4]}, or generation_batch_size to a multiple of {g}."
+        )
+
+    # ---- derived quantities --------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
+    def prompts_per_generation(self) -> int:
+        """Unique prompts per generation round."""
+        return self.generation_batch_size // self.num_generations
+
+    @property
+    def steps_per_round(self) -> int:
+        """Optimizer steps taken from one generation round (all num_iterations passes)."""
+        return self.steps_per_generation * self.num_iterations // self.gradient_accumulation_steps
+
+    @property
+    def needs_old_logps(self) -> bool:
+        """The policy changes within a round only if the round feeds more than one optimizer step."""
+        return self.steps_per_round > 1
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        if self.warmup_steps >= 1:
+            return int(self.warmup_steps)
+        ratio = self.warmup_steps if self.warmup_steps > 0 else self.warmup_ratio
+        return math.ceil(ratio * total_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _reject_unknown_fields(cls: type, kwargs: dict[str, Any]) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in kwargs:
+        if key in names:
+            continue
+        if key in REMOVED_IN_TRL:
+            raise TypeError(f"GRPOConfig got '{key}': {REMOVED_IN_TRL[key]}.")
+        if key in NOT_YET_SUPPORTED:
+            raise TypeError(
+                f"GRPOConfig got '{key}', a TRL/transformers option that grpo does not implement yet. Remove it "
+                "(see the README's list of supported fields)."
+            )
+        raise TypeError(f"GRPOConfig got an unknown field '{key}'.{_did_you_mean(key, names)}")
+
+
+def config_field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(GRPOConfig)]
+
+
+__all__ = ["GRPOConfig", "LOSS_TYPES", "SCALE_REWARDS", "config_field_names", "field"]

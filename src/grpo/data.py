@@ -1,0 +1,102 @@
+"""Prompt rows -> generation rounds -> token ids.
+
+A row is a dict with a `prompt` (a string, or a conversation: a list of {"role", "content"} messages) and any
+other columns, which travel with it to the reward functions. The sampler cuts each epoch into rounds of
+`prompts_per_generation` unique prompts (TRL drops the last incomplete round the same way).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+from datasets import Dataset, IterableDataset
+
+
+def is_conversational(prompt: Any) -> bool:
+    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
+
+
+def check_prompt(prompt: Any, where: str) -> None:
+    if isinstance(prompt, str) or (is_conversational(prompt) and prompt):
+        return
+    raise TypeError(
+        f"{where}: the prompt is a {type(prompt).__name__} ({str(prompt)[:80]!r}); a prompt must be a string or a "
+        "non-empty list of messages like [{'role': 'user', 'content': '...'}]."
+    )
+
+
+class PromptSource:
+    """A training set as rows: a `datasets.Dataset`, an `IterableDataset` or a list of dicts."""
+
+    def __init__(self, dataset: Any, name: str = "train_dataset"):
+        if isinstance(dataset, list):
+            if dataset and not all(isinstance(row, dict) for row in dataset):
+                raise TypeError(f"{name} is a list whose items are not all dicts; give rows like {{'prompt': ...}}.")
+            dataset = Dataset.from_list(dataset) if dataset else Dataset.from_dict({})
+        if not isinstance(dataset, (Dataset, IterableDataset)):
+            raise TypeError(
+                f"{name} is a {type(dataset).__name__}; pass a datasets.Dataset, a datasets.IterableDataset or a "
+                "list of dicts with a 'prompt' key."
+            )
+        self.dataset = dataset
+        self.is_iterable = isinstance(dataset, IterableDataset)
+        first = next(iter(dataset), None) if self.is_iterable else (dataset[0] if len(dataset) else None)
+        if first is None:
+            raise ValueError(f"{name} is empty: it needs at least one row with a 'prompt'.")
+        if "prompt" not in first:
+            columns = list(first)
+            hint = next((c for c in columns if c.lower() in ("question", "query", "instruction", "text", "input")),
+                        None)
+            fix = f"rename it with dataset.rename_column('{hint}', 'prompt')" if hint else "add a 'prompt' column"
+            raise ValueError(f"{name} has no 'prompt' column (its columns: {columns}); {fix}.")
+        check_prompt(first["prompt"], f"{name}[0]")
+        self.first_row = first
+        self.columns = list(first)
+        self.conversational = is_conversational(first["prompt"])
+
+    def __len__(self) -> int:
+        if self.is_iterable:
+            raise TypeError("an IterableDataset has no length")
+        return len(self.dataset)
+
+    def rounds(self, prompts_per_round: int, seed: int, shuffle: bool, start_epoch: int = 0
+               ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        """Yield (epoch, rows) forever, one round of unique prompts at a time; the caller decides when to stop."""
+        epoch = start_epoch
+        while True:
+            for rows in self._epoch_rounds(prompts_per_round, seed + epoch, shuffle):
+                yield epoch, rows
+            epoch += 1
+
+    def _epoch_rounds(self, size: int, seed: int, shuffle: bool) -> Iterator[list[dict[str, Any]]]:
+        if self.is_iterable:
+            stream = self.dataset.shuffle(seed=seed, buffer_size=1000) if shuffle else self.dataset
+            chunk: list[dict[str, Any]] = []
+            for row in stream:
+                chunk.append(row)
+                if len(chunk) == size:
+                    yield chunk
+                    chunk = []
+            return
+        order = list(range(len(self.dataset)))
+        if shuffle:
+            random.Random(seed).shuffle(order)
+        for start in range(0, len(order) - size + 1, size):
+            yield [self.dataset[i] for i in order[start:start + size]]
+
+
+def tokenize_prompts(tokenizer: Any, prompts: list[Any], chat_template_kwargs: dict[str, Any] | None = None
+                     ) -> list[list[int]]:
+    """Token ids of each prompt: the chat template for conversations (with a generation prompt), the plain
+    tokenizer (with its special tokens) for strings. Prompts are never truncated."""
+    ids = []
+    for prompt in prompts:
+        if is_conversational(prompt):
+            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False,
+                                                 **(chat_template_kwargs or {}))
+            ids.append(tokenizer(text, add_special_tokens=False).input_ids)
+        else:
+            ids.append(tokenizer(prompt).input_ids)
+    return ids

@@ -1,0 +1,96 @@
+"""Metrics: averaged over the logging window, written to `metrics.jsonl`, shown on a progress bar.
+
+Metric names are TRL's, so dashboards and habits carry over. (This module is DESIGN.md's `logging.py`; the
+name avoids shadowing the standard library's `logging` inside the package.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+def say(message: str) -> None:
+    """Print a line without breaking the progress bar."""
+    tqdm.write(message, file=sys.stdout)
+
+
+class MetricsWindow:
+    """Collects values per metric name between two logging steps and averages them, ignoring NaN."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = defaultdict(list)
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.values[name].append(float(value))
+
+    def average(self) -> dict[str, float]:
+        out = {}
+        for name, values in self.values.items():
+            finite = [v for v in values if not math.isnan(v)]
+            out[name] = sum(finite) / len(finite) if finite else math.nan
+        return out
+
+    def clear(self) -> None:
+        self.values.clear()
+
+
+class MetricsFile:
+    """`metrics.jsonl`: one JSON object per logged step, flushed at once so a crash loses nothing logged."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "w", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ProgressBar:
+    """Optimizer steps with the running reward and throughput."""
+
+    def __init__(self, total: int, disable: bool = False):
+        self.bar = tqdm(total=total, desc="GRPO", unit="step", disable=disable, dynamic_ncols=True)
+        self.started = time.perf_counter()
+        self.tokens = 0
+
+    def update(self, reward: float, completion_tokens: int) -> None:
+        self.tokens += completion_tokens
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix(reward=f"{reward:.3f}", tok_s=f"{self.tokens / elapsed:.0f}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def format_completions_table(rows: list[dict[str, Any]], max_rows: int | None, width: int = 48) -> str:
+    """A plain-text table of sampled completions, one line each, for the console."""
+    rows = rows[:max_rows] if max_rows else rows
+    if not rows:
+        return ""
+    columns = list(rows[0])
+
+    def cell(value: Any) -> str:
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        text = text.replace("\n", "\\n")
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    cells = [[cell(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(v.ljust(w) for v, w in zip(line, widths)) for line in cells]
+    return "\n".join(lines)

@@ -1,0 +1,225 @@
+"""The reward contract: how reward functions are called and what they must return.
+
+A reward function is called as f(prompts=..., completions=..., completion_ids=..., trainer_state=...,
+**columns) where every extra dataset column arrives as a keyword argument aligned with the completions. It
+returns one value per completion: a number, or None for "not applicable" (skipped in the weighted sum; a
+completion with no applicable reward gets advantage 0). Async functions run concurrently. A string is a
+reward model (a sequence-classification checkpoint); a `PreTrainedModel` is one already loaded.
+TRL silently broadcasts a wrong-length return; here it is an error that names the function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import math
+import numbers
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+RewardFunc = Callable[..., Any]
+
+
+@dataclass
+class RewardFunction:
+    name: str
+    func: RewardFunc
+    is_async: bool
+
+
+def reward_func_name(func: Any) -> str:
+    """TRL's naming: the function's __name__ (through functools.partial), a model's name, or the class name."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    if isinstance(func, RewardModel):
+        return func.name
+    if hasattr(func, "__name__"):
+        return func.__name__
+    return type(func).__name__
+
+
+def prepare_reward_funcs(
+    reward_funcs: Any, reward_processing_classes: Any = None, model_init_kwargs: dict[str, Any] | None = None
+) -> list[RewardFunction]:
+    """Normalise `reward_funcs` to a list of named callables, loading reward models given as paths."""
+    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if not funcs:
+        raise ValueError("reward_funcs is empty: pass at least one reward function.")
+    if reward_processing_classes is not None and not isinstance(reward_processing_classes, (list, tuple)):
+        reward_processing_classes = [reward_processing_classes]
+    if reward_processing_classes is not None and len(reward_processing_classes) != len(funcs):
+        raise ValueError(
+            f"reward_processing_classes has {len(reward_processing_classes)} entries for {len(funcs)} reward "
+            "functions; give one per reward function (None for plain functions)."
+        )
+    prepared = []
+    for i, func in enumerate(funcs):
+        tokenizer = reward_processing_classes[i] if reward_processing_classes else None
+        if isinstance(func, str) or _is_pretrained_model(func):
+            func = RewardModel(func, tokenizer, model_init_kwargs)
+        elif not callable(func):
+            raise TypeError(
+                f"reward_funcs[{i}] is a {type(func).__name__}; expected a callable "
+                "f(completions, **kwargs) -> list[float], a reward model path, or a PreTrainedModel."
+            )
+        prepared.append(RewardFunction(reward_func_name(func), func, _is_coroutine_function(func)))
+    names = [f.name for f in prepared]
+    for i, name in enumerate(names):  # metric names must be unique
+        if names.count(name) > 1:
+            prepared[i].name = f"{name}_{names[:i].count(name)}"
+    return prepared
+
+
+def _is_coroutine_function(func: Any) -> bool:
+    while isinstance(func, functools.partial):
+        func = func.func
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__)
+
+
+def _is_pretrained_model(obj: Any) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(obj, PreTrainedModel)
+
+
+def compute_rewards(
+    reward_funcs: list[RewardFunction],
+    prompts: list[Any],
+    completions: list[Any],
+    completion_ids: list[list[int]],
+    columns: dict[str, list[Any]],
+    trainer_state: Any = None,
+) -> torch.Tensor:
+    """Call every reward function once on the whole round. Returns (N, F) float32, NaN where None."""
+    kwargs = dict(columns, prompts=prompts, completions=completions, completion_ids=completion_ids,
+                  trainer_state=trainer_state)
+    results: dict[int, Any] = {}
+    async_jobs = []
+    for i, reward in enumerate(reward_funcs):
+        if reward.is_async:
+            async_jobs.append((i, reward))
+        else:
+            results[i] = _call(reward, kwargs, completions)
+    if async_jobs:
+        outputs = _run_async([_call_async(reward, kwargs, completions) for _, reward in async_jobs])
+        results.update({i: out for (i, _), out in zip(async_jobs, outputs)})
+    per_func = [validate_rewards(reward.name, results[i], len(completions)) for i, reward in enumerate(reward_funcs)]
+    return torch.tensor(per_func, dtype=torch.float32).T.reshape(len(completions), len(reward_funcs))
+
+
+def _call(reward: RewardFunction, kwargs: dict[str, Any], completions: list[Any]) -> Any:
+    try:
+        return reward.func(**kwargs)
+    except Exception as e:
+        raise _reward_error(reward, e, completions) from e
+
+
+async def _call_async(reward: RewardFunction, kwargs: dict[str, Any], completions: list[Any]) -> Any:
+    try:
+        return await reward.func(**kwargs)
+    except Exception as e:
+        raise _reward_error(reward, e, completions) from e
+
+
+def _reward_error(reward: RewardFunction, error: Exception, completions: list[Any]) -> RuntimeError:
+    sample = repr(completions[0])[:200] if completions else "<none>"
+    return RuntimeError(
+        f"reward function '{reward.name}' raised {type(error).__name__}: {error}. It was called with "
+        f"{len(completions)} completions (the first: {sample}) and keyword arguments prompts, completions, "
+        "completion_ids, trainer_state and one per dataset column; accept **kwargs for the ones you don't use."
+    )
+
+
+def validate_rewards(name: str, values: Any, expected: int) -> list[float]:
+    """Check one function's output: a sequence of `expected` numbers or None. None becomes NaN."""
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    elif hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # numpy arrays
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(
+            f"reward function '{name}' returned a {type(values).__name__}; it must return a list with one "
+            f"number (or None) per completion, here {expected}."
+        )
+    if len(values) != expected:
+        raise ValueError(
+            f"reward function '{name}' returned {len(values)} values for {expected} completions; it must "
+            "return exactly one value per completion (None where it does not apply)."
+        )
+    out = []
+    for i, value in enumerate(values):
+        if value is None:
+            out.append(math.nan)
+            continue
+        if isinstance(value, (str, bytes)) or not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"reward function '{name}' returned {value!r} ({type(value).__name__}) at index {i}; rewards "
+                "must be numbers (int, float, bool) or None."
+            )
+        if not math.isfinite(float(value)):
+            raise ValueError(
+                f"reward function '{name}' returned {value} at index {i}; rewards must be finite. Return None "
+                "for a completion the function does not apply to."
+            )
+        out.append(float(value))
+    return out
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def _run_async(coroutines: list[Any]) -> list[Any]:
+    """Run coroutines concurrently on a private event loop in a daemon thread.
+
+    A private loop works from scripts and from notebooks, whose own loop is already running.
+    """
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, daemon=True, name="grpo-rewards").start()
+
+    async def gather() -> list[Any]:
+        return list(await asyncio.gather(*coroutines))
+
+    return asyncio.run_coroutine_threadsafe(gather(), _loop).result()
+
+
+class RewardModel:
+    """A sequence-classification model used as a reward: score = logits[:, 0] of prompt + completion."""
+
+    def __init__(self, model: Any, tokenizer: Any = None, model_init_kwargs: dict[str, Any] | None = None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if isinstance(model, str):
+            self.name = model.rstrip("/").split("/")[-1]
+            kwargs = dict(model_init_kwargs or {})
+            model = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, **kwargs)
+        else:
+            self.name = model.config._name_or_path.rstrip("/").split("/")[-1] or type(model).__name__
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        if isinstance(prompts[0], str):
+            texts = [p + c for p, c in zip(prompts, completions)]
+        else:
+            texts = [
+                self.tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)
+            ]
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="right",
+                               add_special_tokens=False).to(device)
+        return self.model(**batch).logits[:, 0].float().tolist()

@@ -1,0 +1,87 @@
+"""The generation interface and the `Rollout`: one generation round, carried from the sampler to the loss."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class Generation:
+    """What a generator returns for N = (unique prompts) x G rows, the G samples of a prompt consecutive."""
+
+    prompt_ids: torch.Tensor  # (N, P) left-padded
+    prompt_mask: torch.Tensor  # (N, P)
+    completion_ids: torch.Tensor  # (N, C) right-padded; the EOS token, if sampled, is kept and masked in
+    completion_mask: torch.Tensor  # (N, C) 1 up to and including the first EOS
+    is_eos: torch.Tensor  # (N,) bool: the completion ended with EOS rather than at max_completion_length
+
+
+class Generator(Protocol):
+    """A generation backend. `prompt_ids` are the unique prompts of a round; each is sampled G times."""
+
+    def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation: ...
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def mask_after_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion mask (1 up to and including the first EOS) and whether each row reached an EOS."""
+    is_eos_token = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    has_eos = is_eos_token.any(dim=1)
+    first_eos = torch.where(has_eos, is_eos_token.int().argmax(dim=1), completion_ids.size(1))
+    positions = torch.arange(completion_ids.size(1), device=completion_ids.device)
+    return (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long(), has_eos
+
+
+@dataclass
+class Rollout:
+    """One generation round: token tensors, rewards, advantages and the log-probs the loss needs."""
+
+    prompt_ids: torch.Tensor  # (N, P) left-padded
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  # (N, C) right-padded
+    completion_mask: torch.Tensor
+    is_eos: torch.Tensor  # (N,)
+    advantages: torch.Tensor  # (N,)
+    rewards_per_func: torch.Tensor  # (N, F), NaN where a function returned None
+    old_logps: torch.Tensor | None = None  # (N, C) policy log-probs at generation time, when off-policy
+    ref_logps: torch.Tensor | None = None  # (N, C) reference-model log-probs, when beta > 0
+    prompts: list[Any] = field(default_factory=list)
+    completions: list[Any] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.completion_ids.size(0)
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """The given rows, with padding columns that none of them uses trimmed away."""
+        picked: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                picked[f.name] = value[rows.to(value.device)]
+            elif isinstance(value, list):
+                picked[f.name] = [value[i] for i in rows.tolist()]
+            else:
+                picked[f.name] = value
+        batch = Rollout(**picked)
+        prompt_start = int((batch.prompt_mask.sum(0) > 0).int().argmax())
+        completion_end = int(batch.completion_mask.sum(1).max())
+        batch.prompt_ids, batch.prompt_mask = batch.prompt_ids[:, prompt_start:], batch.prompt_mask[:, prompt_start:]
+        for name in ("completion_ids", "completion_mask", "old_logps", "ref_logps"):
+            value = getattr(batch, name)
+            if value is not None:
+                setattr(batch, name, value[:, :completion_end])
+        return batch

@@ -1,0 +1,48 @@
+"""Generation with transformers' `model.generate`: the reference backend every causal LM supports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from grpo.rollout.base import Generation, left_pad, mask_after_eos
+
+
+class TransformersGenerator:
+    """Samples with `model.generate`, each unique prompt repeated G times, in chunks of `max_batch_rows`."""
+
+    def __init__(self, tokenizer: Any, args: Any, max_batch_rows: int | None = None):
+        self.pad_id = tokenizer.pad_token_id
+        eos = tokenizer.eos_token_id
+        self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        self.max_batch_rows = max_batch_rows
+        self.generate_kwargs = dict(
+            do_sample=True, max_new_tokens=args.max_completion_length, temperature=args.temperature,
+            top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+            pad_token_id=self.pad_id, eos_token_id=self.eos_ids, use_cache=True,
+        )
+        self.generate_kwargs.update(args.generation_kwargs or {})  # as in TRL, they override the named fields
+        if "eos_token_id" in (args.generation_kwargs or {}):
+            eos = self.generate_kwargs["eos_token_id"]
+            self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    @torch.no_grad()
+    def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation:
+        device = next(model.parameters()).device
+        repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
+        all_prompt_ids, all_prompt_mask = left_pad(repeated, self.pad_id)
+        chunk = self.max_batch_rows or len(repeated)
+        completions = []
+        for start in range(0, len(repeated), chunk):
+            ids = all_prompt_ids[start:start + chunk].to(device)
+            mask = all_prompt_mask[start:start + chunk].to(device)
+            out = model.generate(input_ids=ids, attention_mask=mask, **self.generate_kwargs)
+            completions.append(out[:, ids.size(1):].cpu())
+        width = max(c.size(1) for c in completions)
+        completion_ids = torch.cat(
+            [torch.nn.functional.pad(c, (0, width - c.size(1)), value=self.pad_id) for c in completions]
+        )
+        completion_mask, is_eos = mask_after_eos(completion_ids, self.eos_ids)
+        completion_ids = completion_ids.masked_fill(completion_mask == 0, self.pad_id)
+        return Generation(all_prompt_ids, all_prompt_mask, completion_ids, completion_mask, is_eos)

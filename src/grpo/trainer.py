@@ -1,0 +1,419 @@
+"""GRPOTrainer: the loop. Generate a round, score it, then take optimizer steps on it.
+
+Read `train` for the outer loop, `generate_and_score` for one generation round, and `training_step` for one
+optimizer step; the math they call lives in `grpo.algorithm`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedModel, get_scheduler, set_seed
+
+from grpo.algorithm import (
+    LOSS_AGGREGATORS,
+    StepCounts,
+    clipped_surrogate,
+    combine_rewards,
+    group_advantages,
+    kl_k3,
+    nanstd,
+)
+from grpo.config import GRPOConfig
+from grpo.data import PromptSource, tokenize_prompts
+from grpo.logprobs import completion_logps, completion_logps_in_chunks
+from grpo.metrics import MetricsFile, MetricsWindow, ProgressBar, format_completions_table, say
+from grpo.models import disable_dropout, load_causal_lm, load_tokenizer, reference_model
+from grpo.rewards import compute_rewards, prepare_reward_funcs
+from grpo.rollout import Generator, Rollout, TransformersGenerator
+
+ZERO_STD_WARNING = (
+    "{:.0%} of groups had the same reward for every completion in the last logging window: they give no "
+    "learning signal. Make the task easier or the reward more graded, raise num_generations or temperature."
+)
+
+
+@dataclass
+class TrainerState:
+    """Progress of a run, as in transformers: `global_step` counts optimizer steps."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
+    num_input_tokens_seen: int = 0
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class GRPOTrainer:
+    """Trains a causal LM with GRPO. The arguments and their meanings follow TRL's `GRPOTrainer`."""
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        reward_funcs: Any,
+        args: GRPOConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        reward_processing_classes: Any = None,
+        peft_config: Any = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        generator: Generator | None = None,
+    ):
+        self.args = args = args if args is not None else GRPOConfig()
+        # Everything that can be checked cheaply is checked before a model is loaded.
+        if train_dataset is None:
+            raise ValueError("GRPOTrainer needs a train_dataset with a 'prompt' column.")
+        self.train_source = PromptSource(train_dataset)
+        self.eval_dataset = eval_dataset
+        if self.train_source.is_iterable and args.max_steps <= 0:
+            raise ValueError("train_dataset is an IterableDataset, which has no length: set GRPOConfig.max_steps.")
+        if not self.train_source.is_iterable and len(self.train_source) < args.prompts_per_generation:
+            raise ValueError(
+                f"train_dataset has {len(self.train_source)} prompts but one generation round needs "
+                f"{args.prompts_per_generation} unique prompts (generation_batch_size {args.generation_batch_size} / "
+                f"num_generations {args.num_generations}). Add prompts or lower the batch size."
+            )
+        self.reward_funcs = prepare_reward_funcs(reward_funcs, reward_processing_classes, args.model_init_kwargs)
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"GRPOConfig.reward_weights has {len(weights)} weights for {len(self.reward_funcs)} reward "
+                "functions; give one weight per function."
+            )
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        if args.use_vllm:
+            raise NotImplementedError("use_vllm=True: the vLLM backend is not implemented yet; set use_vllm=False.")
+
+        self.accelerator = Accelerator(cpu=args.use_cpu)
+        if self.accelerator.num_processes > 1:
+            raise NotImplementedError("multi-process training is not implemented yet; run a single process.")
+        self.device = self.accelerator.device
+        set_seed(args.seed)
+        model_source = model
+        self.processing_class = load_tokenizer(model, processing_class)
+        if self.train_source.conversational and not getattr(self.processing_class, "chat_template", None):
+            raise ValueError(
+                "train_dataset has conversational prompts (lists of messages) but the tokenizer has no chat "
+                "template. Set tokenizer.chat_template, or give prompts as plain strings."
+            )
+        model = load_causal_lm(model, args.model_init_kwargs)
+        if peft_config is not None:
+            model = _wrap_peft(model, peft_config)
+        if args.disable_dropout:
+            disable_dropout(model)
+        if args.gradient_checkpointing:
+            _enable_checkpointing(model, args.gradient_checkpointing_kwargs or {"use_reentrant": False})
+            if peft_config is not None:
+                model.enable_input_require_grads()
+        self.model = model.to(self.device)
+        self.ref_model = None
+        if args.beta > 0 and peft_config is None:  # with PEFT the reference is the model with the adapter off
+            self.ref_model = reference_model(self.model, model_source, args.model_init_kwargs).to(self.device)
+            if args.disable_dropout:
+                disable_dropout(self.ref_model)
+        self.use_bf16 = args.bf16 if args.bf16 is not None else (
+            self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
+        self.generator = generator or TransformersGenerator(self.processing_class, args)
+        self.state = TrainerState()
+        self.optimizer, self.lr_scheduler = optimizers  # as in transformers: (None, None) builds AdamW + schedule
+        self._shuffle = torch.Generator().manual_seed(args.seed)
+
+    # ---- the outer loop ------------------------------------------------------------------------------------
+    def train(self) -> TrainerState:
+        args = self.args
+        self.state = TrainerState(max_steps=self._total_steps())
+        self._warned_zero_std = False
+        self._create_optimizer_and_scheduler(self.state.max_steps)
+        run_dir = self._prepare_run_dir()
+        metrics_file = MetricsFile(run_dir / "metrics.jsonl")
+        window = MetricsWindow()
+        say(
+            f"grpo: {self.state.max_steps} optimizer steps, {args.generation_batch_size} completions per round "
+            f"({args.prompts_per_generation} prompts x {args.num_generations}), run directory {run_dir}"
+        )
+        if not args.needs_old_logps and args.beta == 0:
+            say("grpo: training on-policy, so the logged loss stays near 0 by construction (the policy ratio is "
+                "exactly 1); its gradient is not 0. Watch `reward` to see learning.")
+        bar = ProgressBar(self.state.max_steps, disable=args.disable_tqdm)
+        rounds = self.train_source.rounds(args.prompts_per_generation, args.seed, args.shuffle_dataset)
+        rounds_per_epoch = 0 if self.train_source.is_iterable else len(self.train_source) // args.prompts_per_generation
+        rounds_seen = 0
+        try:
+            while self.state.global_step < self.state.max_steps:
+                epoch, rows = next(rounds)
+                step_started = time.perf_counter()
+                rollout, round_metrics = self.generate_and_score(rows)
+                rounds_seen += 1
+                window.add(round_metrics)
+                for micro_batches in self._optimizer_steps(len(rollout)):
+                    step_metrics = self.training_step(rollout, micro_batches)
+                    step_metrics["step_time"] = time.perf_counter() - step_started
+                    step_started = time.perf_counter()
+                    window.add(step_metrics)
+                    self.state.global_step += 1
+                    if rounds_per_epoch:
+                        self.state.epoch = rounds_seen / rounds_per_epoch
+                    bar.update(round_metrics["reward"], int(rollout.completion_mask.sum()))
+                    last_step = self.state.global_step == self.state.max_steps
+                    if self.state.global_step % args.logging_steps == 0 or last_step:
+                        self._log(window, metrics_file, rollout)
+                    if self.state.global_step >= self.state.max_steps:
+                        break
+        finally:
+            bar.close()
+            metrics_file.close()
+        self.save_model()
+        return self.state
+
+    def _optimizer_steps(self, num_rows: int) -> list[list[torch.Tensor]]:
+        """Split a round into optimizer steps of gradient_accumulation_steps micro-batches, for every pass.
+
+        The rows are shuffled once per round, so when a round feeds several optimizer steps each sees a mix of
+        prompts; every pass (num_iterations) reuses that order.
+        """
+        args = self.args
+        order = torch.randperm(num_rows, generator=self._shuffle)
+        micro_batches = list(order.split(args.per_device_train_batch_size)) * args.num_iterations
+        ga = args.gradient_accumulation_steps
+        return [micro_batches[i:i + ga] for i in range(0, len(micro_batches), ga)]
+
+    # ---- one generation round ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_and_score(self, rows: list[dict[str, Any]]) -> tuple[Rollout, dict[str, float]]:
+        """Sample G completions per prompt, score them, and compute advantages and the log-probs the loss needs."""
+        args, g = self.args, self.args.num_generations
+        prompts = [row["prompt"] for row in rows]
+        prompt_ids = tokenize_prompts(self.processing_class, prompts, args.chat_template_kwargs)
+        self.model.eval()
+        with self._autocast():
+            generation = self.generator.generate(self._unwrapped_model(), prompt_ids, g)
+        texts = self.processing_class.batch_decode(generation.completion_ids, skip_special_tokens=True)
+        conversational = self.train_source.conversational
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        repeated_prompts = [p for p in prompts for _ in range(g)]
+        columns = {} if args.remove_unused_columns else {
+            name: [row[name] for row in rows for _ in range(g)] for name in rows[0] if name != "prompt"
+        }
+        completion_ids = [ids[mask.bool()].tolist() for ids, mask in
+                          zip(generation.completion_ids, generation.completion_mask)]
+        rewards_per_func = compute_rewards(self.reward_funcs, repeated_prompts, completions, completion_ids,
+                                           columns, trainer_state=self.state)
+        rewards = combine_rewards(rewards_per_func, self.reward_weights)
+        advantages, group_std = group_advantages(rewards, g, args.scale_rewards)
+        rollout = Rollout(
+            prompt_ids=generation.prompt_ids, prompt_mask=generation.prompt_mask,
+            completion_ids=generation.completion_ids, completion_mask=generation.completion_mask,
+            is_eos=generation.is_eos, advantages=advantages, rewards_per_func=rewards_per_func,
+            prompts=repeated_prompts, completions=completions,
+        )
+        chunk = args.per_device_train_batch_size
+        with self._autocast():
+            if args.needs_old_logps:  # the policy moves within the round, so pi_old must be remembered
+                rollout.old_logps = completion_logps_in_chunks(self.model, rollout, args.temperature, chunk)
+            if args.beta > 0:
+                with self._reference_model() as ref:
+                    rollout.ref_logps = completion_logps_in_chunks(ref, rollout, args.temperature, chunk)
+        self.state.num_input_tokens_seen += int(generation.prompt_mask.sum() + generation.completion_mask.sum())
+        return rollout, self._round_metrics(rollout, rewards, group_std)
+
+    def _round_metrics(self, rollout: Rollout, rewards: torch.Tensor, group_std: torch.Tensor) -> dict[str, float]:
+        lengths = rollout.completion_mask.sum(1).float()
+        terminated = lengths[rollout.is_eos]
+        metrics = {
+            "num_tokens": float(self.state.num_input_tokens_seen),
+            "completions/mean_length": lengths.mean().item(),
+            "completions/min_length": lengths.min().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/clipped_ratio": 1.0 - rollout.is_eos.float().mean().item(),
+            "completions/mean_terminated_length": terminated.mean().item() if len(terminated) else math.nan,
+            "completions/min_terminated_length": terminated.min().item() if len(terminated) else math.nan,
+            "completions/max_terminated_length": terminated.max().item() if len(terminated) else math.nan,
+            "reward": torch.nanmean(rewards).item(),
+            "reward_std": _nan_std(rewards),
+            "frac_reward_zero_std": torch.isclose(group_std.nan_to_num(0.0), torch.zeros_like(group_std)).float()
+            .mean().item(),
+        }
+        for i, reward in enumerate(self.reward_funcs):
+            metrics[f"rewards/{reward.name}/mean"] = torch.nanmean(rollout.rewards_per_func[:, i]).item()
+            metrics[f"rewards/{reward.name}/std"] = _nan_std(rollout.rewards_per_func[:, i])
+        return metrics
+
+    # ---- one optimizer step --------------------------------------------------------------------------------
+    def training_step(self, rollout: Rollout, micro_batches: list[torch.Tensor]) -> dict[str, float]:
+        """One optimizer step over the given micro-batches of a round, gradient accumulated across them.
+
+        The loss normaliser counts the whole step (`StepCounts`), so the update does not depend on how the
+        step's rows are split into micro-batches.
+        """
+        args = self.args
+        step_rows = torch.cat(micro_batches)
+        counts = StepCounts(
+            num_sequences=len(step_rows),
+            num_tokens=int(rollout.completion_mask[step_rows].sum()),
+            max_completion_length=args.max_completion_length,
+        )
+        aggregate = LOSS_AGGREGATORS[args.loss_type]
+        totals = {"loss": 0.0, "entropy": 0.0, "kl": 0.0, "low": 0.0, "high": 0.0}
+        self.model.train()
+        for rows in micro_batches:
+            batch = rollout.select(rows)
+            mask = batch.completion_mask.to(self.device).float()
+            with self._autocast():
+                logps, entropy = completion_logps(self.model, batch.prompt_ids, batch.prompt_mask,
+                                                  batch.completion_ids, batch.completion_mask, args.temperature,
+                                                  with_entropy=True)
+            old_logps = batch.old_logps.to(self.device) if batch.old_logps is not None else logps.detach()
+            surrogate = clipped_surrogate(logps, old_logps, batch.advantages.to(self.device), args.epsilon,
+                                          args.epsilon_high)
+            per_token_loss = surrogate.per_token_loss
+            if args.beta > 0:
+                kl = kl_k3(logps, batch.ref_logps.to(self.device))
+                per_token_loss = per_token_loss + args.beta * kl
+                totals["kl"] += (kl.detach() * mask).sum().item()
+            loss = aggregate(per_token_loss, mask, counts)
+            self.accelerator.backward(loss)
+            totals["loss"] += loss.item()
+            totals["entropy"] += (entropy * mask).sum().item()
+            totals["low"] += (surrogate.is_low_clipped.float() * mask).sum().item()
+            totals["high"] += (surrogate.is_high_clipped.float() * mask).sum().item()
+        grad_norm = self._clip_grad_norm()
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = max(counts.num_tokens, 1)
+        metrics = {
+            "loss": totals["loss"],
+            "grad_norm": grad_norm,
+            "learning_rate": self.lr_scheduler.get_last_lr()[0],
+            "entropy": totals["entropy"] / tokens,
+            "clip_ratio/low_mean": totals["low"] / tokens,
+            "clip_ratio/high_mean": totals["high"] / tokens,
+            "clip_ratio/region_mean": (totals["low"] + totals["high"]) / tokens,
+        }
+        if args.beta > 0:
+            metrics["kl"] = totals["kl"] / tokens
+        return metrics
+
+    def _clip_grad_norm(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
+        return float(self.accelerator.clip_grad_norm_(params, max_norm))
+
+    # ---- logging -------------------------------------------------------------------------------------------
+    def _log(self, window: MetricsWindow, metrics_file: MetricsFile, rollout: Rollout) -> None:
+        record = {"step": self.state.global_step, "epoch": round(self.state.epoch, 4), **window.average()}
+        window.clear()
+        self.state.log_history.append(record)
+        metrics_file.write(record)
+        if record.get("frac_reward_zero_std", 0.0) >= 0.5 and not self._warned_zero_std:
+            self._warned_zero_std = True  # once per run: a converged run keeps tripping it
+            warnings.warn(ZERO_STD_WARNING.format(record["frac_reward_zero_std"]), stacklevel=3)
+        if self.args.log_completions:
+            say(format_completions_table(self._completion_rows(rollout), self.args.num_completions_to_print))
+
+    def _completion_rows(self, rollout: Rollout) -> list[dict[str, Any]]:
+        rows = []
+        for i in range(len(rollout)):
+            row = {"step": self.state.global_step, "prompt": _text(rollout.prompts[i]),
+                   "completion": _text(rollout.completions[i])}
+            for j, reward in enumerate(self.reward_funcs):
+                row[reward.name] = rollout.rewards_per_func[i, j].item()
+            row["advantage"] = rollout.advantages[i].item()
+            rows.append(row)
+        return rows
+
+    # ---- set-up helpers ------------------------------------------------------------------------------------
+    def _total_steps(self) -> int:
+        args = self.args
+        if args.max_steps > 0:
+            return args.max_steps
+        rounds_per_epoch = len(self.train_source) // args.prompts_per_generation
+        return max(1, math.ceil(args.num_train_epochs * rounds_per_epoch * args.steps_per_round))
+
+    def _create_optimizer_and_scheduler(self, total_steps: int) -> None:
+        """AdamW with decay on matrices only, and the configured schedule, unless `optimizers` gave them."""
+        args = self.args
+        if self.optimizer is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # norms and biases
+            ]
+            self.optimizer = torch.optim.AdamW(groups, lr=args.learning_rate,
+                                               betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        if self.lr_scheduler is None:
+            self.lr_scheduler = get_scheduler(
+                args.lr_scheduler_type, self.optimizer, num_warmup_steps=args.warmup_steps_for(total_steps),
+                num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+            )
+
+    def _prepare_run_dir(self) -> Path:
+        run_dir = Path(self.args.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = dict(self.args.to_dict(), model=self.model.config._name_or_path,
+                        reward_funcs=[r.name for r in self.reward_funcs])
+        (run_dir / "grpo_config.json").write_text(json.dumps(resolved, indent=2, default=str))
+        return run_dir
+
+    def _autocast(self) -> Any:
+        if not self.use_bf16:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _unwrapped_model(self) -> Any:
+        return self.accelerator.unwrap_model(self.model)
+
+    @contextmanager
+    def _reference_model(self) -> Iterator[Any]:
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        model = self._unwrapped_model()
+        with model.disable_adapter():  # PEFT: the base model, adapter off, is the reference
+            yield model
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        """Write the model (or PEFT adapter) and tokenizer in `save_pretrained` format."""
+        target = Path(output_dir or self.args.output_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        self._unwrapped_model().save_pretrained(target)
+        self.processing_class.save_pretrained(target)
+
+
+def _enable_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:
+    # transformers 5.23 renamed gradient checkpointing to activation checkpointing; older versions lack the new name.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _wrap_peft(model: PreTrainedModel, peft_config: Any) -> Any:
+    try:
+        from peft import get_peft_model
+    except ImportError as e:
+        raise ImportError("peft_config needs the peft library: pip install 'grpo[peft]'") from e
+    return get_peft_model(model, peft_config)
+
+
+def _nan_std(values: torch.Tensor) -> float:
+    return nanstd(values).item()
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return " / ".join(str(m.get("content", "")) for m in value)

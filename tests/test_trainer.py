@@ -1,0 +1,279 @@
+"""The trainer end to end: TRL's course program, prompt formats, reward shapes, invariance, validation order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, IterableDataset, load_dataset
+from transformers import AutoModelForCausalLM
+
+from grpo import GRPOConfig, GRPOTrainer
+from grpo.embedded import length_task
+
+EXPECTED_METRICS = {
+    "step", "epoch", "reward", "reward_std", "rewards/reward_len/mean", "rewards/reward_len/std",
+    "frac_reward_zero_std", "entropy", "completions/mean_length", "completions/min_length",
+    "completions/max_length", "completions/clipped_ratio", "completions/mean_terminated_length",
+    "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "loss", "grad_norm",
+    "learning_rate", "step_time", "num_tokens",
+}
+
+
+def reward_len(completions, **kwargs):
+    return [-abs(20 - len(c)) for c in completions]
+
+
+def small_args(tmp_path, **overrides) -> GRPOConfig:
+    settings = dict(output_dir=str(tmp_path / "run"), num_generations=4, per_device_train_batch_size=8,
+                    max_completion_length=16, max_steps=2, logging_steps=1, learning_rate=1e-3,
+                    gradient_checkpointing=False, disable_tqdm=True)
+    settings.update(overrides)
+    return GRPOConfig(**settings)
+
+
+def test_course_program_runs_unchanged(tmp_path, tiny_model_dir):
+    """The Hugging Face course's program, with only the import changed, on a local dataset and model dir."""
+    data_file = tmp_path / "prompts.jsonl"
+    data_file.write_text("".join(json.dumps({"prompt": f"Tell me about {t}."}) + "\n" for t in "abcd"))
+    dataset = load_dataset("json", data_files=str(data_file), split="train")
+
+    def reward_func(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    args = GRPOConfig(output_dir=str(tmp_path / "output"), num_train_epochs=3, num_generations=4,
+                      per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                      learning_rate=1e-5, logging_steps=10)
+    trainer = GRPOTrainer(model=tiny_model_dir, args=args, train_dataset=dataset, reward_funcs=reward_func)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+
+    # 4 prompts, 2 per round (8 completions / G=4) -> 2 rounds per epoch, 1 optimizer step each, 3 epochs.
+    assert trainer.state.global_step == 6
+    assert trainer.state.epoch == pytest.approx(3.0)
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    lines = (tmp_path / "output" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [6]  # logging_steps=10, plus the final step
+    assert trainer.state.log_history[-1]["step"] == 6
+
+
+def test_end_to_end_metrics_config_and_saved_model(tmp_path, tiny_model_dir):
+    args = small_args(tmp_path, max_steps=3)
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    state = trainer.train()
+
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)]
+    assert len(changed) > len(before) // 2
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert EXPECTED_METRICS <= set(records[0])
+    assert "kl" not in records[0]  # beta = 0: no reference model, no kl
+    assert records[0] == state.log_history[0]
+    assert records[-1]["num_tokens"] > records[0]["num_tokens"] > 0
+    config = json.loads((run / "grpo_config.json").read_text())
+    assert config["num_generations"] == 4 and config["reward_funcs"] == ["reward_len"]
+    reloaded = AutoModelForCausalLM.from_pretrained(run)
+    for name, param in reloaded.named_parameters():
+        torch.testing.assert_close(param, trainer.model.state_dict()[name])
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_update_does_not_depend_on_micro_batch_split(tmp_path, tiny_model_dir, loss_type):
+    """GA 1 x batch 8 and GA 4 x batch 2 see the same 8 completions and must take the same optimizer step."""
+    updates = []
+    for ga, batch in [(1, 8), (4, 2)]:
+        args = small_args(tmp_path, gradient_accumulation_steps=ga, per_device_train_batch_size=batch,
+                          loss_type=loss_type, max_steps=1, max_grad_norm=0.0, num_iterations=1, seed=3)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=length_task(8),
+                              processing_class=tiny_model_dir_tokenizer(tiny_model_dir),
+                              optimizers=(optimizer, scheduler))
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer.train()
+        updates.append({n: p.detach() - start[n] for n, p in model.named_parameters()})
+    largest = max(u.abs().max().item() for u in updates[0].values())
+    assert largest > 1e-4  # the step really moved the weights
+    for name in updates[0]:
+        torch.testing.assert_close(updates[1][name], updates[0][name], atol=1e-6 * max(largest, 1.0), rtol=1e-4)
+
+
+def tiny_model_dir_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_conversational_prompts_and_extra_columns_reach_rewards(tmp_path, tiny_model_dir):
+    seen = {}
+
+    def check_reward(prompts, completions, completion_ids, answers, trainer_state, **kwargs):
+        seen.update(prompts=prompts, completions=completions, answers=answers, state=trainer_state,
+                    ids=completion_ids)
+        return [1.0 if len(c[0]["content"]) > 3 else 0.0 for c in completions]
+
+    rows = [{"prompt": [{"role": "user", "content": f"question {i}"}], "answers": f"answer {i}"} for i in range(4)]
+    args = small_args(tmp_path, max_steps=1, chat_template_kwargs={"unused_flag": True})
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=check_reward, args=args,
+                          train_dataset=Dataset.from_list(rows))
+    trainer.train()
+    assert len(seen["completions"]) == 8
+    assert seen["completions"][0][0]["role"] == "assistant"
+    for prompt, answer in zip(seen["prompts"], seen["answers"]):  # each column is aligned with its prompt
+        assert answer == "answer " + prompt[0]["content"].split()[-1]
+    assert seen["prompts"][0] == seen["prompts"][3]  # the G completions of a prompt are consecutive
+    assert seen["state"] is trainer.state
+    assert all(isinstance(i, int) for ids in seen["ids"] for i in ids)
+
+
+def test_several_rewards_with_weights_async_none_and_a_reward_model(tmp_path, tiny_model_dir):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from grpo.embedded import build_tokenizer
+
+    reward_dir = tmp_path / "reward-model"
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_labels=1, pad_token_id=0)).save_pretrained(reward_dir)
+    build_tokenizer().save_pretrained(reward_dir)
+
+    async def async_bonus(completions, **kwargs):
+        return [0.5] * len(completions)
+
+    def only_even(completions, **kwargs):
+        return [1.0 if i % 2 == 0 else None for i in range(len(completions))]
+
+    args = small_args(tmp_path, max_steps=1, reward_weights=[1.0, 2.0, 0.5, 0.1])
+    trainer = GRPOTrainer(model=tiny_model_dir, args=args, train_dataset=length_task(8),
+                          reward_funcs=[reward_len, async_bonus, only_even, str(reward_dir)])
+    trainer.train()
+    record = trainer.state.log_history[-1]
+    assert record["rewards/async_bonus/mean"] == 0.5
+    assert record["rewards/only_even/mean"] == 1.0  # None rows are skipped, not counted as 0
+    assert "rewards/reward-model/mean" in record
+    rollout, metrics = trainer.generate_and_score(list(length_task(2)))
+    weighted = (rollout.rewards_per_func.nan_to_num(0.0) * torch.tensor([1.0, 2.0, 0.5, 0.1])).sum(1)
+    assert metrics["reward"] == pytest.approx(weighted.mean().item(), rel=1e-5)
+
+
+def test_beta_and_num_iterations_use_reference_and_old_logps(tmp_path, tiny_model_dir):
+    args = small_args(tmp_path, beta=0.1, num_iterations=2, max_steps=4, epsilon=0.01)
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8))
+    trainer.train()
+    records = trainer.state.log_history
+    assert all("kl" in r for r in records)
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts equal to the reference
+    assert records[-1]["kl"] > 0
+    assert any(r["clip_ratio/region_mean"] > 0 for r in records[1:])  # second pass: tiny epsilon clips
+
+
+def test_iterable_dataset_and_list_of_dicts(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"p{i}"} for i in range(8)]
+    iterable = IterableDataset.from_generator(lambda: iter(rows))
+    for dataset in (iterable, rows):
+        trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=small_args(tmp_path, max_steps=3),
+                              train_dataset=dataset)
+        assert trainer.train().global_step == 3
+
+
+def test_gradient_checkpointing_trains(tmp_path, tiny_model_dir):
+    args = small_args(tmp_path, gradient_checkpointing=True, max_steps=1)
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8))
+    trainer.train()
+    assert trainer.model.is_gradient_checkpointing
+    assert trainer.state.log_history[-1]["grad_norm"] > 0
+
+
+def test_zero_reward_spread_warns(tmp_path, tiny_model_dir):
+    def constant(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=constant, args=small_args(tmp_path, max_steps=1),
+                          train_dataset=length_task(8))
+    with pytest.warns(UserWarning, match="same reward for every completion"):
+        trainer.train()
+    assert trainer.state.log_history[-1]["frac_reward_zero_std"] == 1.0
+    assert trainer.state.log_history[-1]["grad_norm"] == 0.0
+
+
+# ---- bad input is rejected before the model loads ------------------------------------------------------------
+MISSING_MODEL = "/nonexistent/model/dir"
+
+
+@pytest.mark.parametrize("dataset, error, match", [
+    (Dataset.from_dict({"question": ["a", "b"]}), ValueError, "rename_column\\('question', 'prompt'\\)"),
+    (Dataset.from_dict({"text": ["a"]}).select([]), ValueError, "empty"),
+    ([{"prompt": 3}], TypeError, "must be a string or a non-empty list of messages"),
+    ("not a dataset", TypeError, "datasets.Dataset"),
+    (None, ValueError, "train_dataset"),
+])
+def test_bad_datasets_fail_before_model_loading(tmp_path, dataset, error, match):
+    with pytest.raises(error, match=match):
+        GRPOTrainer(model=MISSING_MODEL, reward_funcs=reward_len, args=small_args(tmp_path), train_dataset=dataset)
+
+
+def test_other_cheap_checks_fail_before_model_loading(tmp_path):
+    with pytest.raises(ValueError, match="needs 2 unique prompts"):
+        GRPOTrainer(model=MISSING_MODEL, reward_funcs=reward_len, args=small_args(tmp_path),
+                    train_dataset=[{"prompt": "only one"}])
+    with pytest.raises(ValueError, match="set GRPOConfig.max_steps"):
+        GRPOTrainer(model=MISSING_MODEL, reward_funcs=reward_len, args=small_args(tmp_path, max_steps=-1),
+                    train_dataset=IterableDataset.from_generator(lambda: iter([{"prompt": "a"}])))
+    with pytest.raises(ValueError, match="3 weights for 1 reward functions"):
+        GRPOTrainer(model=MISSING_MODEL, reward_funcs=reward_len, train_dataset=length_task(8),
+                    args=small_args(tmp_path, reward_weights=[1.0, 1.0, 1.0]))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        GRPOTrainer(model=MISSING_MODEL, reward_funcs=reward_len, args=small_args(tmp_path),
+                    train_dataset=length_task(8))
+
+
+def test_model_that_is_not_a_causal_lm(tmp_path):
+    from transformers import ViTConfig
+
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    from grpo.embedded import build_tokenizer
+
+    build_tokenizer().save_pretrained(tmp_path / "vit")
+    with pytest.raises(ValueError, match="not a causal language model"):
+        GRPOTrainer(model=str(tmp_path / "vit"), reward_funcs=reward_len, args=small_args(tmp_path),
+                    train_dataset=length_task(8))
+
+
+def test_conversational_prompts_need_a_chat_template(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=small_args(tmp_path),
+                    processing_class=tokenizer, train_dataset=length_task(8, conversational=True))
+
+
+def test_reward_function_with_wrong_length_fails_naming_it(tmp_path, tiny_model_dir):
+    def broken(completions, **kwargs):
+        return [0.0]
+
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=broken, args=small_args(tmp_path),
+                          train_dataset=length_task(8))
+    with pytest.raises(ValueError, match="'broken' returned 1 values for 8 completions"):
+        trainer.train()
+
+
+def test_embedded_model_id_builds_offline_and_deterministically(tmp_path):
+    from grpo.embedded import tiny_model_path
+
+    path = Path(tiny_model_path())
+    assert (path / "config.json").exists() and (path / "tokenizer.json").exists()
+    assert tiny_model_path() == str(path)  # cached
+    first = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    from grpo.embedded import build_model
+
+    second = build_model(vocab_size=first["model.embed_tokens.weight"].shape[0]).state_dict()
+    for name, tensor in first.items():
+        torch.testing.assert_close(tensor, second[name], rtol=0, atol=0)
