@@ -17,6 +17,10 @@ from typing import Any
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
+GENERATION_BACKENDS = ("engine", "transformers")
+# generation_kwargs the built-in engine understands; the transformers backend takes any GenerationConfig name.
+ENGINE_GENERATION_KWARGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample",
+                            "max_new_tokens", "eos_token_id")
 LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
     "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
@@ -152,6 +156,13 @@ class GRPOConfig:
     """Penalty on tokens already in the prompt or completion (1.0: off)."""
     generation_kwargs: dict[str, Any] | None = None
     """Extra generation arguments (transformers `GenerationConfig` names). They override the fields above."""
+    generation_backend: str = "engine"
+    """"engine": grpo's rollout engine (one prefill per prompt shared by its G samples, KV-cached decoding,
+    finished rows leave the batch). "transformers": `model.generate`, for comparison or for generation_kwargs
+    the engine does not support."""
+    generation_max_batch_rows: int | None = None
+    """Most rows (completions) the engine decodes at once; a larger round is generated in chunks of whole
+    groups (None: the whole round). On CUDA an out-of-memory error halves the chunk and retries."""
     use_vllm: bool = False
     """Generate with vLLM. Not implemented yet: grpo generates with its own transformers-based backend."""
 
@@ -184,6 +195,7 @@ class GRPOConfig:
             self.scale_rewards = "none"
         _check_choice("loss_type", self.loss_type, LOSS_TYPES)
         _check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        _check_choice("generation_backend", self.generation_backend, GENERATION_BACKENDS)
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to == "none" else [self.report_to]
@@ -194,6 +206,12 @@ class GRPOConfig:
             self.epsilon_high = self.epsilon
         self._check_ranges()
         self._derive_batch_geometry()
+        unknown = sorted(set(self.generation_kwargs or {}) - set(ENGINE_GENERATION_KWARGS))
+        if self.generation_backend == "engine" and unknown:
+            raise ValueError(
+                f"GRPOConfig.generation_kwargs {unknown} are not supported by grpo's rollout engine (it supports "
+                f"{list(ENGINE_GENERATION_KWARGS)}). Set generation_backend='transformers' to use them."
+            )
         if self.use_vllm and importlib.util.find_spec("vllm") is None:
             raise ValueError(
                 "GRPOConfig.use_vllm=True but vLLM is not installed. Install it with `pip install vllm` "

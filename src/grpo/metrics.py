@@ -32,11 +32,12 @@ class MetricsWindow:
         for name, value in metrics.items():
             self.values[name].append(float(value))
 
-    def average(self) -> dict[str, float]:
-        out = {}
+    def average(self) -> dict[str, float | None]:
+        """Mean of each metric over the window, NaN ignored; None (JSON null) where no value was finite."""
+        out: dict[str, float | None] = {}
         for name, values in self.values.items():
-            finite = [v for v in values if not math.isnan(v)]
-            out[name] = sum(finite) / len(finite) if finite else math.nan
+            finite = [v for v in values if math.isfinite(v)]
+            out[name] = sum(finite) / len(finite) if finite else None
         return out
 
     def clear(self) -> None:
@@ -51,8 +52,7 @@ class MetricsFile:
         self.file = open(path, "w", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.file.write(json.dumps(clean) + "\n")
+        self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ from grpo.logprobs import completion_logps, completion_logps_in_chunks
 from grpo.metrics import MetricsFile, MetricsWindow, ProgressBar, format_completions_table, say
 from grpo.models import disable_dropout, load_causal_lm, load_tokenizer, reference_model
 from grpo.rewards import compute_rewards, prepare_reward_funcs
-from grpo.rollout import Generator, Rollout, TransformersGenerator
+from grpo.rollout import Generator, Rollout, RolloutEngine, TransformersGenerator
 
 ZERO_STD_WARNING = (
     "{:.0%} of groups had the same reward for every completion in the last logging window: they give no "
@@ -125,7 +125,7 @@ class GRPOTrainer:
         self.use_bf16 = args.bf16 if args.bf16 is not None else (
             self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
-        self.generator = generator or TransformersGenerator(self.processing_class, args)
+        self.generator = generator or _default_generator(self.processing_class, args)
         self.state = TrainerState()
         self.optimizer, self.lr_scheduler = optimizers  # as in transformers: (None, None) builds AdamW + schedule
         self._shuffle = torch.Generator().manual_seed(args.seed)
@@ -216,6 +216,7 @@ class GRPOTrainer:
             prompt_ids=generation.prompt_ids, prompt_mask=generation.prompt_mask,
             completion_ids=generation.completion_ids, completion_mask=generation.completion_mask,
             is_eos=generation.is_eos, advantages=advantages, rewards_per_func=rewards_per_func,
+            sampling_logps=generation.sampling_logps,
             prompts=repeated_prompts, completions=completions,
         )
         chunk = args.per_device_train_batch_size
@@ -317,7 +318,7 @@ class GRPOTrainer:
         window.clear()
         self.state.log_history.append(record)
         metrics_file.write(record)
-        if record.get("frac_reward_zero_std", 0.0) >= 0.5 and not self._warned_zero_std:
+        if (record.get("frac_reward_zero_std") or 0.0) >= 0.5 and not self._warned_zero_std:
             self._warned_zero_std = True  # once per run: a converged run keeps tripping it
             warnings.warn(ZERO_STD_WARNING.format(record["frac_reward_zero_std"]), stacklevel=3)
         if self.args.log_completions:
@@ -390,6 +391,12 @@ class GRPOTrainer:
         target.mkdir(parents=True, exist_ok=True)
         self._unwrapped_model().save_pretrained(target)
         self.processing_class.save_pretrained(target)
+
+
+def _default_generator(tokenizer: Any, args: GRPOConfig) -> Generator:
+    if args.generation_backend == "transformers":
+        return TransformersGenerator(tokenizer, args, max_batch_rows=args.generation_max_batch_rows)
+    return RolloutEngine(tokenizer, args, max_batch_rows=args.generation_max_batch_rows, seed=args.seed)
 
 
 def _enable_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:

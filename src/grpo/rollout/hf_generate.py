@@ -19,7 +19,7 @@ class TransformersGenerator:
         self.max_batch_rows = max_batch_rows
         self.generate_kwargs = dict(
             do_sample=True, max_new_tokens=args.max_completion_length, temperature=args.temperature,
-            top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+            top_p=args.top_p, top_k=args.top_k or None, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
             pad_token_id=self.pad_id, eos_token_id=self.eos_ids, use_cache=True,
         )
         self.generate_kwargs.update(args.generation_kwargs or {})  # as in TRL, they override the named fields

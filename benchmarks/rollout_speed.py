@@ -1,0 +1,72 @@
+"""Generation throughput: grpo's rollout engine vs transformers `generate`, same model and prompts, one run.
+
+    python benchmarks/rollout_speed.py [--sizes tiny small] [--lengths 64 256] [--repeats 3]
+
+Sampling with G = 8 completions per prompt; completion lengths vary (see benchmarks/models.py). Tokens/s counts
+generated completion tokens (up to and including EOS). Runs alternate between the two backends so that drift
+in machine speed hits both alike; the median of the repeats is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import SIZES, IdTokenizer, build, prompts  # noqa: E402
+
+from grpo import GRPOConfig  # noqa: E402
+from grpo.rollout import RolloutEngine, TransformersGenerator  # noqa: E402
+
+
+def timed(generator, model, prompt_ids, g) -> tuple[float, int]:
+    start = time.perf_counter()
+    out = generator.generate(model, prompt_ids, g)
+    return time.perf_counter() - start, int(out.completion_mask.sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(SIZES))
+    parser.add_argument("--lengths", nargs="+", type=int, default=[64, 256])
+    parser.add_argument("--prompts", type=int, default=4, help="unique prompts per round (x G = rows)")
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    opts = parser.parse_args()
+    print(f"device={opts.device} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"G={opts.num_generations} prompts/round={opts.prompts}")
+    header = (f"{'model':<6} {'params':>7} {'max_new':>7} {'mean_len':>8} {'hf tok/s':>9} {'grpo tok/s':>10} "
+              f"{'ratio':>6}")
+    print(header + "\n" + "-" * len(header))
+    for size in opts.sizes:
+        model = build(size).to(opts.device)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        prompt_ids = prompts(opts.prompts, model.config.vocab_size)
+        for max_new in opts.lengths:
+            args = GRPOConfig(num_generations=opts.num_generations, per_device_train_batch_size=opts.num_generations,
+                              max_completion_length=max_new)
+            backends = {"hf": TransformersGenerator(IdTokenizer(), args),
+                        "grpo": RolloutEngine(IdTokenizer(), args, seed=0)}
+            torch.manual_seed(0)
+            for backend in backends.values():  # warm-up
+                backend.generate(model, prompt_ids[:1], 2)
+            rates: dict[str, list[float]] = {name: [] for name in backends}
+            lengths = []
+            for _ in range(opts.repeats):
+                for name, backend in backends.items():
+                    seconds, tokens = timed(backend, model, prompt_ids, opts.num_generations)
+                    rates[name].append(tokens / seconds)
+                    lengths.append(tokens / (len(prompt_ids) * opts.num_generations))
+            hf, ours = statistics.median(rates["hf"]), statistics.median(rates["grpo"])
+            print(f"{size:<6} {params:>6.1f}M {max_new:>7} {statistics.mean(lengths):>8.1f} {hf:>9.0f} "
+                  f"{ours:>10.0f} {ours / hf:>5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The built-in rollout engine: GRPO's generation pattern made cheap.
+
+A round samples G completions of each unique prompt. transformers' `generate` would prefill every prompt G
+times and keep decoding rows that already emitted EOS. Here each unique prompt is prefilled once, its KV cache
+is copied to its G rows, all rows decode together with the cache, and a row that ends leaves the batch (its
+cache rows are dropped), so finished completions stop costing compute.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from grpo.rollout.base import Generation, left_pad
+from grpo.rollout.sampling import SamplingParams, process_logits, sample_tokens
+
+
+class RolloutEngine:
+    """Generates G completions per prompt with a shared prefill, KV-cached decoding and batch compaction.
+
+    `max_batch_rows` bounds the rows decoded at once (a round larger than that is processed in chunks of whole
+    prompt groups); on a CUDA out-of-memory error the chunk is halved and retried.
+    """
+
+    def __init__(self, tokenizer: Any, args: Any, max_batch_rows: int | None = None, seed: int = 0):
+        self.pad_id = tokenizer.pad_token_id
+        kwargs = args.generation_kwargs or {}
+        eos = kwargs.get("eos_token_id", tokenizer.eos_token_id)
+        self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        self.max_new_tokens = kwargs.get("max_new_tokens", args.max_completion_length)
+        self.params = SamplingParams.from_config(args)
+        self.max_batch_rows = max_batch_rows
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation:
+        prompts_per_chunk = max(1, (self.max_batch_rows or len(prompt_ids) * num_generations) // num_generations)
+        pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        start = 0
+        while start < len(prompt_ids):
+            chunk = prompt_ids[start:start + prompts_per_chunk]
+            try:
+                pieces.append(self._generate_chunk(model, chunk, num_generations))
+            except torch.OutOfMemoryError:
+                if prompts_per_chunk == 1:
+                    raise
+                prompts_per_chunk = max(1, prompts_per_chunk // 2)
+                torch.cuda.empty_cache()
+                continue
+            start += len(chunk)
+        repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
+        all_prompt_ids, all_prompt_mask = left_pad(repeated, self.pad_id)
+        width = max(p[0].size(1) for p in pieces)
+        completion_ids = torch.cat([_pad_right(p[0], width, self.pad_id) for p in pieces])
+        lengths = torch.cat([p[1] for p in pieces])
+        sampling_logps = torch.cat([_pad_right(p[2], width, 0.0) for p in pieces])
+        completion_mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).long()
+        last_token = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        is_eos = torch.isin(last_token, torch.tensor(self.eos_ids)) & (lengths > 0)
+        return Generation(all_prompt_ids, all_prompt_mask, completion_ids, completion_mask, is_eos,
+                          sampling_logps=sampling_logps * completion_mask)
+
+    def _generate_chunk(self, model: Any, prompt_ids: list[list[int]], g: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns completion ids (rows, T) right-padded, lengths (rows,) and sampling log-probs (rows, T)."""
+        device = next(model.parameters()).device
+        ids, mask = (t.to(device) for t in left_pad(prompt_ids, self.pad_id))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(g)  # one prefill per prompt, shared by its G samples
+        logits = out.logits[:, -1].repeat_interleave(g, dim=0)
+        mask = mask.repeat_interleave(g, dim=0)
+        next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1
+        seen = ids.repeat_interleave(g, dim=0).masked_fill(mask == 0, self.pad_id)  # for the repetition penalty
+        penalize = self.params.repetition_penalty != 1.0
+        rows = ids.size(0) * g
+        tokens = torch.full((rows, self.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros((rows, self.max_new_tokens), device=device)
+        lengths = torch.full((rows,), self.max_new_tokens, dtype=torch.long, device=device)
+        active = torch.arange(rows, device=device)  # the original row of each row still decoding
+        eos = torch.tensor(self.eos_ids, device=device)
+
+        for step in range(self.max_new_tokens):
+            processed = process_logits(logits, self.params, seen if penalize else None)
+            new_tokens, new_logps = sample_tokens(processed, self.params, self._generator_for(device))
+            tokens[active, step] = new_tokens
+            logps[active, step] = new_logps
+            finished = torch.isin(new_tokens, eos)
+            lengths[active[finished]] = step + 1
+            if step == self.max_new_tokens - 1:
+                break
+            if bool(finished.any()):  # finished rows leave the batch and its cache
+                keep = (~finished).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                active, mask, next_position = active[keep], mask[keep], next_position[keep]
+                new_tokens, seen = new_tokens[keep], seen[keep]
+            mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], dim=1)
+            if penalize:
+                seen = torch.cat([seen, new_tokens.unsqueeze(1)], dim=1)
+            out = model(input_ids=new_tokens.unsqueeze(1), attention_mask=mask, position_ids=next_position,
+                        past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1]
+            next_position = next_position + 1
+        used = int(lengths.max())
+        return tokens[:, :used].cpu(), lengths.cpu(), logps[:, :used].cpu()
+
+    def _generator_for(self, device: torch.device) -> torch.Generator | None:
+        # Sampling on the CPU generator keeps runs reproducible across devices only on CPU; on CUDA a device
+        # generator seeded from it keeps sampling on the GPU.
+        if device.type == "cpu":
+            return self.generator
+        if getattr(self, "_device_generator", None) is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            self._device_generator = torch.Generator(device=device).manual_seed(seed)
+        return self._device_generator
+
+
+def _pad_right(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.size(1)), value=value)

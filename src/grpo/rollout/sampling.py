@@ -1,0 +1,103 @@
+"""Sampling transforms as pure functions on a (rows, vocab) logits tensor, in transformers' order and meaning:
+repetition penalty, then temperature, top-k, top-p, min-p. Removed tokens get -inf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    greedy: bool = False
+
+    @classmethod
+    def from_config(cls, args: Any) -> SamplingParams:
+        """The config's sampling fields, overridden by `generation_kwargs` as in TRL (the config has checked
+        that every key is one the engine supports)."""
+        overrides = dict(args.generation_kwargs or {})
+        top_k = overrides.get("top_k", args.top_k) or 0
+        return cls(
+            temperature=overrides.get("temperature", args.temperature),
+            top_k=top_k,
+            top_p=overrides.get("top_p", args.top_p),
+            min_p=overrides.get("min_p", args.min_p),
+            repetition_penalty=overrides.get("repetition_penalty", args.repetition_penalty),
+            greedy=overrides.get("do_sample", True) is False or top_k == 1,
+        )
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (arXiv 1909.05858): for tokens already seen, l -> l / p if l > 0 else l * p."""
+    if penalty == 1.0:
+        return logits
+    scores = logits.gather(1, seen_ids)
+    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return logits.scatter(1, seen_ids, scores)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest logits of each row (k = 0: keep all)."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling (arXiv 1904.09751): keep the most likely tokens whose probabilities sum to at least p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - p)
+    remove_sorted[:, -1] = False  # always keep the most likely token
+    remove = remove_sorted.scatter(1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
+    """Min-p sampling (arXiv 2407.01082): drop tokens with p < min_p x p_max."""
+    if not min_p:
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen_ids: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """The sampling distribution's logits (float32): every transform of `params` applied in transformers' order."""
+    logits = logits.float()
+    if seen_ids is not None:
+        logits = apply_repetition_penalty(logits, seen_ids, params.repetition_penalty)
+    if params.greedy:
+        return logits
+    logits = logits / params.temperature
+    logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    return min_p_filter(logits, params.min_p)
+
+
+def sample_tokens(processed: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from softmax(processed) (argmax when greedy) and its log-probability.
+
+    Sampling inverts the CDF with one uniform draw per row: the first v with cumsum(p)_v > u. It is exact, and
+    far cheaper than `torch.multinomial` or a Gumbel race, which draw a random number per vocabulary entry.
+    """
+    probs = torch.softmax(processed, dim=-1)
+    if params.greedy:
+        tokens = probs.argmax(dim=-1)
+    else:
+        cdf = probs.cumsum(dim=-1)
+        u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.size(1) - 1)
+    return tokens, probs.gather(1, tokens.unsqueeze(1)).squeeze(1).log()

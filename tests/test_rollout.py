@@ -1,0 +1,169 @@
+"""The rollout engine against transformers `generate` and the model's own distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from grpo import GRPOConfig
+from grpo.logprobs import completion_logps
+from grpo.rollout import RolloutEngine, TransformersGenerator
+from grpo.rollout.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    min_p_filter,
+    process_logits,
+    top_k_filter,
+    top_p_filter,
+)
+
+VOCAB, PAD, BOS, EOS = 64, 0, 1, 2
+
+
+class Tokenizer:
+    pad_token_id, eos_token_id = PAD, EOS
+
+
+def make_model(arch: str, eos_scale: float = 6.0) -> torch.nn.Module:
+    """A random model whose EOS logit is boosted so that completions end at varied lengths."""
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=PAD,
+                  bos_token_id=BOS, eos_token_id=EOS)
+    torch.manual_seed(0)
+    model = (LlamaForCausalLM(LlamaConfig(**common)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**common)))
+    with torch.no_grad():
+        model.lm_head.weight[EOS] *= eos_scale
+    return model.eval()
+
+
+PROMPTS = [[BOS, 5, 6, 7], [BOS, 9], [BOS, 10, 11, 12, 13, 14, 15, 16, 17], [BOS, 20, 21]]
+
+
+def config(**kwargs) -> GRPOConfig:
+    settings = dict(num_generations=4, per_device_train_batch_size=16, max_completion_length=24)
+    settings.update(kwargs)
+    return GRPOConfig(**settings)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_matches_transformers_generate(arch):
+    model = make_model(arch)
+    args = config(generation_kwargs={"do_sample": False})
+    ours = RolloutEngine(Tokenizer(), args).generate(model, PROMPTS, 4)
+    reference = TransformersGenerator(Tokenizer(), args).generate(model, PROMPTS, 4)
+    width = reference.completion_mask.sum(1).max()
+    assert ours.completion_ids.size(1) == width
+    torch.testing.assert_close(ours.completion_ids, reference.completion_ids[:, :width], rtol=0, atol=0)
+    torch.testing.assert_close(ours.completion_mask, reference.completion_mask[:, :width], rtol=0, atol=0)
+    assert torch.equal(ours.is_eos, reference.is_eos)
+    lengths = ours.completion_mask.sum(1)
+    assert lengths.min() < lengths.max()  # uneven completions: some rows left the batch early
+    assert torch.equal(ours.prompt_ids, reference.prompt_ids)
+
+
+def test_rows_stop_at_eos_and_masks_are_right():
+    model = make_model("llama")
+    out = RolloutEngine(Tokenizer(), config(), seed=1).generate(model, PROMPTS, 4)
+    lengths = out.completion_mask.sum(1)
+    assert out.is_eos.any() and (~out.is_eos).any()
+    for row, length in enumerate(lengths.tolist()):
+        ids = out.completion_ids[row]
+        assert torch.equal(out.completion_mask[row, :length], torch.ones(length, dtype=torch.long))
+        assert (ids[length:] == PAD).all()  # nothing after the end
+        assert not (ids[: length - 1] == EOS).any()  # no EOS before the last token
+        assert bool(ids[length - 1] == EOS) == bool(out.is_eos[row])
+        if not out.is_eos[row]:
+            assert length == 24  # only rows that hit max_completion_length lack an EOS
+
+
+def test_sampling_logps_equal_a_separate_forward_pass():
+    model = make_model("qwen2")
+    out = RolloutEngine(Tokenizer(), config(temperature=0.7), seed=2).generate(model, PROMPTS, 4)
+    logps, _ = completion_logps(model, out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask,
+                                temperature=0.7)
+    mask = out.completion_mask.bool()
+    torch.testing.assert_close(out.sampling_logps[mask], logps[mask], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8), dict(min_p=0.2)])
+def test_first_tokens_follow_the_model_distribution(settings):
+    """Pearson chi-square of 6000 first tokens against the processed model distribution (fixed seed)."""
+    model = make_model("llama", eos_scale=1.0)
+    args = config(max_completion_length=1, **settings)
+    samples = 6000
+    out = RolloutEngine(Tokenizer(), args, seed=3).generate(model, [PROMPTS[0]], samples)
+    counts = torch.bincount(out.completion_ids[:, 0], minlength=VOCAB).double()
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPTS[0]])).logits[0, -1]
+    probs = process_logits(logits.unsqueeze(0), SamplingParams.from_config(args)).softmax(-1)[0].double()
+    assert counts[probs == 0].sum() == 0  # filtered tokens are never sampled
+    support = probs > 0
+    expected = probs[support] * samples
+    statistic = ((counts[support] - expected) ** 2 / expected).sum().item()
+    dof = int(support.sum()) - 1
+    assert statistic < dof + 5 * (2 * dof) ** 0.5  # far in the tail of chi2(dof) if the sampler were wrong
+    # and the test has power: a sampler from the unprocessed distribution would fail whenever filtering applies
+
+
+def test_same_seed_same_rollout_and_different_seed_differs():
+    model = make_model("llama")
+    first = RolloutEngine(Tokenizer(), config(), seed=5).generate(model, PROMPTS, 4)
+    again = RolloutEngine(Tokenizer(), config(), seed=5).generate(model, PROMPTS, 4)
+    other = RolloutEngine(Tokenizer(), config(), seed=6).generate(model, PROMPTS, 4)
+    assert torch.equal(first.completion_ids, again.completion_ids)
+    assert not torch.equal(first.completion_ids[:, :5], other.completion_ids[:, :5])
+
+
+def test_chunked_generation_gives_the_same_greedy_rows():
+    model = make_model("qwen2")
+    args = config(generation_kwargs={"do_sample": False})
+    whole = RolloutEngine(Tokenizer(), args).generate(model, PROMPTS, 4)
+    chunked = RolloutEngine(Tokenizer(), args, max_batch_rows=4).generate(model, PROMPTS, 4)
+    assert torch.equal(whole.completion_ids, chunked.completion_ids)
+    assert torch.equal(whole.prompt_ids, chunked.prompt_ids)
+
+
+def test_out_of_memory_halves_the_chunk_and_retries(monkeypatch):
+    model = make_model("llama")
+    engine = RolloutEngine(Tokenizer(), config(generation_kwargs={"do_sample": False}))
+    real = engine._generate_chunk
+    chunk_sizes = []
+
+    def tight_memory(model, prompt_ids, g):
+        chunk_sizes.append(len(prompt_ids))
+        if len(prompt_ids) > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real(model, prompt_ids, g)
+
+    monkeypatch.setattr(engine, "_generate_chunk", tight_memory)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    out = engine.generate(model, PROMPTS, 4)
+    expected = RolloutEngine(Tokenizer(), config(generation_kwargs={"do_sample": False})).generate(model, PROMPTS, 4)
+    assert chunk_sizes[:3] == [4, 2, 1]
+    assert torch.equal(out.completion_ids, expected.completion_ids)
+
+
+def test_filters_match_transformers_processors():
+    torch.manual_seed(0)
+    logits = torch.randn(6, VOCAB) * 3
+    ids = torch.randint(0, VOCAB, (6, 10))
+    torch.testing.assert_close(apply_repetition_penalty(logits, ids, 1.3),
+                               RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()))
+    torch.testing.assert_close(top_k_filter(logits, 7), TopKLogitsWarper(7)(ids, logits.clone()))
+    torch.testing.assert_close(top_p_filter(logits, 0.8), TopPLogitsWarper(0.8)(ids, logits.clone()))
+    torch.testing.assert_close(min_p_filter(logits, 0.1), MinPLogitsWarper(0.1)(ids, logits.clone()))
+
+
+def test_generation_kwargs_override_and_unsupported_keys():
+    params = SamplingParams.from_config(config(temperature=0.9, generation_kwargs={"temperature": 0.5, "top_k": 3}))
+    assert params.temperature == 0.5 and params.top_k == 3
+    with pytest.raises(ValueError, match="generation_backend='transformers'"):
+        config(generation_kwargs={"num_beams": 2})
+    config(generation_kwargs={"num_beams": 2}, generation_backend="transformers")  # accepted there
