@@ -68,10 +68,13 @@ def prepare_reward_funcs(
                 "f(completions, **kwargs) -> list[float], a reward model path, or a PreTrainedModel."
             )
         prepared.append(RewardFunction(reward_func_name(func), func, _is_coroutine_function(func)))
-    names = [f.name for f in prepared]
-    for i, name in enumerate(names):  # metric names must be unique
-        if names.count(name) > 1:
-            prepared[i].name = f"{name}_{names[:i].count(name)}"
+    taken: set[str] = set()
+    for reward in prepared:  # metric names must be unique: suffix repeats with the first free _k
+        name, k = reward.name, 0
+        while name in taken or (name != reward.name and name in {r.name for r in prepared}):
+            name, k = f"{reward.name}_{k}", k + 1
+        reward.name = name
+        taken.add(name)
     return prepared
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from grpo.rollout.base import Generation, left_pad
 from grpo.rollout.sampling import SamplingParams, process_logits, sample_tokens
@@ -68,7 +69,7 @@ class RolloutEngine:
         device = next(model.parameters()).device
         ids, mask = (t.to(device) for t in left_pad(prompt_ids, self.pad_id))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
+        cache = _preallocated_cache(model.config, capacity=ids.size(1) + self.max_new_tokens)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
@@ -104,9 +105,8 @@ class RolloutEngine:
             mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], dim=1)
             if penalize:
                 seen = torch.cat([seen, new_tokens.unsqueeze(1)], dim=1)
-            out = model(input_ids=new_tokens.unsqueeze(1), attention_mask=mask, position_ids=next_position,
-                        past_key_values=cache, use_cache=True)
-            logits = out.logits[:, -1]
+            logits = model(input_ids=new_tokens.unsqueeze(1), attention_mask=mask, position_ids=next_position,
+                           past_key_values=cache, use_cache=True).logits[:, -1]
             next_position = next_position + 1
         used = int(lengths.max())
         return tokens[:, :used].cpu(), lengths.cpu(), logps[:, :used].cpu()
@@ -120,6 +120,59 @@ class RolloutEngine:
             seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
             self._device_generator = torch.Generator(device=device).manual_seed(seed)
         return self._device_generator
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer that writes into a buffer sized for the whole completion instead of growing by
+    `torch.cat` (a copy of the whole cache at every decoded token), and compacts rows in place."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0  # positions written
+        self.rows = 0  # live rows; the buffer may hold more from before a compaction
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            rows, heads, _, dim = key_states.shape
+            self._keys = key_states.new_empty((rows, heads, self.capacity, dim))
+            self._values = value_states.new_empty((rows, heads, self.capacity, dim))
+            self.rows = rows
+        end = self.length + key_states.size(-2)
+        self._keys[:self.rows, :, self.length:end] = key_states
+        self._values[:self.rows, :, self.length:end] = value_states
+        self.length = end
+        self._refresh(self.rows)
+        return self.keys, self.values
+
+    def _refresh(self, rows: int) -> None:
+        self.rows = rows
+        self.keys = self._keys[:rows, :, :self.length]
+        self.values = self._values[:rows, :, :self.length]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.length > 0:
+            self._keys = self._keys.repeat_interleave(repeats, dim=0)
+            self._values = self._values.repeat_interleave(repeats, dim=0)
+            self._refresh(self._keys.size(0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.length > 0:  # move the kept rows' used prefix to the front; the buffer is reused
+            rows = indices.numel()
+            self._keys[:rows, :, :self.length] = self._keys[indices, :, :self.length]
+            self._values[:rows, :, :self.length] = self._values[indices, :, :self.length]
+            self._refresh(rows)
+
+
+def _preallocated_cache(config: Any, capacity: int) -> DynamicCache:
+    """A DynamicCache whose plain layers are preallocated; other layer kinds (sliding windows, linear
+    attention) keep transformers' own implementation."""
+    cache = DynamicCache(config=config)
+    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
 
 
 def _pad_right(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
