@@ -152,20 +152,21 @@ class GRPOTrainer:
         rounds_seen = 0
         try:
             while self.state.global_step < self.state.max_steps:
-                epoch, rows = next(rounds)
+                epoch, rows = next(rounds)  # epoch counts passes over an IterableDataset too
                 step_started = time.perf_counter()
                 rollout, round_metrics = self.generate_and_score(rows)
                 rounds_seen += 1
                 window.add(round_metrics)
+                round_tokens = int(rollout.completion_mask.sum())
                 for micro_batches in self._optimizer_steps(len(rollout)):
                     step_metrics = self.training_step(rollout, micro_batches)
                     step_metrics["step_time"] = time.perf_counter() - step_started
                     step_started = time.perf_counter()
                     window.add(step_metrics)
                     self.state.global_step += 1
-                    if rounds_per_epoch:
-                        self.state.epoch = rounds_seen / rounds_per_epoch
-                    bar.update(round_metrics["reward"], int(rollout.completion_mask.sum()))
+                    self.state.epoch = rounds_seen / rounds_per_epoch if rounds_per_epoch else float(epoch)
+                    bar.update(round_metrics["reward"], round_tokens)
+                    round_tokens = 0  # a round's tokens count once, however many steps it feeds
                     last_step = self.state.global_step == self.state.max_steps
                     if self.state.global_step % args.logging_steps == 0 or last_step:
                         self._log(window, metrics_file, rollout)
