@@ -277,3 +277,23 @@ def test_embedded_model_id_builds_offline_and_deterministically(tmp_path):
     second = build_model(vocab_size=first["model.embed_tokens.weight"].shape[0]).state_dict()
     for name, tensor in first.items():
         torch.testing.assert_close(tensor, second[name], rtol=0, atol=0)
+
+
+def test_log_completions_prints_prompts_completions_rewards_and_advantages(tmp_path, tiny_model_dir, capsys):
+    args = small_args(tmp_path, max_steps=1, log_completions=True, num_completions_to_print=3)
+    GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8)).train()
+    out = capsys.readouterr().out
+    table = out[out.index("step | prompt"):].splitlines()
+    assert [c.strip() for c in table[0].split("|")] == ["step", "prompt", "completion", "reward_len", "advantage"]
+    assert len([line for line in table[2:5] if "Write about" in line]) == 3
+
+
+def test_tokenizer_without_pad_token_falls_back_to_eos(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from grpo.models import load_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = None
+    loaded = load_tokenizer(tiny_model_dir, tokenizer)
+    assert loaded.pad_token == loaded.eos_token and loaded.padding_side == "left"
