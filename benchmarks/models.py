@@ -31,10 +31,10 @@ def build(size: str, seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
-def prompts(num: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    """Token-id prompts of uneven lengths (8 to 40 tokens)."""
+def prompts(num: int, vocab: int, seed: int = 0, min_len: int = 8, max_len: int = 40) -> list[list[int]]:
+    """Token-id prompts of uneven lengths, min_len to max_len tokens."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(8, 41, (num,), generator=g)
+    lengths = torch.randint(min_len, max_len + 1, (num,), generator=g)
     return [[BOS_ID] + torch.randint(3, vocab, (int(n) - 1,), generator=g).tolist() for n in lengths]
 
 

@@ -1,6 +1,6 @@
 """Generation throughput: grpo's rollout engine vs transformers `generate`, same model and prompts, one run.
 
-    python benchmarks/rollout_speed.py [--sizes tiny small] [--lengths 64 256] [--repeats 3]
+    python benchmarks/rollout_speed.py [--sizes tiny small] [--lengths 64 256] [--repeats 3] [--prompt-len 8 40]
 
 Sampling with G = 8 completions per prompt; completion lengths vary (see benchmarks/models.py). Tokens/s counts
 generated completion tokens (up to and including EOS). Runs alternate between the two backends so that drift
@@ -37,17 +37,20 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="unique prompts per round (x G = rows)")
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt-len", nargs=2, type=int, default=[8, 40], metavar=("MIN", "MAX"),
+                        help="prompt lengths in tokens (default 8 40; chat-templated questions are often 100-300)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     opts = parser.parse_args()
     print(f"device={opts.device} threads={torch.get_num_threads()} torch={torch.__version__} "
-          f"G={opts.num_generations} prompts/round={opts.prompts}")
+          f"G={opts.num_generations} prompts/round={opts.prompts} prompt_len={opts.prompt_len[0]}-{opts.prompt_len[1]}")
     header = (f"{'model':<6} {'params':>7} {'max_new':>7} {'mean_len':>8} {'hf tok/s':>9} {'grpo tok/s':>10} "
               f"{'ratio':>6}")
     print(header + "\n" + "-" * len(header))
     for size in opts.sizes:
         model = build(size).to(opts.device)
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        prompt_ids = prompts(opts.prompts, model.config.vocab_size)
+        prompt_ids = prompts(opts.prompts, model.config.vocab_size, min_len=opts.prompt_len[0],
+                             max_len=opts.prompt_len[1])
         for max_new in opts.lengths:
             args = GRPOConfig(num_generations=opts.num_generations, per_device_train_batch_size=opts.num_generations,
                               max_completion_length=max_new)
