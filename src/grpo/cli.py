@@ -1,4 +1,4 @@
-"""Command line: `grpo demo` trains the embedded tiny model on a built-in task and shows it learning."""
+"""Command line: `grpo demo` shows GRPO learning on the embedded model; `grpo train` runs a YAML recipe."""
 
 from __future__ import annotations
 
@@ -34,7 +34,52 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default=None, help="run directory (default: runs/demo-<task>)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train = commands.add_parser(
+        "train", help="train from a YAML recipe, with --field value overrides",
+        description="Train with GRPO from a YAML recipe: model, dataset, reward_funcs and any GRPOConfig field "
+        "(see examples/). Every setting can be overridden on the command line as --field value (values are "
+        "read as YAML: --reward_weights '[1, 0.5]'). The resolved recipe is written to <output_dir>/run.yaml.",
+        epilog="example: grpo train --config examples/length.yaml --learning_rate 1e-3 --max_steps 50",
+    )
+    train.add_argument("--config", help="YAML recipe file")
     return parser
+
+
+def parse_overrides(extra: list[str]) -> dict[str, str]:
+    """`--field value` and `--field=value` pairs from the command line, values as raw strings."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--"):
+            raise SystemExit(f"grpo train: expected --field value, got {token!r}")
+        key, has_value, value = token[2:].partition("=")
+        if not has_value:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise SystemExit(f"grpo train: --{key} needs a value")
+            value, i = extra[i + 1], i + 1
+        overrides[key.replace("-", "_")] = value
+        i += 1
+    return overrides
+
+
+def run_train(config_path: str | None, overrides: dict[str, str]) -> Any:
+    """Resolve the recipe, record it in the run directory, train, and return the trainer state."""
+    from pathlib import Path
+
+    import yaml
+
+    from grpo.recipe import build_run, load_recipe
+    from grpo.trainer import GRPOTrainer
+
+    recipe = load_recipe(config_path, overrides)
+    run = build_run(recipe)
+    resolved = {key: recipe[key] for key in ("model", "dataset", "reward_funcs")} | run["args"].to_dict()
+    trainer = GRPOTrainer(**run)
+    output_dir = Path(run["args"].output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "run.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return trainer.train()
 
 
 def run_demo(task: str = "length", max_steps: int | None = None, output_dir: str | None = None, seed: int = 0,
@@ -81,7 +126,16 @@ def _first_of_each_group(rollout: Any, group_size: int, count: int) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if args.command == "train":
+        try:
+            run_train(args.config, parse_overrides(extra))
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            print(f"grpo train: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if extra:
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo":
         run_demo(args.task, args.max_steps, args.output_dir, args.seed, progress=not args.no_progress)
     return 0
