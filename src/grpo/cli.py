@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: grpo train --config examples/length.yaml --learning_rate 1e-3 --max_steps 50",
     )
     train.add_argument("--config", help="YAML recipe file")
+    plot = commands.add_parser(
+        "plot", help="PNG figures of one or more runs' metrics",
+        description="Draw reward (with its std band), each reward function, kl, entropy, completion length, clip "
+        "ratios, loss, grad norm and zero-spread groups over steps, from each RUN_DIR's metrics.jsonl. Several "
+        "runs share each panel. Writes metrics.png and reward.png. Needs matplotlib (pip install 'grpo[plot]').",
+    )
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.jsonl")
+    plot.add_argument("--output", help="folder for the figures (default: the first RUN_DIR)")
     return parser
 
 
@@ -136,6 +144,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if extra:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "plot":
+        from grpo.plot import plot_runs
+
+        try:
+            for path in plot_runs(args.run_dirs, args.output):
+                print(path)
+        except (FileNotFoundError, ImportError) as e:
+            print(f"grpo plot: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "demo":
         run_demo(args.task, args.max_steps, args.output_dir, args.seed, progress=not args.no_progress)
     return 0
