@@ -19,10 +19,14 @@ import yaml
 
 from grpo.config import GRPOConfig, _did_you_mean, config_field_names
 from grpo.embedded import TASKS
-from grpo.rewards import builtin
+from grpo.rewards import builtin, reasoning
 
 RUN_KEYS = ("model", "dataset", "reward_funcs")
-BUILTIN_REWARDS = {"length": builtin.length_reward, "accuracy": builtin.accuracy_reward}
+BUILTIN_REWARDS = {
+    "length": builtin.length_reward, "accuracy": builtin.accuracy_reward,
+    "math_accuracy": reasoning.math_accuracy_reward, "strict_format": reasoning.strict_format_reward,
+    "soft_format": reasoning.soft_format_reward,
+}
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
