@@ -167,3 +167,19 @@ def test_generation_kwargs_override_and_unsupported_keys():
     with pytest.raises(ValueError, match="generation_backend='transformers'"):
         config(generation_kwargs={"num_beams": 2})
     config(generation_kwargs={"num_beams": 2}, generation_backend="transformers")  # accepted there
+
+
+def test_an_architecture_without_rotary_embeddings_gpt2_matches_generate():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                       bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[EOS] *= 6.0  # tied to the input embedding here, which is fine for generation
+    args = config(generation_kwargs={"do_sample": False})
+    ours = RolloutEngine(Tokenizer(), args).generate(model, PROMPTS, 2)
+    reference = TransformersGenerator(Tokenizer(), args).generate(model, PROMPTS, 2)
+    width = ours.completion_ids.size(1)
+    assert torch.equal(ours.completion_ids, reference.completion_ids[:, :width])
+    assert torch.equal(ours.completion_mask, reference.completion_mask[:, :width])

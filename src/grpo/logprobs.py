@@ -31,7 +31,7 @@ def completion_logps(
     width = completion_ids.size(1)
     kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False)
-    if _accepts_logits_to_keep(model):
+    if accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = width + 1
     logits = model(**kwargs).logits[:, -(width + 1):-1]
     logits = logits / temperature
@@ -41,7 +41,7 @@ def completion_logps(
     return logps, entropy
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
+def accepts_logits_to_keep(model: Any) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from grpo.logprobs import accepts_logits_to_keep
 from grpo.rollout.base import Generation, left_pad
 from grpo.rollout.sampling import SamplingParams, process_logits, sample_tokens
 
@@ -34,6 +35,7 @@ class RolloutEngine:
         self.params = SamplingParams.from_config(args)
         self.max_batch_rows = max_batch_rows
         self.generator = torch.Generator().manual_seed(seed)
+        self._device_generator: torch.Generator | None = None  # created from `generator` on first CUDA use
 
     @torch.no_grad()
     def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation:
@@ -70,8 +72,9 @@ class RolloutEngine:
         ids, mask = (t.to(device) for t in left_pad(prompt_ids, self.pad_id))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = _preallocated_cache(model.config, capacity=ids.size(1) + self.max_new_tokens)
+        keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+                    use_cache=True, **keep_last)
         cache = out.past_key_values
         cache.batch_repeat_interleave(g)  # one prefill per prompt, shared by its G samples
         logits = out.logits[:, -1].repeat_interleave(g, dim=0)
@@ -116,7 +119,7 @@ class RolloutEngine:
         # generator seeded from it keeps sampling on the GPU.
         if device.type == "cpu":
             return self.generator
-        if getattr(self, "_device_generator", None) is None:
+        if self._device_generator is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
             self._device_generator = torch.Generator(device=device).manual_seed(seed)
         return self._device_generator
