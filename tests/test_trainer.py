@@ -315,3 +315,17 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_model_dir):
     record = trainer.train().log_history[-1]
     assert record["grad_norm"] > 0 and record["entropy"] > 0
     assert next(trainer.model.parameters()).dtype == torch.float32  # weights stay fp32; autocast computes in bf16
+
+
+def test_entropy_bonus_pushes_when_rewards_carry_no_signal(tmp_path, tiny_model_dir):
+    """With a constant reward every advantage is 0, so the only gradient is the entropy bonus'."""
+    def constant(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    args = small_args(tmp_path, max_steps=1, entropy_coef=0.1)
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=constant, args=args, train_dataset=length_task(8))
+    with pytest.warns(UserWarning, match="same reward"):
+        record = trainer.train().log_history[-1]
+    assert record["policy_loss"] == 0.0
+    assert record["loss"] == pytest.approx(-0.1 * record["entropy"], rel=1e-5)  # loss = -coef x mean entropy
+    assert record["grad_norm"] > 0  # without the bonus this step's gradient is exactly 0 (see above)

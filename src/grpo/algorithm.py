@@ -64,6 +64,67 @@ def group_advantages(
     return torch.nan_to_num(advantages.reshape(-1), nan=0.0), group_std
 
 
+def sum_then_normalize(
+    rewards_per_func: torch.Tensor, weights: torch.Tensor, num_generations: int, scale_rewards: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's multi-reward advantage: r = sum_f w_f r_f (NaN-skipping), then `group_advantages`."""
+    return group_advantages(combine_rewards(rewards_per_func, weights), num_generations, scale_rewards)
+
+
+def normalize_then_sum(
+    rewards_per_func: torch.Tensor, weights: torch.Tensor, num_generations: int, scale_rewards: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GDPO (arXiv 2601.05242): normalise each reward within its group, sum, then normalise over the round.
+
+    a_if = (r_if - mean_g r_f) / (std_g r_f + 1e-4);  s_i = sum_f w_f a_if (NaN-skipping);
+    A_i = (s_i - mean s) / (std s + 1e-4) over the whole round. `scale_rewards` is ignored, as in TRL, so a
+    reward with a large range cannot drown the others. Returns (advantages, group std of sum_f w_f r_f), the
+    latter for `frac_reward_zero_std`.
+    """
+    grouped = rewards_per_func.view(-1, num_generations, rewards_per_func.size(1))  # (N/G, G, F)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    std = nanstd(grouped, dim=1).unsqueeze(1)
+    normalised = ((grouped - mean) / (std + ADVANTAGE_EPS)).reshape(rewards_per_func.shape)
+    summed = combine_rewards(normalised, weights)
+    advantages = (summed - torch.nanmean(summed)) / (nanstd(summed) + ADVANTAGE_EPS)
+    group_std = nanstd(combine_rewards(rewards_per_func, weights).view(-1, num_generations), dim=1)
+    return torch.nan_to_num(advantages, nan=0.0), group_std
+
+
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor, int, str], tuple[torch.Tensor, torch.Tensor]]
+MULTI_OBJECTIVE_AGGREGATIONS: dict[str, AdvantageFn] = {
+    "sum_then_normalize": sum_then_normalize, "normalize_then_sum": normalize_then_sum,
+}
+
+
+def all_equal_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """(N/G,) bool: groups whose present rewards are all equal (or absent), so every advantage in them is 0.
+
+    DAPO's dynamic sampling (arXiv 2503.14476, eq. 11) drops these groups: they carry no gradient signal.
+    """
+    grouped = rewards.view(-1, num_generations)
+    spread = torch.nan_to_num(grouped.nan_to_num(-torch.inf).amax(1) - grouped.nan_to_num(torch.inf).amin(1))
+    return ~(spread > 0)
+
+
+def entropy_threshold(entropies: torch.Tensor, rho: float) -> torch.Tensor:
+    """The (1 - rho) quantile of the given token entropies (80/20 rule, arXiv 2506.01939).
+
+    Only tokens with entropy >= it ("forking tokens", the top rho fraction) keep their policy loss.
+    torch.quantile's linear interpolation, as TRL. entropies: the 1-D entropies of the active tokens.
+    """
+    if entropies.numel() == 0:
+        return torch.tensor(-torch.inf)
+    return torch.quantile(entropies.float(), 1 - rho)
+
+
+def mix_into(target: list[torch.Tensor], source: list[torch.Tensor], alpha: float) -> None:
+    """TR-DPO reference update (arXiv 2404.09656): ref <- alpha * policy + (1 - alpha) * ref, in place."""
+    with torch.no_grad():
+        for ref, policy in zip(target, source):
+            ref.mul_(1 - alpha).add_(policy.to(ref.dtype), alpha=alpha)
+
+
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_rows: int = 8) -> torch.Tensor:
     """log softmax(logits)[index] = logits[index] - logsumexp(logits), in float32, a few rows at a time.
 
@@ -77,9 +138,10 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_rows:
     return torch.cat(out)
 
 
-@torch.no_grad()
 def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 8) -> torch.Tensor:
-    """Per-token entropy in nats, H = -sum_v p_v log p_v, chunked over rows like `selective_log_softmax`."""
+    """Per-token entropy in nats, H = -sum_v p_v log p_v, chunked over rows like `selective_log_softmax`.
+
+    Differentiable (the entropy bonus needs it); pass detached logits when only the value is wanted."""
     out = []
     for rows in logits.split(chunk_rows):
         logp = torch.log_softmax(rows.float(), dim=-1)
@@ -96,11 +158,103 @@ def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
+@dataclass(frozen=True)
+class ObjectiveParams:
+    """The scalars a per-token policy loss reads (GRPOConfig's names)."""
+
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+
+
 @dataclass
-class ClippedSurrogate:
+class PolicyLoss:
+    """A per-token policy loss and its clip indicators, every tensor broadcast to (B, T)."""
+
     per_token_loss: torch.Tensor  # (B, T)
     is_low_clipped: torch.Tensor  # (B, T) bool: w < 1 - eps_low and A < 0
     is_high_clipped: torch.Tensor  # (B, T) bool: w > 1 + eps_high and A > 0
+    is_cispo_clipped: torch.Tensor | None = None  # (B, T) bool, cispo only: w > eps_high and A > 0
+
+
+def token_log_weights(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-level importance weight (PPO, GRPO): log w_t = logp_t - logp_old_t, shape (B, T)."""
+    return logps - old_logps
+
+
+def sequence_log_weights(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO sequence-level weight (arXiv 2507.18071): log w_i = sum_t m_t (logp_t - old_t) / |y_i|.
+
+    The length-normalised sequence likelihood ratio, shape (B, 1); every token of a sequence shares it, and its
+    gradient reaches every token. An empty row (|y_i| = 0) gets log w = 0.
+    """
+    return ((logps - old_logps) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+
+
+LogWeights = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+IMPORTANCE_SAMPLING_LEVELS: dict[str, LogWeights] = {"token": token_log_weights, "sequence": sequence_log_weights}
+
+
+def clipped_loss(
+    log_weights: torch.Tensor, logps: torch.Tensor, advantages: torch.Tensor, params: ObjectiveParams
+) -> PolicyLoss:
+    """PPO's clipped surrogate (GRPO, arXiv 2402.03300 eq. 3): l = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A).
+
+    With `delta` (INTELLECT-2's two-sided clip, arXiv 2505.07291) the unclipped branch uses min(w, delta), so
+    a negative advantage cannot push a large ratio without bound; as in TRL the cap is applied after the
+    clipped ratio is formed. Clip-higher (DAPO, arXiv 2503.14476) is eps_high > eps_low.
+    """
+    ratio = torch.exp(log_weights)
+    clipped_ratio = torch.clamp(ratio, 1 - params.epsilon_low, 1 + params.epsilon_high)
+    capped_ratio = ratio if params.delta is None else torch.clamp(ratio, max=params.delta)
+    adv = advantages.unsqueeze(1)
+    per_token_loss = -torch.min(capped_ratio * adv, clipped_ratio * adv)
+    shape = logps.shape
+    return PolicyLoss(
+        per_token_loss=per_token_loss.expand(shape),
+        is_low_clipped=((ratio < 1 - params.epsilon_low) & (adv < 0)).expand(shape),
+        is_high_clipped=((ratio > 1 + params.epsilon_high) & (adv > 0)).expand(shape),
+    )
+
+
+def cispo_loss(
+    log_weights: torch.Tensor, logps: torch.Tensor, advantages: torch.Tensor, params: ObjectiveParams
+) -> PolicyLoss:
+    """CISPO (MiniMax-M1, arXiv 2506.13585): l_t = -sg(min(w_t, eps_high)) A logp_t.
+
+    The importance weight is capped and detached, so no token's gradient is dropped (unlike the PPO clip);
+    only its size is bounded. `epsilon_high` is the cap eps_max here (ScaleRL uses 5.0).
+    """
+    ratio = torch.exp(log_weights)
+    weight = torch.clamp(ratio, max=params.epsilon_high).detach()
+    adv = advantages.unsqueeze(1)
+    shape = logps.shape
+    no_clip = torch.zeros(shape, dtype=torch.bool, device=logps.device)
+    return PolicyLoss(
+        per_token_loss=-weight * adv * logps,
+        is_low_clipped=no_clip,
+        is_high_clipped=no_clip,
+        is_cispo_clipped=((ratio > params.epsilon_high) & (adv > 0)).expand(shape),
+    )
+
+
+def sapo_loss(
+    log_weights: torch.Tensor, logps: torch.Tensor, advantages: torch.Tensor, params: ObjectiveParams
+) -> PolicyLoss:
+    """SAPO (Soft Adaptive Policy Optimization, arXiv 2511.20347): l = -(4 / tau) sigmoid(tau (w - 1)) A.
+
+    A soft gate instead of the hard clip: at w = 1 its slope in w is exactly 1 (the plain policy gradient) and
+    it decays smoothly away from 1. tau = sapo_temperature_pos where A > 0, sapo_temperature_neg otherwise.
+    """
+    ratio = torch.exp(log_weights)
+    adv = advantages.unsqueeze(1)
+    tau = torch.where(adv > 0, params.sapo_temperature_pos, params.sapo_temperature_neg).to(ratio.dtype)
+    per_token_loss = -(4 / tau) * torch.sigmoid(tau * (ratio - 1)) * adv
+    shape = logps.shape
+    no_clip = torch.zeros(shape, dtype=torch.bool, device=logps.device)
+    return PolicyLoss(per_token_loss=per_token_loss.expand(shape), is_low_clipped=no_clip, is_high_clipped=no_clip)
 
 
 def clipped_surrogate(
@@ -109,21 +263,13 @@ def clipped_surrogate(
     advantages: torch.Tensor,
     epsilon_low: float,
     epsilon_high: float,
-) -> ClippedSurrogate:
-    """PPO's clipped surrogate per token: l_t = -min(w_t A, clip(w_t, 1 - eps_low, 1 + eps_high) A).
+) -> PolicyLoss:
+    """Token-level `clipped_loss` from log-probs: w_t = exp(logp_t - logp_old_t), advantages (B,).
 
-    w_t = exp(logp_t - logp_old_t). advantages: (B,), one per completion. When on-policy (old = logp.detach())
-    w = 1 and the gradient is A * grad logp, REINFORCE with a group baseline.
+    When on-policy (old = logp.detach()) w = 1 and the gradient is A * grad logp, REINFORCE with a group baseline.
     """
-    ratio = torch.exp(logps - old_logps)
-    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    adv = advantages.unsqueeze(1)
-    per_token_loss = -torch.min(ratio * adv, clipped_ratio * adv)
-    return ClippedSurrogate(
-        per_token_loss=per_token_loss,
-        is_low_clipped=(ratio < 1 - epsilon_low) & (adv < 0),
-        is_high_clipped=(ratio > 1 + epsilon_high) & (adv > 0),
-    )
+    params = ObjectiveParams(epsilon_low=epsilon_low, epsilon_high=epsilon_high)
+    return clipped_loss(logps - old_logps, logps, advantages, params)
 
 
 @dataclass(frozen=True)
@@ -163,8 +309,66 @@ def dr_grpo_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, step: StepCou
     return (per_token_loss * mask).sum() / max(step.num_sequences * step.max_completion_length, 1)
 
 
+def bnpo_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, step: StepCounts) -> torch.Tensor:
+    """BNPO-style token mean: sum_{i,t in S} l_it m_it / sum_{i,t in S} m_it.
+
+    TRL's bnpo is the token mean of each micro-batch divided by the accumulation steps, so its scale depends on
+    the split. Its split-free, step-level equivalent is the token mean over the optimizer step, which is exactly
+    `dapo_loss` here (in TRL the two differ only in the scope of the token count).
+    """
+    return dapo_loss(per_token_loss, mask, step)
+
+
+def luspo_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, step: StepCounts) -> torch.Tensor:
+    """LUSPO (arXiv 2602.05261): (1/|S|) sum_i [ sum_t l_it m_it ].
+
+    Each sequence's loss scaled by its length (for a sequence-level loss l_i: l_i x |y_i|), averaged over the
+    sequences of the optimizer step S (TRL: the micro-batch mean divided by gradient_accumulation_steps, the
+    same thing when every micro-batch has the same number of rows). The paper pairs it with GSPO's sequence
+    ratio, removing GSPO's bias toward short completions.
+    """
+    return (per_token_loss * mask).sum() / max(step.num_sequences, 1)
+
+
 LossAggregator = Callable[[torch.Tensor, torch.Tensor, StepCounts], torch.Tensor]
+# The three distinct token normalisers, by the paper that introduced them.
 LOSS_AGGREGATORS: dict[str, LossAggregator] = {"dapo": dapo_loss, "grpo": grpo_loss, "dr_grpo": dr_grpo_loss}
+
+PolicyLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ObjectiveParams], PolicyLoss]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a `loss_type` selects: the per-token policy loss and how it is aggregated over the step."""
+
+    policy_loss: PolicyLossFn
+    aggregate: LossAggregator
+
+
+# loss_type -> objective (TRL's names, reference section 3.7).
+OBJECTIVES: dict[str, Objective] = {
+    "grpo": Objective(clipped_loss, grpo_loss),
+    "bnpo": Objective(clipped_loss, bnpo_loss),
+    "dr_grpo": Objective(clipped_loss, dr_grpo_loss),
+    "dapo": Objective(clipped_loss, dapo_loss),
+    "luspo": Objective(clipped_loss, luspo_loss),
+    "cispo": Objective(cispo_loss, dapo_loss),
+    "sapo": Objective(sapo_loss, grpo_loss),
+}
+
+
+def policy_loss(
+    loss_type: str,
+    importance_sampling_level: str,
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    params: ObjectiveParams,
+) -> PolicyLoss:
+    """The per-token loss of `loss_type` at `importance_sampling_level` ("token" or "sequence", GSPO)."""
+    log_weights = IMPORTANCE_SAMPLING_LEVELS[importance_sampling_level](logps, old_logps, mask)
+    return OBJECTIVES[loss_type].policy_loss(log_weights, logps, advantages, params)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: grpo train --config examples/length.yaml --learning_rate 1e-3 --max_steps 50",
     )
     train.add_argument("--config", help="YAML recipe file")
+    evaluate = commands.add_parser(
+        "eval", help="mean reward and pass@k of a model on a dataset",
+        description="Sample num_generations completions per prompt and report the mean reward, each reward "
+        "function's mean and pass@k (a completion passes when its weighted reward >= --pass-threshold). Takes the "
+        "same recipe as `grpo train` plus --field value overrides; --model points at the model to evaluate.",
+        epilog="example: grpo eval --config examples/arithmetic.yaml --model runs/arithmetic --k 1 8",
+    )
+    evaluate.add_argument("--config", help="YAML recipe file (model, dataset, reward_funcs, generation settings)")
+    evaluate.add_argument("--k", type=int, nargs="+", default=None, help="k values for pass@k (default: 1 and G)")
+    evaluate.add_argument("--pass-threshold", type=float, default=1.0, help="reward that counts as a pass (1.0)")
+    evaluate.add_argument("--num-prompts", type=int, default=None, help="evaluate only the first N prompts")
+    evaluate.add_argument("--output", help="JSON file for the results (default: print only)")
     plot = commands.add_parser(
         "plot", help="PNG figures of one or more runs' metrics",
         description="Draw reward (with its std band), each reward function, kl, entropy, completion length, clip "
@@ -127,6 +139,31 @@ def run_demo(task: str = "length", max_steps: int | None = None, output_dir: str
     return {"before": before, "after": after, "output_dir": args.output_dir, "state": trainer.state}
 
 
+def run_eval(args: argparse.Namespace, overrides: dict[str, str]) -> dict[str, Any]:
+    """Evaluate the recipe's model on its dataset; prints the results and writes them to --output."""
+    import itertools
+    import json
+
+    from grpo.evaluate import evaluate
+    from grpo.recipe import build_run, load_recipe
+    from grpo.trainer import GRPOTrainer
+
+    recipe = load_recipe(args.config, overrides)
+    for key in ("generation_batch_size", "steps_per_generation", "gradient_accumulation_steps", "num_iterations"):
+        recipe.pop(key, None)  # training geometry: evaluation only samples groups
+    g = int(recipe.get("num_generations", 8))
+    recipe.update(per_device_train_batch_size=g, max_steps=1, report_to="none")
+    trainer = GRPOTrainer(**build_run(recipe))
+    rows = list(itertools.islice(iter(trainer.train_source.dataset), args.num_prompts))
+    results = evaluate(trainer, rows, ks=args.k or sorted({1, g}), pass_threshold=args.pass_threshold)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return results
+
+
 def _first_of_each_group(rollout: Any, group_size: int, count: int) -> Any:
     import torch
 
@@ -140,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
             run_train(args.config, parse_overrides(extra))
         except (ValueError, TypeError, FileNotFoundError) as e:
             print(f"grpo train: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "eval":
+        try:
+            run_eval(args, parse_overrides(extra))
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            print(f"grpo eval: {e}", file=sys.stderr)
             return 2
         return 0
     if extra:

@@ -12,10 +12,14 @@ import difflib
 import importlib.util
 import math
 import os
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+CLIPPED_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "luspo")  # the loss types `delta` applies to
 SCALE_REWARDS = ("group", "batch", "none")
 GENERATION_BACKENDS = ("engine", "transformers")
 # generation_kwargs the built-in engine understands; the transformers backend takes any GenerationConfig name.
@@ -33,9 +37,11 @@ NOT_YET_SUPPORTED = (
     "save_strategy", "save_steps", "save_total_limit", "save_only_model", "resume_from_checkpoint",
     "eval_strategy", "eval_steps", "per_device_eval_batch_size", "num_generations_eval", "push_to_hub",
     "hub_model_id", "fp16", "deepspeed", "fsdp", "fsdp_config", "optim", "logging_dir", "logging_first_step",
-    "importance_sampling_level", "delta", "mask_truncated_completions", "top_entropy_quantile", "entropy_coef",
-    "multi_objective_aggregation", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
-    "sapo_temperature_pos", "sapo_temperature_neg", "vllm_mode", "vllm_gpu_memory_utilization",
+    "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",
+    "entropy_target", "off_policy_mask_threshold", "use_bias_correction_kl", "vespo_k_pos", "vespo_lambda_pos",
+    "vespo_k_neg", "vespo_lambda_neg", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+    "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "vllm_mode",
+    "vllm_gpu_memory_utilization",
     "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "use_liger_kernel", "cast_lm_head_to_fp32",
     "pad_to_multiple_of", "cache_implementation", "log_unique_prompts", "max_tool_calling_iterations",
     "torch_compile", "dataloader_num_workers", "use_transformers_continuous_batching",
@@ -176,13 +182,51 @@ class GRPOConfig:
     epsilon_high: float | None = None
     """Upper clip range: the ratio is clipped at 1 + epsilon_high (None: same as epsilon; DAPO uses 0.28)."""
     loss_type: str = "dapo"
-    """Loss aggregation: "dapo" (token mean over the optimizer step, default), "grpo" (sequence mean of token
-    means), "dr_grpo" (token sum / (sequences x max_completion_length))."""
+    """The objective (formulas and papers in docs/objectives.md). Clipped surrogate aggregated as: "dapo" (token
+    mean over the optimizer step, default), "grpo" (sequence mean of token means), "dr_grpo" (token sum /
+    (sequences x max_completion_length)), "bnpo" (token mean; over the step here, so the same as "dapo"),
+    "luspo" (each sequence's loss times its length, sequence mean). "cispo": capped, detached IS weight times
+    logp (epsilon_high is the cap), token mean. "sapo": soft sigmoid gate instead of the clip, sequence mean."""
+    importance_sampling_level: str = "token"
+    """"token": one policy ratio per token. "sequence" (GSPO): one per completion, exp of the masked mean log
+    ratio, shared by its tokens."""
+    delta: float | None = None
+    """Two-sided clip (INTELLECT-2): the unclipped ratio is capped at delta. Must be > 1 + epsilon_high; only for
+    the clipped loss types (None: off)."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO gate temperature for tokens with a positive advantage."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO gate temperature for tokens with a zero or negative advantage."""
     scale_rewards: str | bool = "group"
     """Divide advantages by the group's reward std ("group", also True), the whole round's ("batch"), or not
     at all ("none", also False; Dr. GRPO)."""
+    multi_objective_aggregation: str = "sum_then_normalize"
+    """With several reward functions: "sum_then_normalize" (weighted sum, then group advantages per
+    scale_rewards) or "normalize_then_sum" (GDPO: each reward normalised within its group, weighted sum, then
+    normalised over the round; scale_rewards is ignored)."""
     reward_weights: list[float] | None = None
     """One weight per reward function for their weighted sum (None: all 1.0)."""
+    mask_truncated_completions: bool = False
+    """DAPO overlong filtering: completions that hit max_completion_length without EOS are left out of the loss
+    (and of the loss normaliser)."""
+    top_entropy_quantile: float = 1.0
+    """rho: only tokens whose entropy is at or above the (1 - rho) quantile over the optimizer step keep their
+    policy loss (80/20 rule; the paper uses 0.2). 1.0: every token. Costs one extra no-grad forward per step."""
+    sync_ref_model: bool = False
+    """TR-DPO: every ref_model_sync_steps optimizer steps, ref <- alpha x policy + (1 - alpha) x ref. Needs
+    beta > 0 and no PEFT."""
+    ref_model_mixup_alpha: float = 0.6
+    """alpha of the reference-model update (sync_ref_model)."""
+    ref_model_sync_steps: int = 512
+    """Optimizer steps between reference-model updates (sync_ref_model)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: the loss minus entropy_coef x the mean token entropy over the optimizer step (0: off)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling (not in TRL): groups whose rewards are all equal are dropped and more prompts are
+    generated until the round is full again, for at most max_dynamic_sampling_rounds extra generations; the
+    round is then topped up with dropped groups (advantage 0), so its size never changes."""
+    max_dynamic_sampling_rounds: int = 3
+    """Most extra generation rounds dynamic sampling may run per training round."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> GRPOConfig:
         _reject_unknown_fields(cls, kwargs)
@@ -195,6 +239,8 @@ class GRPOConfig:
             self.scale_rewards = "none"
         _check_choice("loss_type", self.loss_type, LOSS_TYPES)
         _check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        _check_choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        _check_choice("multi_objective_aggregation", self.multi_objective_aggregation, MULTI_OBJECTIVE_AGGREGATIONS)
         _check_choice("generation_backend", self.generation_backend, GENERATION_BACKENDS)
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
         if isinstance(self.report_to, str):
@@ -205,6 +251,7 @@ class GRPOConfig:
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
         self._check_ranges()
+        self._check_objective()
         self._derive_batch_geometry()
         unknown = sorted(set(self.generation_kwargs or {}) - set(ENGINE_GENERATION_KWARGS))
         if self.generation_backend == "engine" and unknown:
@@ -251,6 +298,50 @@ class GRPOConfig:
             raise ValueError(
                 f"GRPOConfig.report_to={unsupported}: trackers are not implemented yet; metrics are always written "
                 f"to {os.path.join(self.output_dir, 'metrics.jsonl')}. Set report_to='none'."
+            )
+
+    def _check_objective(self) -> None:
+        if self.delta is not None:
+            if self.loss_type not in CLIPPED_LOSS_TYPES:
+                raise ValueError(
+                    f"GRPOConfig.delta caps the ratio of the clipped surrogate; loss_type={self.loss_type!r} has no "
+                    f"clip. Use delta with one of {list(CLIPPED_LOSS_TYPES)}, or set delta=None."
+                )
+            if self.delta <= 1 + self.epsilon_high:
+                raise ValueError(
+                    f"GRPOConfig.delta={self.delta} must be > 1 + epsilon_high = {1 + self.epsilon_high}: a smaller "
+                    "cap does nothing for negative advantages and only tightens the clip for positive ones."
+                )
+        if self.entropy_coef < 0:
+            raise ValueError(f"GRPOConfig.entropy_coef must be >= 0 (0 turns the bonus off), got {self.entropy_coef}.")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GRPOConfig.{name} must be > 0, got {getattr(self, name)}.")
+        if not 0 < self.top_entropy_quantile <= 1:
+            raise ValueError(
+                f"GRPOConfig.top_entropy_quantile must be in (0, 1] (the fraction of highest-entropy tokens kept; "
+                f"1.0 keeps all), got {self.top_entropy_quantile}."
+            )
+        if not 0 <= self.ref_model_mixup_alpha <= 1:
+            raise ValueError(f"GRPOConfig.ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}.")
+        if not isinstance(self.ref_model_sync_steps, int) or self.ref_model_sync_steps < 1:
+            raise ValueError(
+                f"GRPOConfig.ref_model_sync_steps must be a positive integer, got {self.ref_model_sync_steps!r}."
+            )
+        if self.sync_ref_model and self.beta == 0:
+            raise ValueError(
+                "GRPOConfig.sync_ref_model=True updates the reference model, but beta=0 uses none. Set beta > 0 "
+                "(e.g. 0.04), or sync_ref_model=False."
+            )
+        if not isinstance(self.max_dynamic_sampling_rounds, int) or self.max_dynamic_sampling_rounds < 0:
+            raise ValueError(
+                "GRPOConfig.max_dynamic_sampling_rounds must be an integer >= 0, got "
+                f"{self.max_dynamic_sampling_rounds!r}."
+            )
+        if self.loss_type == "cispo" and self.epsilon_high < 1:
+            warnings.warn(
+                f"loss_type='cispo' caps the importance weight at epsilon_high={self.epsilon_high}, below 1: every "
+                "token's gradient is scaled down. CISPO papers use epsilon_high around 5.0.", stacklevel=4
             )
 
     def _derive_batch_geometry(self) -> None:
@@ -344,4 +435,7 @@ def config_field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(GRPOConfig)]
 
 
-__all__ = ["GRPOConfig", "LOSS_TYPES", "SCALE_REWARDS", "config_field_names", "field"]
+__all__ = [
+    "GRPOConfig", "IMPORTANCE_SAMPLING_LEVELS", "LOSS_TYPES", "MULTI_OBJECTIVE_AGGREGATIONS", "SCALE_REWARDS",
+    "config_field_names",
+]

@@ -18,8 +18,10 @@ def completion_logps(
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(completion_t | prompt, completion_<t) / temperature-scaled, shape (B, C), and optionally entropy.
+    """log pi(completion_t | prompt, completion_<t) / temperature-scaled, shape (B, C), and optionally entropy
+    (carrying gradient only with `entropy_grad`, for the entropy bonus).
 
     Position ids come from the attention mask, so a left-padded prompt sees the same positions it saw during
     generation. Only the last C + 1 positions' logits are computed where the model supports `logits_to_keep`.
@@ -37,7 +39,9 @@ def completion_logps(
     logits = logits / temperature
     completion_ids = completion_ids.to(device)
     logps = selective_log_softmax(logits, completion_ids)
-    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        entropy = entropy_from_logits(logits if entropy_grad else logits.detach())
     return logps, entropy
 
 

@@ -21,13 +21,17 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel, get_scheduler, set_seed
 
 from grpo.algorithm import (
-    LOSS_AGGREGATORS,
+    MULTI_OBJECTIVE_AGGREGATIONS,
+    OBJECTIVES,
+    ObjectiveParams,
     StepCounts,
-    clipped_surrogate,
+    all_equal_groups,
     combine_rewards,
-    group_advantages,
+    entropy_threshold,
     kl_k3,
+    mix_into,
     nanstd,
+    policy_loss,
 )
 from grpo.config import GRPOConfig
 from grpo.data import PromptSource, tokenize_prompts
@@ -118,6 +122,9 @@ class GRPOTrainer:
                 model.enable_input_require_grads()
         self.model = model.to(self.device)
         self.ref_model = None
+        if args.sync_ref_model and peft_config is not None:
+            raise ValueError("sync_ref_model=True needs a separate reference model; with PEFT the reference is the "
+                             "base model with the adapter off, which is not updated. Set sync_ref_model=False.")
         if args.beta > 0 and peft_config is None:  # with PEFT the reference is the model with the adapter off
             self.ref_model = reference_model(self.model, model_source, args.model_init_kwargs).to(self.device)
             if args.disable_dropout:
@@ -154,8 +161,8 @@ class GRPOTrainer:
             while self.state.global_step < self.state.max_steps:
                 epoch, rows = next(rounds)  # epoch counts passes over an IterableDataset too
                 step_started = time.perf_counter()
-                rollout, round_metrics = self.generate_and_score(rows)
-                rounds_seen += 1
+                rollout, round_metrics, extra_rounds = self._generate_round(rows, rounds)
+                rounds_seen += 1 + extra_rounds
                 window.add(round_metrics)
                 round_tokens = int(rollout.completion_mask.sum())
                 for micro_batches in self._optimizer_steps(len(rollout)):
@@ -164,6 +171,8 @@ class GRPOTrainer:
                     step_started = time.perf_counter()
                     window.add(step_metrics)
                     self.state.global_step += 1
+                    if args.sync_ref_model and self.state.global_step % args.ref_model_sync_steps == 0:
+                        self._sync_ref_model()
                     self.state.epoch = rounds_seen / rounds_per_epoch if rounds_per_epoch else float(epoch)
                     bar.update(round_metrics["reward"], round_tokens)
                     round_tokens = 0  # a round's tokens count once, however many steps it feeds
@@ -191,6 +200,30 @@ class GRPOTrainer:
         return [micro_batches[i:i + ga] for i in range(0, len(micro_batches), ga)]
 
     # ---- one generation round ------------------------------------------------------------------------------
+    def _generate_round(self, rows: list[dict[str, Any]], rounds: Iterator[Any]) -> tuple[Rollout, dict, int]:
+        """A round; with DAPO dynamic sampling (arXiv 2503.14476) groups with all-equal rewards (no signal) are
+        replaced from at most max_dynamic_sampling_rounds extra generations, then topped up with dropped groups so
+        the round keeps its size. Returns (rollout, metrics of the first generation, extra generations)."""
+        rollout, metrics = self.generate_and_score(rows)
+        args, g = self.args, self.args.num_generations
+        if not args.dynamic_sampling:
+            return rollout, metrics, 0
+        kept, dropped, extra = [], [], 0
+        while True:
+            flat = all_equal_groups(combine_rewards(rollout.rewards_per_func, self.reward_weights), g)
+            for pile, rows_in in ((kept, ~flat), (dropped, flat)):
+                if rows_in.any():
+                    pile.append(rollout.select(torch.nonzero(rows_in.repeat_interleave(g)).flatten()))
+            if sum(map(len, kept)) >= args.generation_batch_size or extra == args.max_dynamic_sampling_rounds:
+                break
+            rollout, _ = self.generate_and_score(next(rounds)[1])
+            extra += 1
+        rollout = Rollout.concat(kept + dropped, self.processing_class.pad_token_id or 0)
+        rollout = rollout.select(torch.arange(args.generation_batch_size))
+        metrics.update({"dynamic_sampling/dropped_groups": sum(map(len, dropped)) / g,
+                        "dynamic_sampling/extra_rounds": float(extra)})
+        return rollout, metrics, extra
+
     @torch.no_grad()
     def generate_and_score(self, rows: list[dict[str, Any]]) -> tuple[Rollout, dict[str, float]]:
         """Sample G completions per prompt, score them, and compute advantages and the log-probs the loss needs."""
@@ -212,7 +245,8 @@ class GRPOTrainer:
         rewards_per_func = compute_rewards(self.reward_funcs, repeated_prompts, completions, completion_ids,
                                            columns, trainer_state=self.state)
         rewards = combine_rewards(rewards_per_func, self.reward_weights)
-        advantages, group_std = group_advantages(rewards, g, args.scale_rewards)
+        advantages, group_std = MULTI_OBJECTIVE_AGGREGATIONS[args.multi_objective_aggregation](
+            rewards_per_func, self.reward_weights, g, args.scale_rewards)
         rollout = Rollout(
             prompt_ids=generation.prompt_ids, prompt_mask=generation.prompt_mask,
             completion_ids=generation.completion_ids, completion_mask=generation.completion_mask,
@@ -256,57 +290,95 @@ class GRPOTrainer:
     def training_step(self, rollout: Rollout, micro_batches: list[torch.Tensor]) -> dict[str, float]:
         """One optimizer step over the given micro-batches of a round, gradient accumulated across them.
 
-        The loss normaliser counts the whole step (`StepCounts`), so the update does not depend on how the
-        step's rows are split into micro-batches.
+        The loss normaliser counts the whole step (`StepCounts`), and so does the entropy quantile, so the update
+        does not depend on how the step's rows are split into micro-batches.
         """
         args = self.args
         step_rows = torch.cat(micro_batches)
         counts = StepCounts(
             num_sequences=len(step_rows),
-            num_tokens=int(rollout.completion_mask[step_rows].sum()),
+            num_tokens=int(self._loss_mask(rollout.select(step_rows)).sum()),
             max_completion_length=args.max_completion_length,
         )
-        aggregate = LOSS_AGGREGATORS[args.loss_type]
-        totals = {"loss": 0.0, "entropy": 0.0, "kl": 0.0, "low": 0.0, "high": 0.0}
+        objective = OBJECTIVES[args.loss_type]
+        params = ObjectiveParams(args.epsilon, args.epsilon_high, args.delta, args.sapo_temperature_pos,
+                                 args.sapo_temperature_neg)
+        entropy_masks = self._high_entropy_masks(rollout, micro_batches) if args.top_entropy_quantile < 1 else None
+        totals = dict.fromkeys(("loss", "policy_loss", "entropy", "kl", "low", "high", "cispo"), 0.0)
         self.model.train()
-        for rows in micro_batches:
+        for i, rows in enumerate(micro_batches):
             batch = rollout.select(rows)
-            mask = batch.completion_mask.to(self.device).float()
+            mask = self._loss_mask(batch).to(self.device)
             with self._autocast():
                 logps, entropy = completion_logps(self.model, batch.prompt_ids, batch.prompt_mask,
                                                   batch.completion_ids, batch.completion_mask, args.temperature,
-                                                  with_entropy=True)
+                                                  with_entropy=True, entropy_grad=args.entropy_coef > 0)
             old_logps = batch.old_logps.to(self.device) if batch.old_logps is not None else logps.detach()
-            surrogate = clipped_surrogate(logps, old_logps, batch.advantages.to(self.device), args.epsilon,
-                                          args.epsilon_high)
-            per_token_loss = surrogate.per_token_loss
+            result = policy_loss(args.loss_type, args.importance_sampling_level, logps, old_logps,
+                                 batch.advantages.to(self.device), mask, params)
+            per_token_loss = result.per_token_loss
+            if entropy_masks is not None:  # the KL term stays on every token, as in TRL
+                per_token_loss = per_token_loss * entropy_masks[i].to(self.device)
             if args.beta > 0:
                 kl = kl_k3(logps, batch.ref_logps.to(self.device))
                 per_token_loss = per_token_loss + args.beta * kl
                 totals["kl"] += (kl.detach() * mask).sum().item()
-            loss = aggregate(per_token_loss, mask, counts)
+            loss = objective.aggregate(per_token_loss, mask, counts)
+            entropy_sum = (entropy * mask).sum()
+            totals["policy_loss"] += loss.item()
+            if args.entropy_coef > 0:  # a token mean over the step, like the dapo normaliser: split-invariant
+                loss = loss - args.entropy_coef * entropy_sum / max(counts.num_tokens, 1)
             self.accelerator.backward(loss)
             totals["loss"] += loss.item()
-            totals["entropy"] += (entropy * mask).sum().item()
-            totals["low"] += (surrogate.is_low_clipped.float() * mask).sum().item()
-            totals["high"] += (surrogate.is_high_clipped.float() * mask).sum().item()
+            totals["entropy"] += entropy_sum.item()
+            totals["low"] += (result.is_low_clipped.float() * mask).sum().item()
+            totals["high"] += (result.is_high_clipped.float() * mask).sum().item()
+            if result.is_cispo_clipped is not None:
+                totals["cispo"] += (result.is_cispo_clipped.float() * mask).sum().item()
         grad_norm = self._clip_grad_norm()
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = max(counts.num_tokens, 1)
-        metrics = {
-            "loss": totals["loss"],
-            "grad_norm": grad_norm,
-            "learning_rate": self.lr_scheduler.get_last_lr()[0],
-            "entropy": totals["entropy"] / tokens,
-            "clip_ratio/low_mean": totals["low"] / tokens,
-            "clip_ratio/high_mean": totals["high"] / tokens,
-            "clip_ratio/region_mean": (totals["low"] + totals["high"]) / tokens,
-        }
+        metrics = {"loss": totals["loss"], "grad_norm": grad_norm, "learning_rate": self.lr_scheduler.get_last_lr()[0],
+                   "entropy": totals["entropy"] / tokens}
+        if args.entropy_coef > 0:  # TRL logs the loss before the bonus only when the bonus is on
+            metrics["policy_loss"] = totals["policy_loss"]
+        if args.loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = totals["cispo"] / tokens
+        elif args.loss_type != "sapo":  # TRL logs clip ratios for the clipped losses only
+            low, high = totals["low"] / tokens, totals["high"] / tokens
+            metrics.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
+                            "clip_ratio/region_mean": low + high})
         if args.beta > 0:
             metrics["kl"] = totals["kl"] / tokens
         return metrics
+
+    def _loss_mask(self, batch: Rollout) -> torch.Tensor:
+        """The completion mask, less truncated completions when mask_truncated_completions (DAPO overlong
+        filtering). Attention still sees their tokens; only the loss and its normaliser leave them out."""
+        mask = batch.completion_mask.float()
+        return mask * batch.is_eos.unsqueeze(1).float() if self.args.mask_truncated_completions else mask
+
+    @torch.no_grad()
+    def _high_entropy_masks(self, rollout: Rollout, micro_batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per micro-batch, tokens whose entropy is >= the (1 - rho) quantile over the whole optimizer step (TRL:
+        per micro-batch). Costs a no-grad forward, but keeps the update independent of the split."""
+        entropies, masks, rho = [], [], self.args.top_entropy_quantile
+        for rows in micro_batches:
+            batch = rollout.select(rows)
+            with self._autocast():
+                _, entropy = completion_logps(self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                              batch.completion_mask, self.args.temperature, with_entropy=True)
+            entropies.append(entropy.float())
+            masks.append(self._loss_mask(batch).to(entropy.device).bool())
+        threshold = entropy_threshold(torch.cat([e[m] for e, m in zip(entropies, masks)]), rho)
+        return [(e >= threshold).float() for e in entropies]
+
+    def _sync_ref_model(self) -> None:
+        """TR-DPO: ref <- alpha x policy + (1 - alpha) x ref, matched by parameter name."""
+        policy, ref = dict(self._unwrapped_model().named_parameters()), list(self.ref_model.named_parameters())
+        mix_into([p for _, p in ref], [policy[n] for n, _ in ref], self.args.ref_model_mixup_alpha)
 
     def _clip_grad_norm(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -33,6 +34,38 @@ def accuracy_reward(completions: list[Any], answer: list[str], **kwargs: Any) ->
         found = _NUMBER.search(completion_text(completion))
         rewards.append(1.0 if found and _same_number(found.group(), str(expected)) else 0.0)
     return rewards
+
+
+def overlong_penalty(max_completion_len: int, soft_punish_cache: int) -> Callable[..., list[float]]:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13) as a reward function, by completion length |y|:
+
+        0                               if |y| <= L_max - L_cache
+        (L_max - L_cache - |y|) / L_cache   if L_max - L_cache < |y| <= L_max   (from 0 down to -1)
+        -1                              if |y| > L_max
+
+    L_max = max_completion_len, L_cache = soft_punish_cache; |y| counts completion tokens (`completion_ids`).
+    Add it to the task's reward functions; set L_max to max_completion_length.
+    """
+    if not isinstance(max_completion_len, int) or max_completion_len < 1:
+        raise ValueError(f"overlong_penalty: max_completion_len must be a positive integer, got {max_completion_len!r}")
+    if not isinstance(soft_punish_cache, int) or not 0 <= soft_punish_cache <= max_completion_len:
+        raise ValueError(f"overlong_penalty: soft_punish_cache must be an integer in [0, max_completion_len="
+                         f"{max_completion_len}], got {soft_punish_cache!r}")
+    safe_length = max_completion_len - soft_punish_cache
+
+    def overlong_reward(completion_ids: list[list[int]], **kwargs: Any) -> list[float]:
+        rewards = []
+        for ids in completion_ids:
+            length = len(ids)
+            if length <= safe_length:
+                rewards.append(0.0)
+            elif length <= max_completion_len:
+                rewards.append((safe_length - length) / soft_punish_cache)
+            else:
+                rewards.append(-1.0)
+        return rewards
+
+    return overlong_reward
 
 
 def _same_number(a: str, b: str) -> bool:

@@ -38,6 +38,13 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def pad_and_cat(tensors: list[torch.Tensor], value: float, left: bool = False) -> torch.Tensor:
+    """Concatenate (n_i, T_i) tensors row-wise, padding each to the widest T on the left or the right."""
+    width = max(t.size(1) for t in tensors)
+    pads = [(width - t.size(1), 0) if left else (0, width - t.size(1)) for t in tensors]
+    return torch.cat([torch.nn.functional.pad(t, pad, value=value) for t, pad in zip(tensors, pads)])
+
+
 def mask_after_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Completion mask (1 up to and including the first EOS) and whether each row reached an EOS."""
     is_eos_token = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
@@ -66,6 +73,21 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.completion_ids.size(0)
+
+    @classmethod
+    def concat(cls, pieces: list[Rollout], pad_id: int) -> Rollout:
+        """Stack rollouts row-wise, re-padding prompts on the left and completions on the right."""
+        pad_values = {"prompt_ids": pad_id, "completion_ids": pad_id}  # masks and log-probs pad with 0
+        joined: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            values = [getattr(p, f.name) for p in pieces]
+            if values[0] is None or isinstance(values[0], list):
+                joined[f.name] = None if values[0] is None else [item for v in values for item in v]
+            elif values[0].dim() == 2 and f.name != "rewards_per_func":
+                joined[f.name] = pad_and_cat(values, pad_values.get(f.name, 0), left=f.name.startswith("prompt"))
+            else:
+                joined[f.name] = torch.cat(values)
+        return cls(**joined)
 
     def select(self, rows: torch.Tensor) -> Rollout:
         """The given rows, with padding columns that none of them uses trimmed away."""

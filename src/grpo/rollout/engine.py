@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from grpo.logprobs import accepts_logits_to_keep
-from grpo.rollout.base import Generation, left_pad
+from grpo.rollout.base import Generation, left_pad, pad_and_cat
 from grpo.rollout.sampling import SamplingParams, process_logits, sample_tokens
 
 
@@ -55,11 +55,10 @@ class RolloutEngine:
             start += len(chunk)
         repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
         all_prompt_ids, all_prompt_mask = left_pad(repeated, self.pad_id)
-        width = max(p[0].size(1) for p in pieces)
-        completion_ids = torch.cat([_pad_right(p[0], width, self.pad_id) for p in pieces])
+        completion_ids = pad_and_cat([p[0] for p in pieces], self.pad_id)
         lengths = torch.cat([p[1] for p in pieces])
-        sampling_logps = torch.cat([_pad_right(p[2], width, 0.0) for p in pieces])
-        completion_mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).long()
+        sampling_logps = pad_and_cat([p[2] for p in pieces], 0.0)
+        completion_mask = (torch.arange(completion_ids.size(1)).unsqueeze(0) < lengths.unsqueeze(1)).long()
         last_token = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
         is_eos = torch.isin(last_token, torch.tensor(self.eos_ids)) & (lengths > 0)
         return Generation(all_prompt_ids, all_prompt_mask, completion_ids, completion_mask, is_eos,
@@ -176,7 +175,3 @@ def _preallocated_cache(config: Any, capacity: int) -> DynamicCache:
     if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
         cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
     return cache
-
-
-def _pad_right(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, width - t.size(1)), value=value)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from grpo.rollout.base import Generation, left_pad, mask_after_eos
+from grpo.rollout.base import Generation, left_pad, mask_after_eos, pad_and_cat
 
 
 class TransformersGenerator:
@@ -39,10 +39,7 @@ class TransformersGenerator:
             mask = all_prompt_mask[start:start + chunk].to(device)
             out = model.generate(input_ids=ids, attention_mask=mask, **self.generate_kwargs)
             completions.append(out[:, ids.size(1):].cpu())
-        width = max(c.size(1) for c in completions)
-        completion_ids = torch.cat(
-            [torch.nn.functional.pad(c, (0, width - c.size(1)), value=self.pad_id) for c in completions]
-        )
+        completion_ids = pad_and_cat(completions, self.pad_id)
         completion_mask, is_eos = mask_after_eos(completion_ids, self.eos_ids)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, self.pad_id)
         return Generation(all_prompt_ids, all_prompt_mask, completion_ids, completion_mask, is_eos)

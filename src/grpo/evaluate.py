@@ -1,0 +1,50 @@
+"""Evaluation of a model on a prompt dataset: mean reward and pass@k over k sampled completions per prompt."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from grpo.algorithm import combine_rewards
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021, arXiv 2107.03374): 1 - C(n - c, k) / C(n, k).
+
+    The probability that at least one of k completions drawn without replacement from the n sampled ones is
+    correct, given that c of the n are.
+    """
+    if k > num_samples:
+        raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got {num_samples}.")
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
+
+
+def evaluate(trainer: Any, rows: list[dict[str, Any]], ks: list[int], pass_threshold: float,
+             prompts_per_batch: int = 8) -> dict[str, Any]:
+    """Sample `num_generations` completions per prompt with the trainer's model and generator, score them with
+    its reward functions, and report the mean (weighted) reward, each function's mean, and pass@k, where a
+    completion counts as correct when its weighted reward is at least `pass_threshold`."""
+    g = trainer.args.num_generations
+    totals, per_func, correct = [], [], []
+    for start in range(0, len(rows), prompts_per_batch):
+        rollout, _ = trainer.generate_and_score(rows[start:start + prompts_per_batch])
+        total = combine_rewards(rollout.rewards_per_func, trainer.reward_weights)
+        totals.append(total)
+        per_func.append(rollout.rewards_per_func)
+        correct += (total.view(-1, g) >= pass_threshold).sum(1).tolist()
+    total = torch.cat(totals)
+    by_func = torch.cat(per_func)
+    results: dict[str, Any] = {
+        "num_prompts": len(rows),
+        "num_generations": g,
+        "mean_reward": torch.nanmean(total).item(),
+        **{f"rewards/{r.name}/mean": torch.nanmean(by_func[:, i]).item() for i, r in enumerate(trainer.reward_funcs)},
+        "pass_threshold": pass_threshold,
+    }
+    for k in ks:
+        results[f"pass@{k}"] = sum(pass_at_k(g, c, k) for c in correct) / len(correct)
+    return results
