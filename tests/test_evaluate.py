@@ -1,0 +1,45 @@
+"""`grpo eval`: mean reward and pass@k of a model on a dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from grpo.cli import main
+from grpo.evaluate import pass_at_k
+
+LENGTH_RECIPE = str(Path(__file__).parent.parent / "examples" / "length.yaml")
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (8, 0, 1, 0.0),
+    (8, 8, 4, 1.0),
+    (8, 2, 1, 2 / 8),  # pass@1 is the fraction correct
+    (4, 1, 2, 1 - 3 / 6),  # 1 - C(3,2)/C(4,2): only the 3 pairs without the correct one fail
+    (5, 2, 3, 1 - 1 / 10),  # 1 - C(3,3)/C(5,3): one of the 10 triples is all wrong
+    (5, 3, 3, 1.0),  # only 2 wrong completions: every triple holds a correct one
+])
+def test_pass_at_k_against_hand_values(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_pass_at_k_needs_enough_samples():
+    with pytest.raises(ValueError, match="at least 4 samples"):
+        pass_at_k(2, 1, 4)
+
+
+def test_eval_command_reports_reward_and_pass_at_k(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--config", LENGTH_RECIPE, "--model", tiny_model_dir, "--num-prompts", "4",
+                 "--num_generations", "4", "--max_completion_length", "8", "--k", "1", "4",
+                 "--pass-threshold", "-15", "--output", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert results["num_prompts"] == 4 and results["num_generations"] == 4
+    # at most 8 characters: every completion is 12..20 characters short of 20, so reward in [-20, -12]
+    assert -20 <= results["mean_reward"] <= -12
+    assert results["rewards/length_reward/mean"] == results["mean_reward"]
+    assert 0.0 <= results["pass@1"] <= results["pass@4"] <= 1.0
+    assert json.loads(capsys.readouterr().out) == results
