@@ -6,6 +6,7 @@ optimizer step; the math they call lives in `grpo.algorithm`.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -458,11 +459,15 @@ class GRPOTrainer:
         with model.disable_adapter():  # PEFT: the base model, adapter off, is the reference
             yield model
 
-    def save_model(self, output_dir: str | None = None) -> None:
-        """Write the model (or PEFT adapter) and tokenizer in `save_pretrained` format."""
+    def save_model(self, output_dir: str | None = None, merge_adapter: bool = False) -> None:
+        """Write the model (or PEFT adapter) and tokenizer in `save_pretrained` format. With `merge_adapter`, a
+        LoRA adapter is merged into a copy of the base weights, which loads as a plain causal LM."""
         target = Path(output_dir or self.args.output_dir)
         target.mkdir(parents=True, exist_ok=True)
-        self._unwrapped_model().save_pretrained(target)
+        model = self._unwrapped_model()
+        if merge_adapter and hasattr(model, "merge_and_unload"):
+            model = copy.deepcopy(model).merge_and_unload()  # a copy: training goes on with the adapter
+        model.save_pretrained(target)
         self.processing_class.save_pretrained(target)
 
 
