@@ -169,8 +169,12 @@ def test_use_vllm_without_vllm_says_how_to_install_it():
         GRPOConfig(use_vllm=True)
 
 
-def test_report_to_a_tracker_raises():
-    with pytest.raises(ValueError, match="report_to"):
+def test_report_to_a_tracker_that_is_not_installed_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match=r"needs wandb: pip install 'grpo\[wandb\]'"):
         GRPOConfig(report_to="wandb")
 
 

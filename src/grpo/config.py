@@ -29,7 +29,9 @@ LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
     "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
 )
-SUPPORTED_TRACKERS = ("none",)
+# report_to name -> (module it needs, pip extra that brings it)
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+                   "trackio": ("trackio", "trackio")}
 
 # Fields of TRL's GRPOConfig / transformers' TrainingArguments that users pass and that grpo does not implement
 # yet. Passing one is an error that says so, rather than a "did you mean" for a name the user spelled right.
@@ -76,11 +78,13 @@ class GRPOConfig:
     run_name: str | None = None
     """A display name for the run (defaults to the output directory's name)."""
     report_to: str | list[str] = "none"
-    """Trackers to send metrics to. Only "none" is implemented so far; `metrics.jsonl` is always written."""
+    """Trackers that get the same metrics as `metrics.jsonl` (always written): "tensorboard", "wandb" (set
+    WANDB_MODE=offline to log without network), "trackio", a list of them, "all" (every installed one) or "none"."""
     logging_steps: int = 10
     """Log averaged metrics every this many optimizer steps (TRL's default is 10)."""
     log_completions: bool = False
-    """Print a table of sampled completions with their rewards and advantages at every logging step."""
+    """At every logging step, append the last round's prompts, completions, rewards and advantages to
+    `completions.jsonl` in the run directory and print them as a table."""
     num_completions_to_print: int | None = None
     """How many rows `log_completions` prints (None: all rows of the last generation round)."""
     disable_tqdm: bool = False
@@ -293,12 +297,17 @@ class GRPOConfig:
             raise ValueError("GRPOConfig.warmup_steps must be >= 0 and warmup_ratio in [0, 1].")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("Set GRPOConfig.max_steps > 0 or num_train_epochs > 0: there is nothing to train.")
-        unsupported = [t for t in self.report_to if t not in SUPPORTED_TRACKERS]
-        if unsupported:
-            raise ValueError(
-                f"GRPOConfig.report_to={unsupported}: trackers are not implemented yet; metrics are always written "
-                f"to {os.path.join(self.output_dir, 'metrics.jsonl')}. Set report_to='none'."
-            )
+        if self.report_to == ["all"]:  # transformers' meaning: every tracker that is installed
+            self.report_to = [t for t, (module, _) in TRACKER_MODULES.items() if importlib.util.find_spec(module)]
+        for tracker in self.report_to:
+            if tracker not in TRACKER_MODULES:
+                raise ValueError(
+                    f"GRPOConfig.report_to: unknown tracker '{tracker}'; use any of {list(TRACKER_MODULES)}, 'all' or "
+                    f"'none'.{_did_you_mean(tracker, list(TRACKER_MODULES))}"
+                )
+            module, extra = TRACKER_MODULES[tracker]
+            if importlib.util.find_spec(module) is None:
+                raise ValueError(f"GRPOConfig.report_to='{tracker}' needs {module}: pip install 'grpo[{extra}]'.")
 
     def _check_objective(self) -> None:
         if self.delta is not None:

@@ -59,6 +59,39 @@ class MetricsFile:
         self.file.close()
 
 
+class CompletionLog:
+    """`completions.jsonl`: one JSON object per sampled completion, with its step, rewards and advantage."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.path.write_text("")
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def completion_rows(rollout: Any, reward_names: list[str], step: int) -> list[dict[str, Any]]:
+    """One record per completion of a round: prompt, completion, each reward (None where not applicable) and
+    the advantage, texts flattened for display."""
+    rows = []
+    for i in range(len(rollout)):
+        row: dict[str, Any] = {"step": step, "prompt": _text(rollout.prompts[i]),
+                               "completion": _text(rollout.completions[i])}
+        for j, name in enumerate(reward_names):
+            value = rollout.rewards_per_func[i, j].item()
+            row[name] = value if math.isfinite(value) else None
+        row["advantage"] = rollout.advantages[i].item()
+        rows.append(row)
+    return rows
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return " / ".join(str(m.get("content", "")) for m in value)
+
+
 class ProgressBar:
     """Optimizer steps with the running reward and throughput."""
 

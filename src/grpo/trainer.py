@@ -37,10 +37,19 @@ from grpo.algorithm import (
 from grpo.config import GRPOConfig
 from grpo.data import PromptSource, tokenize_prompts
 from grpo.logprobs import completion_logps, completion_logps_in_chunks
-from grpo.metrics import MetricsFile, MetricsWindow, ProgressBar, format_completions_table, say
+from grpo.metrics import (
+    CompletionLog,
+    MetricsFile,
+    MetricsWindow,
+    ProgressBar,
+    completion_rows,
+    format_completions_table,
+    say,
+)
 from grpo.models import disable_dropout, load_causal_lm, load_tokenizer, reference_model
 from grpo.rewards import compute_rewards, prepare_reward_funcs
 from grpo.rollout import Generator, Rollout, RolloutEngine, TransformersGenerator
+from grpo.trackers import Trackers
 
 ZERO_STD_WARNING = (
     "{:.0%} of groups had the same reward for every completion in the last logging window: they give no "
@@ -144,8 +153,11 @@ class GRPOTrainer:
         self.state = TrainerState(max_steps=self._total_steps())
         self._warned_zero_std = False
         self._create_optimizer_and_scheduler(self.state.max_steps)
-        run_dir = self._prepare_run_dir()
-        metrics_file = MetricsFile(run_dir / "metrics.jsonl")
+        run_dir, resolved = self._prepare_run_dir()
+        sinks = [MetricsFile(run_dir / "metrics.jsonl")]
+        if args.report_to:
+            sinks.append(Trackers(args.report_to, run_dir, args.run_name or run_dir.name, resolved))
+        completion_log = CompletionLog(run_dir / "completions.jsonl") if args.log_completions else None
         window = MetricsWindow()
         say(
             f"grpo: {self.state.max_steps} optimizer steps, {args.generation_batch_size} completions per round "
@@ -179,12 +191,13 @@ class GRPOTrainer:
                     round_tokens = 0  # a round's tokens count once, however many steps it feeds
                     last_step = self.state.global_step == self.state.max_steps
                     if self.state.global_step % args.logging_steps == 0 or last_step:
-                        self._log(window, metrics_file, rollout)
+                        self._log(window, sinks, completion_log, rollout)
                     if self.state.global_step >= self.state.max_steps:
                         break
         finally:
             bar.close()
-            metrics_file.close()
+            for sink in sinks:
+                sink.close()
         self.save_model()
         return self.state
 
@@ -278,13 +291,13 @@ class GRPOTrainer:
             "completions/min_terminated_length": terminated.min().item() if len(terminated) else math.nan,
             "completions/max_terminated_length": terminated.max().item() if len(terminated) else math.nan,
             "reward": torch.nanmean(rewards).item(),
-            "reward_std": _nan_std(rewards),
+            "reward_std": nanstd(rewards).item(),
             "frac_reward_zero_std": torch.isclose(group_std.nan_to_num(0.0), torch.zeros_like(group_std)).float()
             .mean().item(),
         }
         for i, reward in enumerate(self.reward_funcs):
             metrics[f"rewards/{reward.name}/mean"] = torch.nanmean(rollout.rewards_per_func[:, i]).item()
-            metrics[f"rewards/{reward.name}/std"] = _nan_std(rollout.rewards_per_func[:, i])
+            metrics[f"rewards/{reward.name}/std"] = nanstd(rollout.rewards_per_func[:, i]).item()
         return metrics
 
     # ---- one optimizer step --------------------------------------------------------------------------------
@@ -387,27 +400,20 @@ class GRPOTrainer:
         return float(self.accelerator.clip_grad_norm_(params, max_norm))
 
     # ---- logging -------------------------------------------------------------------------------------------
-    def _log(self, window: MetricsWindow, metrics_file: MetricsFile, rollout: Rollout) -> None:
+    def _log(self, window: MetricsWindow, sinks: list[Any], completion_log: CompletionLog | None,
+             rollout: Rollout) -> None:
         record = {"step": self.state.global_step, "epoch": round(self.state.epoch, 4), **window.average()}
         window.clear()
         self.state.log_history.append(record)
-        metrics_file.write(record)
+        for sink in sinks:
+            sink.write(record)
         if (record.get("frac_reward_zero_std") or 0.0) >= 0.5 and not self._warned_zero_std:
             self._warned_zero_std = True  # once per run: a converged run keeps tripping it
             warnings.warn(ZERO_STD_WARNING.format(record["frac_reward_zero_std"]), stacklevel=3)
-        if self.args.log_completions:
-            say(format_completions_table(self._completion_rows(rollout), self.args.num_completions_to_print))
-
-    def _completion_rows(self, rollout: Rollout) -> list[dict[str, Any]]:
-        rows = []
-        for i in range(len(rollout)):
-            row = {"step": self.state.global_step, "prompt": _text(rollout.prompts[i]),
-                   "completion": _text(rollout.completions[i])}
-            for j, reward in enumerate(self.reward_funcs):
-                row[reward.name] = rollout.rewards_per_func[i, j].item()
-            row["advantage"] = rollout.advantages[i].item()
-            rows.append(row)
-        return rows
+        if completion_log is not None:
+            rows = completion_rows(rollout, [r.name for r in self.reward_funcs], self.state.global_step)
+            completion_log.write(rows)
+            say(format_completions_table(rows, self.args.num_completions_to_print))
 
     # ---- set-up helpers ------------------------------------------------------------------------------------
     def _total_steps(self) -> int:
@@ -434,13 +440,13 @@ class GRPOTrainer:
                 num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
             )
 
-    def _prepare_run_dir(self) -> Path:
+    def _prepare_run_dir(self) -> tuple[Path, dict[str, Any]]:
         run_dir = Path(self.args.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = dict(self.args.to_dict(), model=self.model.config._name_or_path,
                         reward_funcs=[r.name for r in self.reward_funcs])
         (run_dir / "grpo_config.json").write_text(json.dumps(resolved, indent=2, default=str))
-        return run_dir
+        return run_dir, resolved
 
     def _autocast(self) -> Any:
         if not self.use_bf16:
@@ -492,13 +498,3 @@ def _wrap_peft(model: PreTrainedModel, peft_config: Any) -> Any:
     except ImportError as e:
         raise ImportError("peft_config needs the peft library: pip install 'grpo[peft]'") from e
     return get_peft_model(model, peft_config)
-
-
-def _nan_std(values: torch.Tensor) -> float:
-    return nanstd(values).item()
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return " / ".join(str(m.get("content", "")) for m in value)
