@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.jsonl")
     plot.add_argument("--output", help="folder for the figures (default: the first RUN_DIR)")
+    report = commands.add_parser(
+        "report", help="one self-contained HTML page of a run: config, curves, sampled completions",
+        description="Write RUN_DIR/report.html: the resolved config, every logged curve as inline SVG, and a "
+        "browser of sampled completions by step (from completions.jsonl, written when training with "
+        "log_completions=True). It needs no network to view.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
+    report.add_argument("--output", help="HTML file to write (default: RUN_DIR/report.html)")
     return parser
 
 
@@ -188,6 +196,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if extra:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "report":
+        from grpo.report import write_report
+
+        try:
+            print(write_report(args.run_dir, args.output))
+        except FileNotFoundError as e:
+            print(f"grpo report: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "plot":
         from grpo.plot import plot_runs
 
