@@ -79,6 +79,9 @@ def test_end_to_end_metrics_config_and_saved_model(tmp_path, tiny_model_dir):
     reloaded = AutoModelForCausalLM.from_pretrained(run)
     for name, param in reloaded.named_parameters():
         torch.testing.assert_close(param, trainer.model.state_dict()[name])
+    prompt = torch.tensor([[1, 60, 61]])
+    generated = reloaded.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert generated.shape[1] > prompt.shape[1]  # the saved run directory is a model that generates
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
@@ -329,3 +332,30 @@ def test_entropy_bonus_pushes_when_rewards_carry_no_signal(tmp_path, tiny_model_
     assert record["policy_loss"] == 0.0
     assert record["loss"] == pytest.approx(-0.1 * record["entropy"], rel=1e-5)  # loss = -coef x mean entropy
     assert record["grad_norm"] > 0  # without the bonus this step's gradient is exactly 0 (see above)
+
+
+def test_evaluation_during_training(tmp_path, tiny_model_dir):
+    args = small_args(tmp_path, max_steps=3, eval_strategy="steps", eval_steps=2, num_generations_eval=2,
+                      per_device_eval_batch_size=4)
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8),
+                          eval_dataset=length_task(6, seed=1))
+    history = trainer.train().log_history
+    evals = [r for r in history if "eval_reward" in r]
+    assert [r["step"] for r in evals] == [2, 3]  # every eval_steps, and after the last step
+    for record in evals:
+        assert record["eval_rewards/reward_len/mean"] == pytest.approx(record["eval_reward"])
+        assert -20 <= record["eval_reward"] <= 0 and record["eval_pass@1"] == 0.0  # no completion scores >= 1
+    train_records = [r for r in history if "reward" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3] and "eval_reward" not in train_records[0]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 5
+
+
+def test_evaluation_settings_are_checked_early(tmp_path):
+    with pytest.raises(ValueError, match="needs an eval_dataset"):
+        GRPOTrainer(model=MISSING_MODEL, reward_funcs=reward_len, train_dataset=length_task(8),
+                    args=small_args(tmp_path, eval_strategy="steps"))
+    with pytest.raises(ValueError, match="multiple of num_generations_eval=3"):
+        small_args(tmp_path, eval_strategy="steps", num_generations_eval=3, per_device_eval_batch_size=4)
+    with pytest.raises(ValueError, match="Did you mean 'steps'"):
+        small_args(tmp_path, eval_strategy="step")

@@ -37,7 +37,7 @@ TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wan
 # yet. Passing one is an error that says so, rather than a "did you mean" for a name the user spelled right.
 NOT_YET_SUPPORTED = (
     "save_strategy", "save_steps", "save_total_limit", "save_only_model", "resume_from_checkpoint",
-    "eval_strategy", "eval_steps", "per_device_eval_batch_size", "num_generations_eval", "push_to_hub",
+    "push_to_hub",
     "hub_model_id", "fp16", "deepspeed", "fsdp", "fsdp_config", "optim", "logging_dir", "logging_first_step",
     "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",
     "entropy_target", "off_policy_mask_threshold", "use_bias_correction_kl", "vespo_k_pos", "vespo_lambda_pos",
@@ -89,6 +89,15 @@ class GRPOConfig:
     """How many rows `log_completions` prints (None: all rows of the last generation round)."""
     disable_tqdm: bool = False
     """Turn off the progress bar."""
+    eval_strategy: str = "no"
+    """"steps": evaluate on `eval_dataset` every `eval_steps` optimizer steps (and after the last), logging
+    eval_reward, eval_rewards/<func>/mean and eval_pass@1 (weighted reward >= 1); "no": never."""
+    eval_steps: int | None = None
+    """Optimizer steps between evaluations (None: logging_steps)."""
+    per_device_eval_batch_size: int = 8
+    """Completions per evaluation batch; must divide into groups of num_generations_eval."""
+    num_generations_eval: int | None = None
+    """Completions sampled per evaluation prompt (None: num_generations)."""
 
     # ---- the optimisation loop -----------------------------------------------------------------------------
     num_train_epochs: float = 3.0
@@ -246,6 +255,17 @@ class GRPOConfig:
         _check_choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
         _check_choice("multi_objective_aggregation", self.multi_objective_aggregation, MULTI_OBJECTIVE_AGGREGATIONS)
         _check_choice("generation_backend", self.generation_backend, GENERATION_BACKENDS)
+        _check_choice("eval_strategy", self.eval_strategy, ("no", "steps"))
+        if self.num_generations_eval is None:
+            self.num_generations_eval = self.num_generations
+        if self.eval_steps is None:
+            self.eval_steps = self.logging_steps
+        if self.num_generations_eval < 1 or self.per_device_eval_batch_size % self.num_generations_eval:
+            raise ValueError(
+                f"GRPOConfig.per_device_eval_batch_size={self.per_device_eval_batch_size} must be a multiple of "
+                f"num_generations_eval={self.num_generations_eval} (>= 1), so that evaluation batches hold whole "
+                "groups. Change one of them."
+            )
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to == "none" else [self.report_to]

@@ -24,14 +24,15 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
 
 
 def evaluate(trainer: Any, rows: list[dict[str, Any]], ks: list[int], pass_threshold: float,
-             prompts_per_batch: int = 8) -> dict[str, Any]:
-    """Sample `num_generations` completions per prompt with the trainer's model and generator, score them with
-    its reward functions, and report the mean (weighted) reward, each function's mean, and pass@k, where a
-    completion counts as correct when its weighted reward is at least `pass_threshold`."""
-    g = trainer.args.num_generations
+             prompts_per_batch: int = 8, num_generations: int | None = None) -> dict[str, Any]:
+    """Sample `num_generations` (default: the trainer's) completions per prompt with the trainer's model and
+    generator, score them with its reward functions, and report the mean (weighted) reward, each function's mean,
+    and pass@k, where a completion counts as correct when its weighted reward is at least `pass_threshold`."""
+    g = num_generations or trainer.args.num_generations
     totals, per_func, correct = [], [], []
     for start in range(0, len(rows), prompts_per_batch):
-        rollout, _ = trainer.generate_and_score(rows[start:start + prompts_per_batch])
+        rollout, _ = trainer.generate_and_score(rows[start:start + prompts_per_batch], num_generations=g,
+                                                for_loss=False)
         total = combine_rewards(rollout.rewards_per_func, trainer.reward_weights)
         totals.append(total)
         per_func.append(rollout.rewards_per_func)

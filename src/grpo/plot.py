@@ -13,6 +13,7 @@ from typing import Any
 # One panel per group of metrics; a panel is drawn when at least one run logged one of its metrics.
 PANELS: list[tuple[str, list[str]]] = [
     ("reward", ["reward"]),
+    ("eval reward", ["eval_reward"]),
     ("kl", ["kl"]),
     ("entropy", ["entropy"]),
     ("completion length", ["completions/mean_length", "completions/min_length", "completions/max_length"]),

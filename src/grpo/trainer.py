@@ -36,6 +36,7 @@ from grpo.algorithm import (
 )
 from grpo.config import GRPOConfig
 from grpo.data import PromptSource, tokenize_prompts
+from grpo.evaluate import evaluate
 from grpo.logprobs import completion_logps, completion_logps_in_chunks
 from grpo.metrics import (
     CompletionLog,
@@ -89,7 +90,9 @@ class GRPOTrainer:
         if train_dataset is None:
             raise ValueError("GRPOTrainer needs a train_dataset with a 'prompt' column.")
         self.train_source = PromptSource(train_dataset)
-        self.eval_dataset = eval_dataset
+        self.eval_source = PromptSource(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        if args.eval_strategy != "no" and self.eval_source is None:
+            raise ValueError(f"GRPOConfig.eval_strategy={args.eval_strategy!r} needs an eval_dataset.")
         if self.train_source.is_iterable and args.max_steps <= 0:
             raise ValueError("train_dataset is an IterableDataset, which has no length: set GRPOConfig.max_steps.")
         if not self.train_source.is_iterable and len(self.train_source) < args.prompts_per_generation:
@@ -192,6 +195,8 @@ class GRPOTrainer:
                     last_step = self.state.global_step == self.state.max_steps
                     if self.state.global_step % args.logging_steps == 0 or last_step:
                         self._log(window, sinks, completion_log, rollout)
+                    if args.eval_strategy == "steps" and (self.state.global_step % args.eval_steps == 0 or last_step):
+                        self._log_evaluation(sinks)
                     if self.state.global_step >= self.state.max_steps:
                         break
         finally:
@@ -239,9 +244,11 @@ class GRPOTrainer:
         return rollout, metrics, extra
 
     @torch.no_grad()
-    def generate_and_score(self, rows: list[dict[str, Any]]) -> tuple[Rollout, dict[str, float]]:
-        """Sample G completions per prompt, score them, and compute advantages and the log-probs the loss needs."""
-        args, g = self.args, self.args.num_generations
+    def generate_and_score(self, rows: list[dict[str, Any]], num_generations: int | None = None,
+                           for_loss: bool = True) -> tuple[Rollout, dict[str, float]]:
+        """Sample G completions per prompt, score them, and compute advantages and (`for_loss`) the old and
+        reference log-probs the loss needs."""
+        args, g = self.args, num_generations or self.args.num_generations
         prompts = [row["prompt"] for row in rows]
         prompt_ids = tokenize_prompts(self.processing_class, prompts, args.chat_template_kwargs)
         self.model.eval()
@@ -270,12 +277,13 @@ class GRPOTrainer:
         )
         chunk = args.per_device_train_batch_size
         with self._autocast():
-            if args.needs_old_logps:  # the policy moves within the round, so pi_old must be remembered
+            if args.needs_old_logps and for_loss:  # the policy moves within the round, so pi_old must be remembered
                 rollout.old_logps = completion_logps_in_chunks(self.model, rollout, args.temperature, chunk)
-            if args.beta > 0:
+            if args.beta > 0 and for_loss:
                 with self._reference_model() as ref:
                     rollout.ref_logps = completion_logps_in_chunks(ref, rollout, args.temperature, chunk)
-        self.state.num_input_tokens_seen += int(generation.prompt_mask.sum() + generation.completion_mask.sum())
+        if for_loss:  # num_tokens counts training tokens only
+            self.state.num_input_tokens_seen += int(generation.prompt_mask.sum() + generation.completion_mask.sum())
         return rollout, self._round_metrics(rollout, rewards, group_std)
 
     def _round_metrics(self, rollout: Rollout, rewards: torch.Tensor, group_std: torch.Tensor) -> dict[str, float]:
@@ -414,6 +422,18 @@ class GRPOTrainer:
             rows = completion_rows(rollout, [r.name for r in self.reward_funcs], self.state.global_step)
             completion_log.write(rows)
             say(format_completions_table(rows, self.args.num_completions_to_print))
+
+    def _log_evaluation(self, sinks: list[Any]) -> None:
+        """Mean reward, each function's mean and pass@1 on eval_dataset, logged with the eval_ prefix."""
+        args = self.args
+        rows = list(self.eval_source.dataset)
+        results = evaluate(self, rows, ks=[1], pass_threshold=1.0, num_generations=args.num_generations_eval,
+                           prompts_per_batch=args.per_device_eval_batch_size // args.num_generations_eval)
+        record = {"step": self.state.global_step, "eval_reward": results["mean_reward"],
+                  **{f"eval_{k}": v for k, v in results.items() if k.startswith(("rewards/", "pass@"))}}
+        self.state.log_history.append(record)
+        for sink in sinks:
+            sink.write(record)
 
     # ---- set-up helpers ------------------------------------------------------------------------------------
     def _total_steps(self) -> int:
