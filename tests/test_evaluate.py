@@ -43,3 +43,21 @@ def test_eval_command_reports_reward_and_pass_at_k(tmp_path, tiny_model_dir, cap
     assert results["rewards/length_reward/mean"] == results["mean_reward"]
     assert 0.0 <= results["pass@1"] <= results["pass@4"] <= 1.0
     assert json.loads(capsys.readouterr().out) == results
+
+
+def test_eval_numbers_on_a_fixed_tiny_set(tmp_path, tiny_model_dir):
+    """A reward read from the dataset makes every number exact: prompts scoring 1, 0, 1, 1."""
+    from grpo import GRPOConfig, GRPOTrainer
+    from grpo.evaluate import evaluate
+
+    def from_column(completions, score, **kwargs):
+        return [float(s) for s in score]
+
+    rows = [{"prompt": f"q{i}", "score": s} for i, s in enumerate([1, 0, 1, 1])]
+    args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=4,
+                      max_completion_length=4, gradient_checkpointing=False, disable_tqdm=True)
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=from_column, args=args, train_dataset=rows)
+    results = evaluate(trainer, rows, ks=[1, 2, 4], pass_threshold=1.0, prompts_per_batch=3)
+    assert results["mean_reward"] == 0.75 and results["rewards/from_column/mean"] == 0.75
+    assert results["pass@1"] == results["pass@2"] == results["pass@4"] == 0.75  # all or none of a group pass
+    assert results["num_prompts"] == 4 and results["num_generations"] == 4

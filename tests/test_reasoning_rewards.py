@@ -50,3 +50,27 @@ def test_math_accuracy_reward_checks_values_not_strings():
     assert math_accuracy_reward(["<answer>12</answer>"], answer=["12"]) == [1.0]
     with pytest.raises(ValueError, match="'solution' or 'answer' column"):
         math_accuracy_reward(["<answer>1</answer>"])
+
+
+@pytest.mark.parametrize("completion, reference, expected", [
+    # fractions
+    ("<answer>\\frac{1}{2}</answer>", "0.5", 1.0),
+    ("<answer>1/2</answer>", "$\\frac{1}{2}$", 1.0),
+    ("\\boxed{\\dfrac{3}{4}}", "0.75", 1.0),
+    ("<answer>\\frac{2}{4}</answer>", "\\frac{1}{2}", 1.0),
+    ("<answer>0.333</answer>", "\\frac{1}{3}", 0.0),  # a rounded decimal is not the fraction
+    # LaTeX forms
+    ("<answer>\\sqrt{4}</answer>", "2", 1.0),
+    ("<answer>2\\pi</answer>", "2\\pi", 1.0),
+    ("<answer>6.28</answer>", "$2\\pi$", 0.0),
+    ("<answer>x = 3</answer>", "3", 1.0),
+    ("<answer>(1, 2)</answer>", "$(1,2)$", 1.0),
+    ("<answer>50\\%</answer>", "0.5", 1.0),
+    # units and formatting
+    ("<answer>5 cm</answer>", "5", 1.0),
+    ("\\boxed{5\\text{ cm}}", "5", 1.0),
+    ("<answer>1,000</answer>", "1000", 1.0),
+    ("<answer>-3</answer>", "3", 0.0),
+])
+def test_math_accuracy_on_tricky_answers(completion, reference, expected):
+    assert math_accuracy_reward([completion], solution=[reference]) == [expected]

@@ -50,7 +50,19 @@ def load_recipe(config_path: str | None, overrides: dict[str, str]) -> dict[str,
     for key in RUN_KEYS:
         if key not in recipe:
             raise ValueError(f"the run needs '{key}': set it in the YAML file or with --{key}.")
+    if config_path and "dataset" not in overrides:
+        recipe["dataset"] = _relative_to(Path(config_path).parent, recipe["dataset"])
     return recipe
+
+
+def _relative_to(folder: Path, dataset: Any) -> Any:
+    """A data file named relative to the recipe resolves next to it (when it is not found from the cwd)."""
+    spec = dict(dataset) if isinstance(dataset, dict) else {"path": dataset}
+    path = Path(str(spec["path"]))
+    if path.suffix in DATA_FILE_BUILDERS and not path.is_absolute() and not path.exists():
+        if (folder / path).exists():
+            spec["path"] = str(folder / path)
+    return spec if isinstance(dataset, dict) else spec["path"]
 
 
 def _coerce(key: str, value: Any, annotation: str) -> Any:

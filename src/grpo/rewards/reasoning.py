@@ -59,10 +59,18 @@ def math_accuracy_reward(completions: list[Any], solution: list[Any] | None = No
         raise ValueError("math_accuracy_reward needs a 'solution' or 'answer' column in the dataset.")
     rewards: list[float | None] = []
     for completion, reference in zip(completions, references):
-        gold = parse(str(reference))
+        reference = str(reference)
+        # math-verify reads LaTeX only inside delimiters: wrap a bare reference that uses LaTeX commands (words
+        # wrapped in $...$ would parse as a product of symbols, so plain text stays unparsable -> None)
+        bare_latex = "\\" in reference and "$" not in reference and "\\boxed" not in reference
+        gold = parse(f"${reference}$") if bare_latex else parse(reference)
         if not gold:
             rewards.append(None)
             continue
         predicted = extract_final_answer(completion_text(completion))
-        rewards.append(1.0 if predicted is not None and verify(gold, parse(predicted)) else 0.0)
+        if predicted is None:
+            rewards.append(0.0)
+            continue
+        answer = parse(f"\\boxed{{{predicted}}}") or parse(predicted)
+        rewards.append(1.0 if verify(gold, answer) else 0.0)
     return rewards
