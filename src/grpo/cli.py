@@ -113,6 +113,8 @@ def run_train(config_path: str | None, overrides: dict[str, str]) -> Any:
 def run_demo(task: str = "length", max_steps: int | None = None, output_dir: str | None = None, seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
     """Train on a built-in task; returns the mean reward before and after on the same held-out prompts."""
+    import torch
+
     from grpo.trainer import GRPOTrainer
 
     make_dataset, reward_funcs = TASKS[task]
@@ -132,7 +134,7 @@ def run_demo(task: str = "length", max_steps: int | None = None, output_dir: str
             rewards.append(metrics["reward"])
             tables.append(rollout)
         mean = sum(rewards) / len(rewards)
-        sample = tables[0].select(_first_of_each_group(tables[0], args.num_generations, 4))
+        sample = tables[0].select(torch.arange(0, len(tables[0]), args.num_generations)[:4])  # 4 groups' firsts
         print(f"\n{label}: mean reward {mean:.3f} on {len(held_out)} held-out prompts x {args.num_generations}")
         print(format_completions_table(
             [{"prompt": p, "completion": c, "reward": r.item()}
@@ -172,51 +174,39 @@ def run_eval(args: argparse.Namespace, overrides: dict[str, str]) -> dict[str, A
     return results
 
 
-def _first_of_each_group(rollout: Any, group_size: int, count: int) -> Any:
-    import torch
+def _plot(args: argparse.Namespace) -> None:
+    from grpo.plot import plot_runs
 
-    return torch.arange(0, len(rollout), group_size)[:count]
+    for path in plot_runs(args.run_dirs, args.output):
+        print(path)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from grpo.report import write_report
+
+    print(write_report(args.run_dir, args.output))
+
+
+COMMANDS = {
+    "demo": lambda args, extra: run_demo(args.task, args.max_steps, args.output_dir, args.seed,
+                                         progress=not args.no_progress),
+    "train": lambda args, extra: run_train(args.config, parse_overrides(extra)),
+    "eval": lambda args, extra: run_eval(args, parse_overrides(extra)),
+    "plot": lambda args, extra: _plot(args),
+    "report": lambda args, extra: _report(args),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
-    if args.command == "train":
-        try:
-            run_train(args.config, parse_overrides(extra))
-        except (ValueError, TypeError, FileNotFoundError) as e:
-            print(f"grpo train: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "eval":
-        try:
-            run_eval(args, parse_overrides(extra))
-        except (ValueError, TypeError, FileNotFoundError) as e:
-            print(f"grpo eval: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if extra:
-        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "report":
-        from grpo.report import write_report
-
-        try:
-            print(write_report(args.run_dir, args.output))
-        except FileNotFoundError as e:
-            print(f"grpo report: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "plot":
-        from grpo.plot import plot_runs
-
-        try:
-            for path in plot_runs(args.run_dirs, args.output):
-                print(path)
-        except (FileNotFoundError, ImportError) as e:
-            print(f"grpo plot: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "demo":
-        run_demo(args.task, args.max_steps, args.output_dir, args.seed, progress=not args.no_progress)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("train", "eval"):  # only these take --field value overrides
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        COMMANDS[args.command](args, extra)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:  # bad input: a message, not a traceback
+        print(f"grpo {args.command}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
