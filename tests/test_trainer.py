@@ -359,3 +359,20 @@ def test_evaluation_settings_are_checked_early(tmp_path):
         small_args(tmp_path, eval_strategy="steps", num_generations_eval=3, per_device_eval_batch_size=4)
     with pytest.raises(ValueError, match="Did you mean 'steps'"):
         small_args(tmp_path, eval_strategy="step")
+
+
+def test_trust_remote_code_reaches_model_loading(tmp_path, tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM as Auto
+
+    seen = {}
+    real = Auto.from_pretrained.__func__
+
+    def spy(cls, path, **kwargs):
+        seen.update(kwargs)
+        return real(cls, path, **kwargs)
+
+    monkeypatch.setattr(Auto, "from_pretrained", classmethod(spy))
+    args = small_args(tmp_path, trust_remote_code=True, model_init_kwargs={"dtype": "float32"})
+    assert args.model_init_kwargs == {"dtype": "float32", "trust_remote_code": True}
+    GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8))
+    assert seen["trust_remote_code"] is True and seen["dtype"] == torch.float32

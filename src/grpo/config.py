@@ -144,6 +144,9 @@ class GRPOConfig:
     model_init_kwargs: dict[str, Any] | None = None
     """Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a string (e.g. {"dtype":
     "bfloat16"}). Also used for reward models given as strings."""
+    trust_remote_code: bool = False
+    """Allow model, tokenizer and reward-model code from the checkpoint's repository (transformers'
+    trust_remote_code); it is added to model_init_kwargs."""
     disable_dropout: bool = False
     """Turn off dropout in the policy (and reference) model so log-probs are deterministic."""
     remove_unused_columns: bool = False
@@ -274,6 +277,8 @@ class GRPOConfig:
         self.report_to = [t for t in self.report_to if t != "none"]
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
+        if self.trust_remote_code:
+            self.model_init_kwargs = {**(self.model_init_kwargs or {}), "trust_remote_code": True}
         self._check_ranges()
         self._check_objective()
         self._derive_batch_geometry()

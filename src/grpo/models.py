@@ -43,7 +43,7 @@ def load_causal_lm(model: str | PreTrainedModel, model_init_kwargs: dict[str, An
         raise TypeError(f"model must be a hub id, a local path or a PreTrainedModel, got {type(model).__name__}.")
     path = resolve_model_id(model)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=_trusts_remote_code(model_init_kwargs))
     except OSError as e:
         raise OSError(
             f"could not load model '{model}': {e}\nPass a local directory with config.json and weights, or a hub id "
@@ -60,11 +60,17 @@ def load_causal_lm(model: str | PreTrainedModel, model_init_kwargs: dict[str, An
         raise
 
 
-def load_tokenizer(model: str | PreTrainedModel, processing_class: Any = None) -> Any:
+def _trusts_remote_code(model_init_kwargs: dict[str, Any] | None) -> bool:
+    return bool((model_init_kwargs or {}).get("trust_remote_code", False))
+
+
+def load_tokenizer(model: str | PreTrainedModel, processing_class: Any = None,
+                   model_init_kwargs: dict[str, Any] | None = None) -> Any:
     """The tokenizer for generation: given, or loaded beside the model; left padding, pad falls back to EOS."""
     if processing_class is None:
         source = model.config._name_or_path if isinstance(model, PreTrainedModel) else resolve_model_id(model)
-        processing_class = AutoTokenizer.from_pretrained(source)
+        processing_class = AutoTokenizer.from_pretrained(source,
+                                                         trust_remote_code=_trusts_remote_code(model_init_kwargs))
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -118,7 +118,7 @@ class GRPOTrainer:
         self.device = self.accelerator.device
         set_seed(args.seed)
         model_source = model
-        self.processing_class = load_tokenizer(model, processing_class)
+        self.processing_class = load_tokenizer(model, processing_class, args.model_init_kwargs)
         if self.train_source.conversational and not getattr(self.processing_class, "chat_template", None):
             raise ValueError(
                 "train_dataset has conversational prompts (lists of messages) but the tokenizer has no chat "

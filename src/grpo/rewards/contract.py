@@ -207,7 +207,8 @@ class RewardModel:
         else:
             self.name = model.config._name_or_path.rstrip("/").split("/")[-1] or type(model).__name__
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
+            trust = bool((model_init_kwargs or {}).get("trust_remote_code", False))
+            tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path, trust_remote_code=trust)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
