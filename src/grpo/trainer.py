@@ -197,7 +197,7 @@ class GRPOTrainer:
                         self._log(window, sinks, completion_log, rollout)
                     if args.eval_strategy == "steps" and (self.state.global_step % args.eval_steps == 0 or last_step):
                         self._log_evaluation(sinks)
-                    if self.state.global_step >= self.state.max_steps:
+                    if last_step:
                         break
         finally:
             bar.close()
