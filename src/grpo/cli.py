@@ -73,18 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_overrides(extra: list[str]) -> dict[str, str]:
+def parse_overrides(extra: list[str], command: str = "train") -> dict[str, str]:
     """`--field value` and `--field=value` pairs from the command line, values as raw strings."""
     overrides: dict[str, str] = {}
     i = 0
     while i < len(extra):
         token = extra[i]
         if not token.startswith("--"):
-            raise SystemExit(f"grpo train: expected --field value, got {token!r}")
+            raise SystemExit(f"grpo {command}: expected --field value, got {token!r}")
         key, has_value, value = token[2:].partition("=")
         if not has_value:
             if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
-                raise SystemExit(f"grpo train: --{key} needs a value")
+                raise SystemExit(f"grpo {command}: --{key} needs a value")
             value, i = extra[i + 1], i + 1
         overrides[key.replace("-", "_")] = value
         i += 1
@@ -191,7 +191,7 @@ COMMANDS = {
     "demo": lambda args, extra: run_demo(args.task, args.max_steps, args.output_dir, args.seed,
                                          progress=not args.no_progress),
     "train": lambda args, extra: run_train(args.config, parse_overrides(extra)),
-    "eval": lambda args, extra: run_eval(args, parse_overrides(extra)),
+    "eval": lambda args, extra: run_eval(args, parse_overrides(extra, "eval")),
     "plot": lambda args, extra: _plot(args),
     "report": lambda args, extra: _report(args),
 }

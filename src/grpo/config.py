@@ -56,7 +56,7 @@ REMOVED_IN_TRL = {
 }
 
 
-def _did_you_mean(name: str, candidates: list[str] | tuple[str, ...]) -> str:
+def did_you_mean(name: str, candidates: list[str] | tuple[str, ...]) -> str:
     close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
 
@@ -64,7 +64,7 @@ def _did_you_mean(name: str, candidates: list[str] | tuple[str, ...]) -> str:
 def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(
-            f"GRPOConfig.{field_name}={value!r} is not one of {list(choices)}.{_did_you_mean(str(value), choices)}"
+            f"GRPOConfig.{field_name}={value!r} is not one of {list(choices)}.{did_you_mean(str(value), choices)}"
         )
 
 
@@ -328,7 +328,7 @@ class GRPOConfig:
             if tracker not in TRACKER_MODULES:
                 raise ValueError(
                     f"GRPOConfig.report_to: unknown tracker '{tracker}'; use any of {list(TRACKER_MODULES)}, 'all' or "
-                    f"'none'.{_did_you_mean(tracker, list(TRACKER_MODULES))}"
+                    f"'none'.{did_you_mean(tracker, list(TRACKER_MODULES))}"
                 )
             module, extra = TRACKER_MODULES[tracker]
             if importlib.util.find_spec(module) is None:
@@ -462,14 +462,9 @@ def _reject_unknown_fields(cls: type, kwargs: dict[str, Any]) -> None:
                 f"GRPOConfig got '{key}', a TRL/transformers option that grpo does not implement yet. Remove it "
                 "(see the README's list of supported fields)."
             )
-        raise TypeError(f"GRPOConfig got an unknown field '{key}'.{_did_you_mean(key, names)}")
-
-
-def config_field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(GRPOConfig)]
+        raise TypeError(f"GRPOConfig got an unknown field '{key}'.{did_you_mean(key, names)}")
 
 
 __all__ = [
     "GRPOConfig", "IMPORTANCE_SAMPLING_LEVELS", "LOSS_TYPES", "MULTI_OBJECTIVE_AGGREGATIONS", "SCALE_REWARDS",
-    "config_field_names",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from grpo.config import GRPOConfig, _did_you_mean, config_field_names
+from grpo.config import GRPOConfig, did_you_mean
 from grpo.embedded import TASKS
 from grpo.rewards import builtin, reasoning
 
@@ -45,7 +45,7 @@ def load_recipe(config_path: str | None, overrides: dict[str, str]) -> dict[str,
         if key in RUN_KEYS:
             continue
         if key not in fields:
-            raise ValueError(f"unknown setting '{key}'.{_did_you_mean(key, [*RUN_KEYS, *config_field_names()])}")
+            raise ValueError(f"unknown setting '{key}'.{did_you_mean(key, [*RUN_KEYS, *fields])}")
         recipe[key] = _coerce(key, recipe[key], str(fields[key].type))
     for key in RUN_KEYS:
         if key not in recipe:

@@ -91,6 +91,7 @@ class GRPOTrainer:
             raise ValueError("GRPOTrainer needs a train_dataset with a 'prompt' column.")
         self.train_source = PromptSource(train_dataset)
         self.eval_source = PromptSource(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        self._eval_rows: list[dict[str, Any]] | None = None  # read once, at the first evaluation
         if args.eval_strategy != "no" and self.eval_source is None:
             raise ValueError(f"GRPOConfig.eval_strategy={args.eval_strategy!r} needs an eval_dataset.")
         if self.train_source.is_iterable and args.max_steps <= 0:
@@ -426,8 +427,9 @@ class GRPOTrainer:
     def _log_evaluation(self, sinks: list[Any]) -> None:
         """Mean reward, each function's mean and pass@1 on eval_dataset, logged with the eval_ prefix."""
         args = self.args
-        rows = list(self.eval_source.dataset)
-        results = evaluate(self, rows, ks=[1], pass_threshold=1.0, num_generations=args.num_generations_eval,
+        if self._eval_rows is None:
+            self._eval_rows = list(self.eval_source.dataset)
+        results = evaluate(self, self._eval_rows, ks=[1], pass_threshold=1.0, num_generations=args.num_generations_eval,
                            prompts_per_batch=args.per_device_eval_batch_size // args.num_generations_eval)
         record = {"step": self.state.global_step, "eval_reward": results["mean_reward"],
                   **{f"eval_{k}": v for k, v in results.items() if k.startswith(("rewards/", "pass@"))}}

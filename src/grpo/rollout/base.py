@@ -27,6 +27,13 @@ class Generator(Protocol):
     def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation: ...
 
 
+def eos_token_ids(tokenizer: Any, generation_kwargs: dict[str, Any] | None) -> list[int]:
+    """The ids that end a completion: generation_kwargs' eos_token_id (it overrides, as in TRL) or the
+    tokenizer's, as a list."""
+    eos = (generation_kwargs or {}).get("eos_token_id", tokenizer.eos_token_id)
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)

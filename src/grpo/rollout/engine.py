@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from grpo.logprobs import accepts_logits_to_keep
-from grpo.rollout.base import Generation, left_pad, pad_and_cat
+from grpo.rollout.base import Generation, eos_token_ids, left_pad, pad_and_cat
 from grpo.rollout.sampling import SamplingParams, process_logits, sample_tokens
 
 
@@ -28,10 +28,8 @@ class RolloutEngine:
 
     def __init__(self, tokenizer: Any, args: Any, max_batch_rows: int | None = None, seed: int = 0):
         self.pad_id = tokenizer.pad_token_id
-        kwargs = args.generation_kwargs or {}
-        eos = kwargs.get("eos_token_id", tokenizer.eos_token_id)
-        self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        self.max_new_tokens = kwargs.get("max_new_tokens", args.max_completion_length)
+        self.eos_ids = eos_token_ids(tokenizer, args.generation_kwargs)
+        self.max_new_tokens = (args.generation_kwargs or {}).get("max_new_tokens", args.max_completion_length)
         self.params = SamplingParams.from_config(args)
         self.max_batch_rows = max_batch_rows
         self.generator = torch.Generator().manual_seed(seed)

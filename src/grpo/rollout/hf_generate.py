@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from grpo.rollout.base import Generation, left_pad, mask_after_eos, pad_and_cat
+from grpo.rollout.base import Generation, eos_token_ids, left_pad, mask_after_eos, pad_and_cat
 
 
 class TransformersGenerator:
@@ -14,8 +14,7 @@ class TransformersGenerator:
 
     def __init__(self, tokenizer: Any, args: Any, max_batch_rows: int | None = None):
         self.pad_id = tokenizer.pad_token_id
-        eos = tokenizer.eos_token_id
-        self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        self.eos_ids = eos_token_ids(tokenizer, args.generation_kwargs)
         self.max_batch_rows = max_batch_rows
         self.generate_kwargs = dict(
             do_sample=True, max_new_tokens=args.max_completion_length, temperature=args.temperature,
@@ -23,9 +22,6 @@ class TransformersGenerator:
             pad_token_id=self.pad_id, eos_token_id=self.eos_ids, use_cache=True,
         )
         self.generate_kwargs.update(args.generation_kwargs or {})  # as in TRL, they override the named fields
-        if "eos_token_id" in (args.generation_kwargs or {}):
-            eos = self.generate_kwargs["eos_token_id"]
-            self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
     @torch.no_grad()
     def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation:
