@@ -117,9 +117,9 @@ def test_unknown_field_without_a_close_match():
 
 def test_not_yet_supported_trl_field_says_so():
     with pytest.raises(TypeError) as info:
-        GRPOConfig(save_steps=100)
+        GRPOConfig(push_to_hub=True)
     message = str(info.value)
-    assert "save_steps" in message
+    assert "push_to_hub" in message
     assert "does not implement yet" in message
     assert "Did you mean" not in message
 

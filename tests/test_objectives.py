@@ -323,7 +323,8 @@ def reward_len(completions, **kwargs):
 
 def sgd_trainer(tmp_path, model_dir, reward=reward_len, dataset=None, **overrides):
     """A trainer whose optimizer step is params -= grad (SGD, lr 1, no clipping), so updates are gradients."""
-    settings = dict(output_dir=str(tmp_path / "run"), num_generations=4, per_device_train_batch_size=8,
+    settings = dict(output_dir=str(tmp_path / "run"), save_strategy="no", overwrite_output_dir=True,
+                    num_generations=4, per_device_train_batch_size=8,
                     max_completion_length=16, max_steps=1, logging_steps=1, gradient_checkpointing=False,
                     disable_tqdm=True, max_grad_norm=0.0, seed=3)
     settings.update(overrides)

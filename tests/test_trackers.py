@@ -12,7 +12,8 @@ from grpo.rewards import length_reward
 
 
 def run(tmp_path, tiny_model_dir, report_to, **overrides):
-    settings = dict(output_dir=str(tmp_path / "run"), num_generations=4, per_device_train_batch_size=8,
+    settings = dict(output_dir=str(tmp_path / "run"), save_strategy="no", overwrite_output_dir=True,
+                    num_generations=4, per_device_train_batch_size=8,
                     max_completion_length=8, max_steps=2, logging_steps=1, learning_rate=1e-3,
                     gradient_checkpointing=False, disable_tqdm=True, report_to=report_to)
     settings.update(overrides)

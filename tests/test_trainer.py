@@ -27,7 +27,8 @@ def reward_len(completions, **kwargs):
 
 
 def small_args(tmp_path, **overrides) -> GRPOConfig:
-    settings = dict(output_dir=str(tmp_path / "run"), num_generations=4, per_device_train_batch_size=8,
+    settings = dict(output_dir=str(tmp_path / "run"), save_strategy="no", overwrite_output_dir=True,
+                    num_generations=4, per_device_train_batch_size=8,
                     max_completion_length=16, max_steps=2, logging_steps=1, learning_rate=1e-3,
                     gradient_checkpointing=False, disable_tqdm=True)
     settings.update(overrides)

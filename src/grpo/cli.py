@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: grpo train --config examples/length.yaml --learning_rate 1e-3 --max_steps 50",
     )
     train.add_argument("--config", help="YAML recipe file")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                       help="continue the run in output_dir from its latest checkpoint, or from CHECKPOINT")
     evaluate = commands.add_parser(
         "eval", help="mean reward and pass@k of a model on a dataset",
         description="Sample num_generations completions per prompt and report the mean reward, each reward "
@@ -91,12 +93,13 @@ def parse_overrides(extra: list[str], command: str = "train") -> dict[str, str]:
     return overrides
 
 
-def run_train(config_path: str | None, overrides: dict[str, str]) -> Any:
-    """Resolve the recipe, record it in the run directory, train, and return the trainer state."""
+def run_train(config_path: str | None, overrides: dict[str, str], resume: str | bool | None = None) -> Any:
+    """Resolve the recipe, record it in the run directory, train (or resume), and return the trainer state."""
     from pathlib import Path
 
     import yaml
 
+    from grpo.checkpoint import prepare_output_dir
     from grpo.recipe import build_run, load_recipe
     from grpo.trainer import GRPOTrainer
 
@@ -104,10 +107,13 @@ def run_train(config_path: str | None, overrides: dict[str, str]) -> Any:
     run = build_run(recipe)
     resolved = {key: recipe[key] for key in ("model", "dataset", "reward_funcs")} | run["args"].to_dict()
     trainer = GRPOTrainer(**run)
-    output_dir = Path(run["args"].output_dir)
+    args = run["args"]
+    # run.yaml may only be written once it is sure that this run owns output_dir
+    checkpoint = prepare_output_dir(args.output_dir, resume, args.overwrite_output_dir, trainer.resolved_config())
+    output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "run.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    return trainer.train()
+    return trainer.train(resume_from_checkpoint=checkpoint)
 
 
 def run_demo(task: str = "length", max_steps: int | None = None, output_dir: str | None = None, seed: int = 0,
@@ -122,6 +128,7 @@ def run_demo(task: str = "length", max_steps: int | None = None, output_dir: str
     if max_steps is not None:
         settings["max_steps"] = max_steps
     args = GRPOConfig(output_dir=output_dir or f"runs/demo-{task}", seed=seed, gradient_checkpointing=False,
+                      overwrite_output_dir=True,  # the demo is meant to be run again and again
                       lr_scheduler_type="constant", disable_tqdm=not progress, **settings)
     trainer = GRPOTrainer(model=EMBEDDED_MODEL_ID, reward_funcs=reward_funcs, args=args,
                           train_dataset=make_dataset(256, seed=seed))
@@ -190,7 +197,7 @@ def _report(args: argparse.Namespace) -> None:
 COMMANDS = {
     "demo": lambda args, extra: run_demo(args.task, args.max_steps, args.output_dir, args.seed,
                                          progress=not args.no_progress),
-    "train": lambda args, extra: run_train(args.config, parse_overrides(extra)),
+    "train": lambda args, extra: run_train(args.config, parse_overrides(extra), args.resume),
     "eval": lambda args, extra: run_eval(args, parse_overrides(extra, "eval")),
     "plot": lambda args, extra: _plot(args),
     "report": lambda args, extra: _report(args),
@@ -204,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         COMMANDS[args.command](args, extra)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:  # bad input: a message, not a traceback
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as e:  # bad input: a message
         print(f"grpo {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

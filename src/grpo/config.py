@@ -36,8 +36,7 @@ TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wan
 # Fields of TRL's GRPOConfig / transformers' TrainingArguments that users pass and that grpo does not implement
 # yet. Passing one is an error that says so, rather than a "did you mean" for a name the user spelled right.
 NOT_YET_SUPPORTED = (
-    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "resume_from_checkpoint",
-    "push_to_hub",
+    "save_only_model", "push_to_hub",
     "hub_model_id", "fp16", "deepspeed", "fsdp", "fsdp_config", "optim", "logging_dir", "logging_first_step",
     "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",
     "entropy_target", "off_policy_mask_threshold", "use_bias_correction_kl", "vespo_k_pos", "vespo_lambda_pos",
@@ -94,6 +93,21 @@ class GRPOConfig:
     eval_reward, eval_rewards/<func>/mean and eval_pass@1 (weighted reward >= 1); "no": never."""
     eval_steps: int | None = None
     """Optimizer steps between evaluations (None: logging_steps)."""
+    save_strategy: str = "steps"
+    """"steps": write a checkpoint every `save_steps` optimizer steps and after the last one; "no": never."""
+    save_steps: int = 500
+    """Optimizer steps between checkpoints."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints (the oldest go first); None keeps all."""
+    resume_from_checkpoint: str | bool | None = None
+    """As in transformers, `train(resume_from_checkpoint=...)` is what resumes: True (the latest checkpoint in
+    output_dir) or a checkpoint path. Set here, it is the default for that argument."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an output_dir that holds another run (its checkpoints are deleted). Without it, such an
+    output_dir is an error, so an earlier run is never overwritten by accident."""
+    max_consecutive_nonfinite_steps: int = 3
+    """A step whose loss or gradient is NaN/inf is skipped with a warning; this many in a row stop the run (not in
+    TRL), keeping the last good checkpoint."""
     per_device_eval_batch_size: int = 8
     """Completions per evaluation batch; must divide into groups of num_generations_eval."""
     num_generations_eval: int | None = None
@@ -259,6 +273,7 @@ class GRPOConfig:
         _check_choice("multi_objective_aggregation", self.multi_objective_aggregation, MULTI_OBJECTIVE_AGGREGATIONS)
         _check_choice("generation_backend", self.generation_backend, GENERATION_BACKENDS)
         _check_choice("eval_strategy", self.eval_strategy, ("no", "steps"))
+        _check_choice("save_strategy", self.save_strategy, ("no", "steps"))
         if self.num_generations_eval is None:
             self.num_generations_eval = self.num_generations
         if self.eval_steps is None:
@@ -296,7 +311,7 @@ class GRPOConfig:
 
     def _check_ranges(self) -> None:
         positive_ints = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_iterations",
-                         "max_completion_length", "logging_steps")
+                         "max_completion_length", "logging_steps", "save_steps", "max_consecutive_nonfinite_steps")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -306,6 +321,10 @@ class GRPOConfig:
                 f"GRPOConfig.num_generations={self.num_generations!r}: GRPO compares completions within a "
                 "group, so it needs at least 2 per prompt. Set num_generations to 2 or more (8 is TRL's default)."
             )
+        if self.save_total_limit is not None and (not isinstance(self.save_total_limit, int) or
+                                                  self.save_total_limit < 1):
+            raise ValueError(f"GRPOConfig.save_total_limit must be None or a positive integer, got "
+                             f"{self.save_total_limit!r}.")
         if self.temperature <= 0:
             raise ValueError(f"GRPOConfig.temperature must be > 0, got {self.temperature}.")
         if not 0 < self.top_p <= 1:

@@ -61,16 +61,25 @@ class PromptSource:
             raise TypeError("an IterableDataset has no length")
         return len(self.dataset)
 
-    def rounds(self, prompts_per_round: int, seed: int, shuffle: bool, start_epoch: int = 0
+    def rounds(self, prompts_per_round: int, seed: int, shuffle: bool, skip: int = 0
                ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-        """Yield (epoch, rows) forever, one round of unique prompts at a time; the caller decides when to stop."""
-        epoch = start_epoch
+        """Yield (epoch, rows) forever, one round of unique prompts at a time; the caller decides when to stop.
+
+        `skip` rounds are passed over first (a resumed run continues where it stopped): without reading them for a
+        Dataset, by reading and dropping them for an IterableDataset, which cannot seek.
+        """
+        epoch, skip_in_epoch = 0, skip
+        if not self.is_iterable:
+            epoch, skip_in_epoch = divmod(skip, max(len(self.dataset) // prompts_per_round, 1))
         while True:
-            for rows in self._epoch_rounds(prompts_per_round, seed + epoch, shuffle):
+            for rows in self._epoch_rounds(prompts_per_round, seed + epoch, shuffle, skip_in_epoch):
+                if skip_in_epoch > 0:
+                    skip_in_epoch -= 1
+                    continue
                 yield epoch, rows
             epoch += 1
 
-    def _epoch_rounds(self, size: int, seed: int, shuffle: bool) -> Iterator[list[dict[str, Any]]]:
+    def _epoch_rounds(self, size: int, seed: int, shuffle: bool, skip: int = 0) -> Iterator[list[dict[str, Any]]]:
         if self.is_iterable:
             stream = self.dataset.shuffle(seed=seed, buffer_size=1000) if shuffle else self.dataset
             chunk: list[dict[str, Any]] = []
@@ -84,7 +93,8 @@ class PromptSource:
         if shuffle:
             random.Random(seed).shuffle(order)
         for start in range(0, len(order) - size + 1, size):
-            yield [self.dataset[i] for i in order[start:start + size]]
+            # a round to be skipped is yielded empty: the caller drops it without its rows being read
+            yield [] if start < skip * size else [self.dataset[i] for i in order[start:start + size]]
 
 
 def tokenize_prompts(tokenizer: Any, prompts: list[Any], chat_template_kwargs: dict[str, Any] | None = None
@@ -100,3 +110,38 @@ def tokenize_prompts(tokenizer: Any, prompts: list[Any], chat_template_kwargs: d
         else:
             ids.append(tokenizer(prompt).input_ids)
     return ids
+
+
+def context_length(model_config: Any) -> int | None:
+    """Positions the model can attend over (None when its config does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_lengths(prompt_lengths: list[int], max_completion_length: int, limit: int | None) -> None:
+    """A prompt plus a full-length completion must fit the model's context, or generation fails mid-round."""
+    if limit is None:
+        return
+    for i, n in enumerate(prompt_lengths):
+        if n + max_completion_length > limit:
+            raise ValueError(
+                f"prompt {i} is {n} tokens; with max_completion_length={max_completion_length} it needs "
+                f"{n + max_completion_length} positions, more than the model's context of {limit}. Drop long prompts "
+                f"(keep those of at most {limit - max_completion_length} tokens, e.g. with dataset.filter) or lower "
+                "max_completion_length."
+            )
+
+
+def check_prompt_lengths(source: PromptSource, tokenizer: Any, model_config: Any, max_completion_length: int,
+                         chat_template_kwargs: dict[str, Any] | None = None, max_rows: int = 50_000) -> None:
+    """Check every prompt of a Dataset against the context before training starts (an IterableDataset, or one
+    of more than `max_rows` rows, is checked round by round instead)."""
+    limit = context_length(model_config)
+    if limit is None or source.is_iterable or len(source) > max_rows:
+        return
+    prompts = source.dataset["prompt"]
+    check_lengths([len(ids) for ids in tokenize_prompts(tokenizer, prompts, chat_template_kwargs)],
+                  max_completion_length, limit)

@@ -47,9 +47,12 @@ class MetricsWindow:
 class MetricsFile:
     """`metrics.jsonl`: one JSON object per logged step, flushed at once so a crash loses nothing logged."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, history: list[dict[str, Any]] | None = None):
+        """`history`: the records of a resumed run up to its checkpoint, which replace whatever the file held."""
         self.path = path
         self.file = open(path, "w", encoding="utf-8")
+        for record in history or []:
+            self.write(record)
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -62,9 +65,14 @@ class MetricsFile:
 class CompletionLog:
     """`completions.jsonl`: one JSON object per sampled completion, with its step, rewards and advantage."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_until_step: int = 0):
+        """Keeps the rows of steps up to `keep_until_step` (a resumed run's checkpoint) and drops the rest."""
         self.path = path
-        self.path.write_text("")
+        kept = []
+        if keep_until_step > 0 and path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= keep_until_step]
+        self.path.write_text("".join(kept), encoding="utf-8")
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -95,8 +103,8 @@ def _text(value: Any) -> str:
 class ProgressBar:
     """Optimizer steps with the running reward and throughput."""
 
-    def __init__(self, total: int, disable: bool = False):
-        self.bar = tqdm(total=total, desc="GRPO", unit="step", disable=disable, dynamic_ncols=True)
+    def __init__(self, total: int, disable: bool = False, initial: int = 0):
+        self.bar = tqdm(total=total, initial=initial, desc="GRPO", unit="step", disable=disable, dynamic_ncols=True)
         self.started = time.perf_counter()
         self.tokens = 0
 

@@ -34,9 +34,19 @@ from grpo.algorithm import (
     nanstd,
     policy_loss,
 )
+from grpo.checkpoint import (
+    RunPosition,
+    check_resumable,
+    checkpoints,
+    load_checkpoint,
+    model_signature,
+    prepare_output_dir,
+    save_checkpoint,
+)
 from grpo.config import GRPOConfig
-from grpo.data import PromptSource, tokenize_prompts
+from grpo.data import PromptSource, check_lengths, check_prompt_lengths, context_length, tokenize_prompts
 from grpo.evaluate import evaluate
+from grpo.guard import NonFiniteGuard, is_finite_step
 from grpo.logprobs import completion_logps, completion_logps_in_chunks
 from grpo.metrics import (
     CompletionLog,
@@ -152,17 +162,32 @@ class GRPOTrainer:
         self._shuffle = torch.Generator().manual_seed(args.seed)
 
     # ---- the outer loop ------------------------------------------------------------------------------------
-    def train(self) -> TrainerState:
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainerState:
+        """Run to max_steps (or num_train_epochs). `resume_from_checkpoint`: True for the latest checkpoint in
+        output_dir, or a checkpoint path; the run then continues exactly as if it had never stopped."""
         args = self.args
+        resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
+        # Every check comes before anything is written or generated.
+        checkpoint = prepare_output_dir(args.output_dir, resume, args.overwrite_output_dir, self.resolved_config())
+        if checkpoint is not None:
+            check_resumable(checkpoint, self.resolved_config(), model_signature(self._unwrapped_model()))
+        check_prompt_lengths(self.train_source, self.processing_class, self._unwrapped_model().config,
+                             args.max_completion_length, args.chat_template_kwargs)
         self.state = TrainerState(max_steps=self._total_steps())
         self._warned_zero_std = False
         self._create_optimizer_and_scheduler(self.state.max_steps)
+        position, window = RunPosition(), MetricsWindow()
+        if checkpoint is not None:
+            position, window_values = load_checkpoint(self, checkpoint)
+            window.values.update(window_values)
+            self.state.max_steps = self._total_steps()
+            say(f"grpo: resuming from {checkpoint} at step {self.state.global_step}")
         run_dir, resolved = self._prepare_run_dir()
-        sinks = [MetricsFile(run_dir / "metrics.jsonl")]
+        sinks = [MetricsFile(run_dir / "metrics.jsonl", history=self.state.log_history)]
         if args.report_to:
             sinks.append(Trackers(args.report_to, run_dir, args.run_name or run_dir.name, resolved))
-        completion_log = CompletionLog(run_dir / "completions.jsonl") if args.log_completions else None
-        window = MetricsWindow()
+        completion_log = (CompletionLog(run_dir / "completions.jsonl", keep_until_step=self.state.global_step)
+                          if args.log_completions else None)
         say(
             f"grpo: {self.state.max_steps} optimizer steps, {args.generation_batch_size} completions per round "
             f"({args.prompts_per_generation} prompts x {args.num_generations}), run directory {run_dir}"
@@ -170,42 +195,54 @@ class GRPOTrainer:
         if not args.needs_old_logps and args.beta == 0:
             say("grpo: training on-policy, so the logged loss stays near 0 by construction (the policy ratio is "
                 "exactly 1); its gradient is not 0. Watch `reward` to see learning.")
-        bar = ProgressBar(self.state.max_steps, disable=args.disable_tqdm)
-        rounds = self.train_source.rounds(args.prompts_per_generation, args.seed, args.shuffle_dataset)
+        bar = ProgressBar(self.state.max_steps, disable=args.disable_tqdm, initial=self.state.global_step)
+        rounds = self.train_source.rounds(args.prompts_per_generation, args.seed, args.shuffle_dataset,
+                                          skip=position.rounds_consumed)
         rounds_per_epoch = 0 if self.train_source.is_iterable else len(self.train_source) // args.prompts_per_generation
-        rounds_seen = 0
+        guard = NonFiniteGuard(args.max_consecutive_nonfinite_steps)
+        step_started, round_tokens = time.perf_counter(), 0
         try:
             while self.state.global_step < self.state.max_steps:
-                epoch, rows = next(rounds)  # epoch counts passes over an IterableDataset too
+                if position.round_done:
+                    epoch, rows = next(rounds)  # epoch counts passes over an IterableDataset too
+                    rollout, round_metrics, extra_rounds = self._generate_round(rows, rounds)
+                    position.rounds_consumed += 1 + extra_rounds
+                    position.epoch = position.rounds_consumed / rounds_per_epoch if rounds_per_epoch else epoch
+                    position.rollout, position.plan = rollout, self._optimizer_steps(len(rollout))
+                    position.next_step = 0
+                    position.round_reward = round_metrics["reward"]
+                    window.add(round_metrics)
+                    round_tokens = int(rollout.completion_mask.sum())
+                step_metrics = self.training_step(position.rollout, position.plan[position.next_step])
+                position.next_step += 1
+                step_metrics["step_time"] = time.perf_counter() - step_started
                 step_started = time.perf_counter()
-                rollout, round_metrics, extra_rounds = self._generate_round(rows, rounds)
-                rounds_seen += 1 + extra_rounds
-                window.add(round_metrics)
-                round_tokens = int(rollout.completion_mask.sum())
-                for micro_batches in self._optimizer_steps(len(rollout)):
-                    step_metrics = self.training_step(rollout, micro_batches)
-                    step_metrics["step_time"] = time.perf_counter() - step_started
-                    step_started = time.perf_counter()
-                    window.add(step_metrics)
-                    self.state.global_step += 1
-                    if args.sync_ref_model and self.state.global_step % args.ref_model_sync_steps == 0:
-                        self._sync_ref_model()
-                    self.state.epoch = rounds_seen / rounds_per_epoch if rounds_per_epoch else float(epoch)
-                    bar.update(round_metrics["reward"], round_tokens)
-                    round_tokens = 0  # a round's tokens count once, however many steps it feeds
-                    last_step = self.state.global_step == self.state.max_steps
-                    if self.state.global_step % args.logging_steps == 0 or last_step:
-                        self._log(window, sinks, completion_log, rollout)
-                    if args.eval_strategy == "steps" and (self.state.global_step % args.eval_steps == 0 or last_step):
-                        self._log_evaluation(sinks)
-                    if last_step:
-                        break
+                window.add(step_metrics)
+                self.state.global_step += 1
+                step = self.state.global_step
+                guard.record(step, is_finite_step(step_metrics), self._last_checkpoint_message)
+                if args.sync_ref_model and step % args.ref_model_sync_steps == 0:
+                    self._sync_ref_model()
+                self.state.epoch = position.epoch
+                bar.update(position.round_reward, round_tokens)
+                round_tokens = 0  # a round's tokens count once, however many steps it feeds
+                last_step = step == self.state.max_steps
+                if step % args.logging_steps == 0 or last_step:
+                    self._log(window, sinks, completion_log, position.rollout)
+                if args.eval_strategy == "steps" and (step % args.eval_steps == 0 or last_step):
+                    self._log_evaluation(sinks)
+                if args.save_strategy == "steps" and (step % args.save_steps == 0 or last_step) and guard.healthy:
+                    save_checkpoint(self, position, window.values)
         finally:
             bar.close()
             for sink in sinks:
                 sink.close()
         self.save_model()
         return self.state
+
+    def _last_checkpoint_message(self) -> str:
+        found = checkpoints(self.args.output_dir)
+        return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
 
     def _optimizer_steps(self, num_rows: int) -> list[list[torch.Tensor]]:
         """Split a round into optimizer steps of gradient_accumulation_steps micro-batches, for every pass.
@@ -252,6 +289,8 @@ class GRPOTrainer:
         args, g = self.args, num_generations or self.args.num_generations
         prompts = [row["prompt"] for row in rows]
         prompt_ids = tokenize_prompts(self.processing_class, prompts, args.chat_template_kwargs)
+        check_lengths([len(ids) for ids in prompt_ids], args.max_completion_length,  # an IterableDataset's
+                      context_length(self._unwrapped_model().config))
         self.model.eval()
         with self._autocast():
             generation = self.generator.generate(self._unwrapped_model(), prompt_ids, g)
@@ -359,12 +398,13 @@ class GRPOTrainer:
             if result.is_cispo_clipped is not None:
                 totals["cispo"] += (result.is_cispo_clipped.float() * mask).sum().item()
         grad_norm = self._clip_grad_norm()
-        self.optimizer.step()
-        self.lr_scheduler.step()
+        metrics = {"loss": totals["loss"], "grad_norm": grad_norm}
+        if is_finite_step(metrics):  # else skipped: one NaN would poison the weights and the optimizer moments
+            self.optimizer.step()
+        self.lr_scheduler.step()  # the schedule follows global_step, skipped steps included
         self.optimizer.zero_grad(set_to_none=True)
         tokens = max(counts.num_tokens, 1)
-        metrics = {"loss": totals["loss"], "grad_norm": grad_norm, "learning_rate": self.lr_scheduler.get_last_lr()[0],
-                   "entropy": totals["entropy"] / tokens}
+        metrics.update({"learning_rate": self.lr_scheduler.get_last_lr()[0], "entropy": totals["entropy"] / tokens})
         if args.entropy_coef > 0:  # TRL logs the loss before the bonus only when the bonus is on
             metrics["policy_loss"] = totals["policy_loss"]
         if args.loss_type == "cispo":
@@ -462,11 +502,15 @@ class GRPOTrainer:
                 num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
             )
 
+    def resolved_config(self) -> dict[str, Any]:
+        """The config with the model and reward functions: what `grpo_config.json` and checkpoints record."""
+        return dict(self.args.to_dict(), model=self.model.config._name_or_path,
+                    reward_funcs=[r.name for r in self.reward_funcs])
+
     def _prepare_run_dir(self) -> tuple[Path, dict[str, Any]]:
         run_dir = Path(self.args.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = dict(self.args.to_dict(), model=self.model.config._name_or_path,
-                        reward_funcs=[r.name for r in self.reward_funcs])
+        resolved = self.resolved_config()
         (run_dir / "grpo_config.json").write_text(json.dumps(resolved, indent=2, default=str))
         return run_dir, resolved
 

@@ -35,6 +35,20 @@ class RolloutEngine:
         self.generator = torch.Generator().manual_seed(seed)
         self._device_generator: torch.Generator | None = None  # created from `generator` on first CUDA use
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sampling random state, for exact resume."""
+        device = self._device_generator
+        return {"generator": self.generator.get_state(),
+                "device_generator": None if device is None else (str(device.device), device.get_state())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self._device_generator = None
+        if state["device_generator"] is not None:
+            device, device_state = state["device_generator"]
+            self._device_generator = torch.Generator(device=device)
+            self._device_generator.set_state(device_state)
+
     @torch.no_grad()
     def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation:
         prompts_per_chunk = max(1, (self.max_batch_rows or len(prompt_ids) * num_generations) // num_generations)

@@ -1,0 +1,296 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped, written so a crash cannot break one.
+
+A checkpoint is a directory `checkpoint-<step>` in the run directory:
+
+    model weights (or the PEFT adapter) and tokenizer, in `save_pretrained` format, so it also loads as a model
+    optimizer.pt, scheduler.pt     the optimizer moments and the learning-rate schedule position
+    rng_state.pt                   python, numpy, torch (CPU and CUDA), the rollout engine's and the shuffler's
+    round.pt                       the generation round in progress and its micro-batch plan
+    grpo_config.json               the config, to refuse resuming with different settings
+    trainer_state.json             step, metrics so far (log history and the open logging window), data position
+
+It is written to a hidden temporary directory that is renamed into place only once complete, so a crash during a
+save leaves the previous checkpoints intact; half-written temporaries are never picked up and are cleared later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from grpo.rollout import Rollout
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+# Settings that may change between a checkpoint and the run resuming it: they decide what is logged, saved or
+# evaluated, or how long the run goes, not the path of the optimisation up to the checkpoint.
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "run_name", "report_to", "logging_steps", "log_completions", "num_completions_to_print",
+    "disable_tqdm", "save_strategy", "save_steps", "save_total_limit", "resume_from_checkpoint",
+    "overwrite_output_dir", "max_steps", "num_train_epochs", "eval_strategy", "eval_steps",
+    "per_device_eval_batch_size", "num_generations_eval", "generation_max_batch_rows",
+    "max_consecutive_nonfinite_steps",
+    "model",  # the path may move; the model itself is compared by its parameter names and shapes
+})
+
+
+@dataclass
+class RunPosition:
+    """Where the loop is: generation rounds drawn from the data so far, and the round being trained on."""
+
+    rounds_consumed: int = 0  # rounds taken from the prompt sampler, dynamic-sampling extras included
+    epoch: float = 0.0
+    round_reward: float = 0.0  # the round's mean reward, for the progress bar
+    rollout: Rollout | None = None
+    plan: list[list[torch.Tensor]] = field(default_factory=list)  # optimizer steps, each a list of micro-batches
+    next_step: int = 0  # index into plan
+
+    @property
+    def round_done(self) -> bool:
+        return self.rollout is None or self.next_step >= len(self.plan)
+
+
+# ---- finding and checking checkpoints ------------------------------------------------------------------------
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in output_dir, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_NAME.match(p.name))
+             and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(resume: str | bool | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: None for a fresh run, the latest in output_dir for True, else the path."""
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        found = checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=True but {output_dir} holds no checkpoint (checkpoint-<step> directories). "
+                "Check output_dir, pass a checkpoint path, or start without resuming."
+            )
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        latest = checkpoints(path)  # a run directory given instead of one of its checkpoints
+        if latest:
+            return latest[-1]
+        raise FileNotFoundError(
+            f"resume_from_checkpoint='{resume}' is not a grpo checkpoint (no {STATE_FILE} in it). Pass a "
+            "checkpoint-<step> directory, a run directory that holds them, or True for the latest in output_dir."
+        )
+    return path
+
+
+def model_signature(model: torch.nn.Module) -> dict[str, Any]:
+    """What identifies a model's architecture: its class and the names and shapes of its parameters."""
+    shapes = sorted((name, tuple(p.shape)) for name, p in model.named_parameters())
+    return {"class": type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "shapes_sha1": hashlib.sha1(repr(shapes).encode()).hexdigest()}
+
+
+def check_resumable(checkpoint: Path, config: dict[str, Any], signature: dict[str, Any]) -> None:
+    """Refuse, before anything is loaded or written, a checkpoint made by a different model or settings."""
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    if state.get("model_signature") != signature:
+        raise ValueError(
+            f"checkpoint {checkpoint} was written by a different model ({state.get('model_signature')}) than the "
+            f"one given ({signature}). Resume with the model the run started with, or start a new output_dir."
+        )
+    differing = _differing_settings(json.loads((checkpoint / "grpo_config.json").read_text()), config)
+    if differing:
+        raise ValueError(
+            f"checkpoint {checkpoint} was written with different settings ({', '.join(differing[:8])}); resuming "
+            "would not continue the same run. Resume with the original settings, or start a new output_dir. Only "
+            "logging, saving, evaluation and length settings (e.g. max_steps) may change on resume."
+        )
+
+
+def prepare_output_dir(output_dir: str | Path, resume: str | bool | None, overwrite: bool,
+                       config: dict[str, Any]) -> Path | None:
+    """Before a run writes anything: the checkpoint it resumes from, or None after making sure a fresh run does not
+    overwrite another one by accident."""
+    checkpoint = find_checkpoint(resume, output_dir)
+    if checkpoint is None:
+        claim_output_dir(output_dir, overwrite, config)
+    return checkpoint
+
+
+def claim_output_dir(output_dir: str | Path, overwrite: bool, config: dict[str, Any]) -> None:
+    """A fresh run may start over a finished run of the same settings that left no checkpoint; it may not replace
+    checkpoints (a run to resume, perhaps) or a run with other settings unless asked to, and then the old
+    checkpoints are removed so that none of them is mistaken for this run's."""
+    root = Path(output_dir)
+    found = [p.name for p in checkpoints(root)]
+    saved_config = root / "grpo_config.json"
+    differing = _differing_settings(json.loads(saved_config.read_text()), config) if saved_config.is_file() else []
+    if not found and not differing:
+        return
+    if not overwrite:
+        held = f"checkpoints {', '.join(found[-3:])}" if found else f"a run with other settings ({differing[0]})"
+        raise FileExistsError(
+            f"output_dir {root} already holds {held}. Resume it with train(resume_from_checkpoint=True) "
+            "(`grpo train --resume`), replace it with overwrite_output_dir=True, or choose another output_dir."
+        )
+    for name in found:
+        shutil.rmtree(root / name)
+
+
+def _differing_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'field: saved -> current' for each setting that changes the course of a run."""
+    current = json.loads(json.dumps(current, default=str))
+    names = sorted(k for k in set(saved) | set(current)
+                   if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in names]
+
+
+# ---- writing -----------------------------------------------------------------------------------------------
+def save_checkpoint(trainer: Any, position: RunPosition, window_values: dict[str, list[float]]) -> Path:
+    """Write checkpoint-<global_step> atomically, then drop the oldest beyond save_total_limit."""
+    args, step = trainer.args, trainer.state.global_step
+    root = Path(args.output_dir)
+    target = root / f"checkpoint-{step}"
+    staging = root / f".checkpoint-{step}.tmp"
+    for stale in root.glob(".checkpoint-*.tmp"):  # left by a crash during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+    staging.mkdir(parents=True)
+    _write_contents(trainer, position, window_values, staging)
+    _fsync_tree(staging)
+    if target.exists():  # the same step saved again (e.g. a resumed run): swap, never leave a gap
+        retired = root / f".checkpoint-{step}.old.tmp"
+        os.replace(target, retired)
+        os.replace(staging, target)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staging, target)
+    _fsync_dir(root)
+    if args.save_total_limit is not None:
+        for old in checkpoints(root)[:-args.save_total_limit]:
+            shutil.rmtree(old)
+    return target
+
+
+def _write_contents(trainer: Any, position: RunPosition, window_values: dict[str, list[float]], out: Path) -> None:
+    model = trainer._unwrapped_model()
+    model.save_pretrained(out)
+    trainer.processing_class.save_pretrained(out)
+    torch.save(trainer.optimizer.state_dict(), out / "optimizer.pt")
+    torch.save(trainer.lr_scheduler.state_dict(), out / "scheduler.pt")
+    torch.save(rng_state(trainer), out / "rng_state.pt")
+    if trainer.args.sync_ref_model and trainer.ref_model is not None:  # TR-DPO moves the reference too
+        torch.save(trainer.ref_model.state_dict(), out / "ref_model.pt")
+    rollout = None if position.rollout is None else {
+        f.name: getattr(position.rollout, f.name) for f in dataclasses.fields(position.rollout)}
+    torch.save({"rollout": rollout, "plan": position.plan}, out / "round.pt")
+    (out / "grpo_config.json").write_text(json.dumps(trainer.resolved_config(), indent=2, default=str))
+    state = {
+        **dataclasses.asdict(trainer.state),
+        "rounds_consumed": position.rounds_consumed, "round_epoch": position.epoch,
+        "round_reward": position.round_reward, "next_step": position.next_step,
+        "logging_window": window_values, "model_signature": model_signature(model),
+    }
+    (out / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: its presence marks a complete checkpoint
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- reading -----------------------------------------------------------------------------------------------
+def load_checkpoint(trainer: Any, checkpoint: Path) -> tuple[RunPosition, dict[str, list[float]]]:
+    """Restore model, optimizer, schedule, RNGs and trainer state; return the loop position and logging window."""
+    load_weights(trainer._unwrapped_model(), checkpoint)
+    trainer.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    trainer.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    if (checkpoint / "ref_model.pt").exists() and trainer.ref_model is not None:
+        trainer.ref_model.load_state_dict(torch.load(checkpoint / "ref_model.pt", weights_only=True))
+    restore_rng_state(trainer, torch.load(checkpoint / "rng_state.pt", weights_only=True))
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    for name in ("global_step", "epoch", "num_input_tokens_seen", "log_history"):
+        setattr(trainer.state, name, state[name])
+    saved_round = torch.load(checkpoint / "round.pt", weights_only=True)
+    rollout = Rollout(**saved_round["rollout"]) if saved_round["rollout"] is not None else None
+    position = RunPosition(rounds_consumed=state["rounds_consumed"], epoch=state["round_epoch"],
+                           round_reward=state["round_reward"], rollout=rollout, plan=saved_round["plan"],
+                           next_step=state["next_step"])
+    return position, state["logging_window"]
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Load weights written by `save_pretrained`: a PEFT adapter, or the full (possibly sharded) state dict."""
+    adapter = checkpoint / "adapter_model.safetensors"
+    if adapter.exists() and hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(adapter))
+        return
+    weights: dict[str, torch.Tensor] = {}
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        weights.update(load_file(shard))
+    own = model.state_dict()
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    loaded_storage = {own[name].data_ptr() for name in weights if name in own}
+    untied = [name for name in missing if own[name].data_ptr() not in loaded_storage]  # tied ones came along
+    if not weights or untied or unexpected:
+        raise ValueError(f"checkpoint {checkpoint} does not match the model: missing {untied[:5]}, unexpected "
+                         f"{unexpected[:5]}. Resume with the model the run started with.")
+
+
+def rng_state(trainer: Any) -> dict[str, Any]:
+    """Every random state the run draws from: the global ones and the trainer's own generators."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached": cached},
+        "torch": torch.get_rng_state(),
+        "shuffle": trainer._shuffle.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if hasattr(trainer.generator, "state_dict"):
+        state["generator"] = trainer.generator.state_dict()
+    return state
+
+
+def restore_rng_state(trainer: Any, state: dict[str, Any]) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    trainer._shuffle.set_state(state["shuffle"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "generator" in state and hasattr(trainer.generator, "load_state_dict"):
+        trainer.generator.load_state_dict(state["generator"])
