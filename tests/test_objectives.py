@@ -380,7 +380,7 @@ def test_normalisers_count_the_optimizer_step_not_the_round(tmp_path, tiny_model
     trainer._create_optimizer_and_scheduler(1)
     rollout, _ = trainer.generate_and_score(list(length_task(4)))
     assert len(rollout) == 16 and rollout.old_logps is not None  # the round spans two steps: pi_old is kept
-    first_step = trainer._optimizer_steps(len(rollout))[0]
+    first_step = trainer._optimizer_steps(rollout)[0]
     start = snapshot(trainer.model)
     trainer.training_step(rollout, first_step)
     in_round = {n: p.detach() - start[n] for n, p in trainer.model.named_parameters()}
@@ -537,3 +537,32 @@ def test_num_iterations_two_stores_old_logps_once_and_moves_the_ratio(tmp_path, 
     assert len(old_logp_passes) == 1  # one round, two optimizer steps: pi_old computed once (beta = 0: no ref)
     assert ratio_moves[0] < 1e-5  # first pass: the policy is still pi_old
     assert ratio_moves[1] > 1e-3  # second pass: the first step moved it
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_length_bucketing_leaves_the_update_unchanged(tmp_path, tiny_model_dir, loss_type):
+    """An optimizer step's rows are sorted by length into micro-batches (less padding); the update must equal the
+    one from the same rows in shuffled micro-batches."""
+    trainer = sgd_trainer(tmp_path, tiny_model_dir, gradient_accumulation_steps=4, per_device_train_batch_size=4,
+                          loss_type=loss_type)
+    trainer._create_optimizer_and_scheduler(1)
+    rollout, _ = trainer.generate_and_score(list(length_task(4)))
+    bucketed = trainer._optimizer_steps(rollout)[0]
+    rows = torch.cat(bucketed)
+    lengths = (rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1))[rows]
+    assert torch.equal(lengths, lengths.sort().values)  # sorted within the step
+    assert lengths.unique().numel() > 1  # the test needs uneven rows to mean anything
+    shuffled = list(rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))].split(4))
+
+    def padded_width(micro_batches):
+        return sum(rollout.select(m).completion_ids.shape[1] * len(m) for m in micro_batches)
+
+    assert padded_width(bucketed) <= padded_width(shuffled)
+    start = snapshot(trainer.model)
+    trainer.training_step(rollout, bucketed)
+    first = {n: p.detach() - start[n] for n, p in trainer.model.named_parameters()}
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            param.copy_(start[name])
+    trainer.training_step(rollout, shuffled)
+    assert_same_update(first, {n: p.detach() - start[n] for n, p in trainer.model.named_parameters()})

@@ -377,3 +377,23 @@ def test_trust_remote_code_reaches_model_loading(tmp_path, tiny_model_dir, monke
     assert args.model_init_kwargs == {"dtype": "float32", "trust_remote_code": True}
     GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8))
     assert seen["trust_remote_code"] is True and seen["dtype"] == torch.float32
+
+
+def test_no_forward_pass_the_math_does_not_need(tmp_path, tiny_model_dir, monkeypatch):
+    """beta = 0: no reference model; fully on-policy: no old-policy pass. The only passes with the policy in
+    training mode are the micro-batches' own forwards."""
+    import grpo.trainer as trainer_module
+
+    no_grad_passes, training_forwards = [], []
+    real = trainer_module.completion_logps_in_chunks
+    monkeypatch.setattr(trainer_module, "completion_logps_in_chunks",
+                        lambda *a, **k: no_grad_passes.append(1) or real(*a, **k))
+    args = small_args(tmp_path, beta=0.0, gradient_accumulation_steps=2, per_device_train_batch_size=4,
+                      max_steps=3)
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8))
+    assert trainer.ref_model is None and not args.needs_old_logps
+    body = trainer.model.model  # the decoder body: every pass runs it, whether or not through model.forward
+    body.register_forward_hook(lambda m, i, o: training_forwards.append(1) if m.training else None)
+    trainer.train()
+    assert no_grad_passes == []
+    assert len(training_forwards) == 3 * 2  # 3 steps x 2 micro-batches

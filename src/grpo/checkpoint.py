@@ -105,9 +105,16 @@ def model_signature(model: torch.nn.Module) -> dict[str, Any]:
             "shapes_sha1": hashlib.sha1(repr(shapes).encode()).hexdigest()}
 
 
-def check_resumable(checkpoint: Path, config: dict[str, Any], signature: dict[str, Any]) -> None:
+def check_resumable(checkpoint: Path, config: dict[str, Any], signature: dict[str, Any],
+                    num_processes: int = 1) -> None:
     """Refuse, before anything is loaded or written, a checkpoint made by a different model or settings."""
     state = json.loads((checkpoint / STATE_FILE).read_text())
+    if state.get("num_processes", 1) != num_processes:
+        raise ValueError(
+            f"checkpoint {checkpoint} was written by {state.get('num_processes', 1)} processes and this run has "
+            f"{num_processes}; each process resumes its own random state and rows, so resume with "
+            f"{state.get('num_processes', 1)} processes."
+        )
     if state.get("model_signature") != signature:
         raise ValueError(
             f"checkpoint {checkpoint} was written by a different model ({state.get('model_signature')}) than the "
@@ -123,16 +130,16 @@ def check_resumable(checkpoint: Path, config: dict[str, Any], signature: dict[st
 
 
 def prepare_output_dir(output_dir: str | Path, resume: str | bool | None, overwrite: bool,
-                       config: dict[str, Any]) -> Path | None:
+                       config: dict[str, Any], delete: bool = True) -> Path | None:
     """Before a run writes anything: the checkpoint it resumes from, or None after making sure a fresh run does not
-    overwrite another one by accident."""
+    overwrite another one by accident. Every process checks (so all raise alike); only one may `delete`."""
     checkpoint = find_checkpoint(resume, output_dir)
     if checkpoint is None:
-        claim_output_dir(output_dir, overwrite, config)
+        claim_output_dir(output_dir, overwrite, config, delete)
     return checkpoint
 
 
-def claim_output_dir(output_dir: str | Path, overwrite: bool, config: dict[str, Any]) -> None:
+def claim_output_dir(output_dir: str | Path, overwrite: bool, config: dict[str, Any], delete: bool = True) -> None:
     """A fresh run may start over a finished run of the same settings that left no checkpoint; it may not replace
     checkpoints (a run to resume, perhaps) or a run with other settings unless asked to, and then the old
     checkpoints are removed so that none of them is mistaken for this run's."""
@@ -148,7 +155,7 @@ def claim_output_dir(output_dir: str | Path, overwrite: bool, config: dict[str, 
             f"output_dir {root} already holds {held}. Resume it with train(resume_from_checkpoint=True) "
             "(`grpo train --resume`), replace it with overwrite_output_dir=True, or choose another output_dir."
         )
-    for name in found:
+    for name in found if delete else []:
         shutil.rmtree(root / name)
 
 
@@ -163,17 +170,31 @@ def _differing_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[
 # ---- writing -----------------------------------------------------------------------------------------------
 def save_checkpoint(trainer: Any, position: RunPosition, window_values: dict[str, list[float]]) -> Path:
     """Write checkpoint-<global_step> atomically, then drop the oldest beyond save_total_limit."""
-    args, step = trainer.args, trainer.state.global_step
+    args, step, processes = trainer.args, trainer.state.global_step, trainer.processes
     root = Path(args.output_dir)
     target = root / f"checkpoint-{step}"
     staging = root / f".checkpoint-{step}.tmp"
-    for stale in root.glob(".checkpoint-*.tmp"):  # left by a crash during an earlier save
-        shutil.rmtree(stale, ignore_errors=True)
-    staging.mkdir(parents=True)
+    if processes.is_main:
+        for stale in root.glob(".checkpoint-*.tmp"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir(parents=True)
+    processes.wait()
+    _write_process_state(trainer, position, staging)  # every process: its random states and its rows
+    processes.wait()
+    if processes.is_main:
+        _publish(trainer, position, window_values, staging, target)
+    processes.wait()
+    return target
+
+
+def _publish(trainer: Any, position: RunPosition, window_values: dict[str, list[float]], staging: Path,
+             target: Path) -> None:
+    """The main process writes the shared state, then renames the complete checkpoint into place."""
+    args, root = trainer.args, target.parent
     _write_contents(trainer, position, window_values, staging)
     _fsync_tree(staging)
     if target.exists():  # the same step saved again (e.g. a resumed run): swap, never leave a gap
-        retired = root / f".checkpoint-{step}.old.tmp"
+        retired = root / f".{target.name}.old.tmp"
         os.replace(target, retired)
         os.replace(staging, target)
         shutil.rmtree(retired)
@@ -183,7 +204,17 @@ def save_checkpoint(trainer: Any, position: RunPosition, window_values: dict[str
     if args.save_total_limit is not None:
         for old in checkpoints(root)[:-args.save_total_limit]:
             shutil.rmtree(old)
-    return target
+
+
+def _per_process(stem: str, processes: Any) -> str:
+    return f"{stem}.pt" if processes.count == 1 else f"{stem}_{processes.rank}.pt"
+
+
+def _write_process_state(trainer: Any, position: RunPosition, out: Path) -> None:
+    torch.save(rng_state(trainer), out / _per_process("rng_state", trainer.processes))
+    rollout = None if position.rollout is None else {
+        f.name: getattr(position.rollout, f.name) for f in dataclasses.fields(position.rollout)}
+    torch.save({"rollout": rollout, "plan": position.plan}, out / _per_process("round", trainer.processes))
 
 
 def _write_contents(trainer: Any, position: RunPosition, window_values: dict[str, list[float]], out: Path) -> None:
@@ -192,18 +223,15 @@ def _write_contents(trainer: Any, position: RunPosition, window_values: dict[str
     trainer.processing_class.save_pretrained(out)
     torch.save(trainer.optimizer.state_dict(), out / "optimizer.pt")
     torch.save(trainer.lr_scheduler.state_dict(), out / "scheduler.pt")
-    torch.save(rng_state(trainer), out / "rng_state.pt")
     if trainer.args.sync_ref_model and trainer.ref_model is not None:  # TR-DPO moves the reference too
         torch.save(trainer.ref_model.state_dict(), out / "ref_model.pt")
-    rollout = None if position.rollout is None else {
-        f.name: getattr(position.rollout, f.name) for f in dataclasses.fields(position.rollout)}
-    torch.save({"rollout": rollout, "plan": position.plan}, out / "round.pt")
     (out / "grpo_config.json").write_text(json.dumps(trainer.resolved_config(), indent=2, default=str))
     state = {
         **dataclasses.asdict(trainer.state),
         "rounds_consumed": position.rounds_consumed, "round_epoch": position.epoch,
         "round_reward": position.round_reward, "next_step": position.next_step,
         "logging_window": window_values, "model_signature": model_signature(model),
+        "num_processes": trainer.processes.count,
     }
     (out / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: its presence marks a complete checkpoint
 
@@ -232,11 +260,12 @@ def load_checkpoint(trainer: Any, checkpoint: Path) -> tuple[RunPosition, dict[s
     trainer.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     if (checkpoint / "ref_model.pt").exists() and trainer.ref_model is not None:
         trainer.ref_model.load_state_dict(torch.load(checkpoint / "ref_model.pt", weights_only=True))
-    restore_rng_state(trainer, torch.load(checkpoint / "rng_state.pt", weights_only=True))
+    restore_rng_state(trainer, torch.load(checkpoint / _per_process("rng_state", trainer.processes),
+                                          weights_only=True))
     state = json.loads((checkpoint / STATE_FILE).read_text())
     for name in ("global_step", "epoch", "num_input_tokens_seen", "log_history"):
         setattr(trainer.state, name, state[name])
-    saved_round = torch.load(checkpoint / "round.pt", weights_only=True)
+    saved_round = torch.load(checkpoint / _per_process("round", trainer.processes), weights_only=True)
     rollout = Rollout(**saved_round["rollout"]) if saved_round["rollout"] is not None else None
     position = RunPosition(rounds_consumed=state["rounds_consumed"], epoch=state["round_epoch"],
                            round_reward=state["round_reward"], rollout=rollout, plan=saved_round["plan"],

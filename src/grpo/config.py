@@ -417,6 +417,14 @@ class GRPOConfig:
             self.steps_per_generation = self.generation_batch_size // per_step
         if self.generation_batch_size % self.num_generations != 0:
             raise ValueError(self._indivisible_round_message())
+        local_rows = self.generation_batch_size // self.world_size
+        if self.world_size > 1 and local_rows % self.num_generations != 0:
+            raise ValueError(
+                f"With {self.world_size} processes each generates {local_rows} completions a round "
+                f"(per_device_train_batch_size x steps_per_generation), which must be whole groups of "
+                f"num_generations={self.num_generations}: make per_device_train_batch_size x steps_per_generation "
+                f"a multiple of {self.num_generations}."
+            )
         passes = self.steps_per_generation * self.num_iterations
         if passes % self.gradient_accumulation_steps != 0:
             raise ValueError(

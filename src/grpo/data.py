@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from datasets import Dataset, IterableDataset
+from pyarrow import ArrowException
 
 
 def is_conversational(prompt: Any) -> bool:
@@ -30,11 +31,20 @@ def check_prompt(prompt: Any, where: str) -> None:
 class PromptSource:
     """A training set as rows: a `datasets.Dataset`, an `IterableDataset` or a list of dicts."""
 
-    def __init__(self, dataset: Any, name: str = "train_dataset"):
+    def __init__(self, dataset: Any, name: str = "train_dataset", max_rows_checked: int = 50_000):
         if isinstance(dataset, list):
             if dataset and not all(isinstance(row, dict) for row in dataset):
                 raise TypeError(f"{name} is a list whose items are not all dicts; give rows like {{'prompt': ...}}.")
-            dataset = Dataset.from_list(dataset) if dataset else Dataset.from_dict({})
+            for i, row in enumerate(dataset):  # before Arrow, whose error for mixed types names no row
+                if "prompt" in row:
+                    check_prompt(row["prompt"], f"{name}[{i}]")
+                elif i > 0 and "prompt" in dataset[0]:
+                    raise ValueError(f"{name}[{i}] has no 'prompt' (its keys: {list(row)}); every row needs one.")
+            try:
+                dataset = Dataset.from_list(dataset) if dataset else Dataset.from_dict({})
+            except (TypeError, ValueError, ArrowException) as e:
+                raise TypeError(f"{name} cannot become a table ({e}); every row must have the same columns, each "
+                                "holding values of one type.") from e
         if not isinstance(dataset, (Dataset, IterableDataset)):
             raise TypeError(
                 f"{name} is a {type(dataset).__name__}; pass a datasets.Dataset, a datasets.IterableDataset or a "
@@ -52,6 +62,9 @@ class PromptSource:
             fix = f"rename it with dataset.rename_column('{hint}', 'prompt')" if hint else "add a 'prompt' column"
             raise ValueError(f"{name} has no 'prompt' column (its columns: {columns}); {fix}.")
         check_prompt(first["prompt"], f"{name}[0]")
+        if not self.is_iterable and len(dataset) <= max_rows_checked:  # one column read; a null hides in Arrow
+            for i, prompt in enumerate(dataset["prompt"]):
+                check_prompt(prompt, f"{name}[{i}]")
         self.first_row = first
         self.columns = list(first)
         self.conversational = is_conversational(first["prompt"])

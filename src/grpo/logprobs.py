@@ -1,13 +1,48 @@
-"""Forward passes of a causal LM that return per-token log-probs of completion tokens."""
+"""Forward passes of a causal LM that return per-token log-probs of completion tokens.
+
+The vocabulary is the widest axis of a causal LM: the logits of B rows x C completion tokens are B*C*V floats
+(8 x 512 x 32k float32 = 512 MiB, x 5 with a 152k vocabulary), and autograd would keep them and their log-softmax
+for the backward pass. So the decoder body runs alone, and the final hidden states of the completion tokens go
+through the LM head a chunk of tokens at a time, sized to a memory budget (`LOGITS_CHUNK_BYTES`):
+
+    z = h W^T + b,   logp(y) = z_y / T - logsumexp_v(z_v / T),   H = logsumexp_v(z_v / T) - sum_v p_v z_v / T
+
+with the log-sum-exp in float32. With gradients, `_LinearTokenLogps` saves only h, W, b and the log-sum-exp and
+recomputes each chunk's logits in the backward pass, so no (B, C, V) tensor exists at any time. Models whose
+forward is not exactly `decoder -> lm_head` (logit soft-capping, logit scaling, prompt-learning adapters, ...) take
+the full-logits path, as do models without a separate decoder body.
+"""
 
 from __future__ import annotations
 
+import functools
 import inspect
+import re
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from grpo.algorithm import entropy_from_logits, selective_log_softmax
+
+LOGITS_CHUNK_BYTES = 128 * 2**20
+"""Budget for one chunk of float32 logits: tokens per chunk = LOGITS_CHUNK_BYTES / (4 * vocab). The LM head's
+transient memory is about twice this (the logits and their exponentials), whatever the batch and length."""
+
+# Config fields of models whose logits are rescaled or soft-capped after the LM head; the forward-source check
+# below catches these too, this is a second line of defence.
+LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logits_soft_cap",
+                          "lm_head_multiplier", "output_multiplier")
+
+# What a `*ForCausalLM.forward` does between the decoder body and the loss when its logits are plain h W^T + b:
+# transformers >= 5 slices with `slice_logits_to_keep`, 4.5x with `slice_indices`.
+_PLAIN_HEADS = (
+    ["hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)", "logits = self.lm_head(hidden_states)"],
+    ["slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep",
+     "logits = self.lm_head(hidden_states[:, slice_indices, :])"],
+)
+_BODY_CALL = re.compile(r"^outputs(?:\s*:\s*[\w.\[\], ]+)?\s*=\s*self\.(\w+)\(")
 
 
 def completion_logps(
@@ -19,30 +54,82 @@ def completion_logps(
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
+    *,
+    chunk_bytes: int = LOGITS_CHUNK_BYTES,
+    chunked: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(completion_t | prompt, completion_<t) / temperature-scaled, shape (B, C), and optionally entropy
-    (carrying gradient only with `entropy_grad`, for the entropy bonus).
+    """log pi(completion_t | prompt, completion_<t) / temperature-scaled, shape (B, C) float32, and optionally
+    entropy (carrying gradient only with `entropy_grad`, for the entropy bonus).
 
     Position ids come from the attention mask, so a left-padded prompt sees the same positions it saw during
-    generation. Only the last C + 1 positions' logits are computed where the model supports `logits_to_keep`.
+    generation. On the chunked path (`chunked` and a model whose forward is `decoder -> lm_head`) only tokens with
+    completion_mask = 1 go through the LM head, `chunk_bytes` of float32 logits at a time, and padded positions
+    read 0. Otherwise the model returns the logits of the last C + 1 positions (where it supports
+    `logits_to_keep`) and padded positions hold the log-probs of the pad token.
     """
     device = next(model.parameters()).device
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1).to(device)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    completion_ids, completion_mask = completion_ids.to(device), completion_mask.to(device)
+    inputs = _model_inputs(prompt_ids.to(device), prompt_mask.to(device), completion_ids, completion_mask)
+    parts = lm_body_and_head(model) if chunked else None
+    if parts is None:
+        return _full_logits_logps(model, inputs, completion_ids, temperature, with_entropy, entropy_grad)
+    body, head = parts
     width = completion_ids.size(1)
-    kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False)
-    if accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = width + 1
-    logits = model(**kwargs).logits[:, -(width + 1):-1]
-    logits = logits / temperature
-    completion_ids = completion_ids.to(device)
-    logps = selective_log_softmax(logits, completion_ids)
-    entropy = None
-    if with_entropy:
-        entropy = entropy_from_logits(logits if entropy_grad else logits.detach())
-    return logps, entropy
+    hidden = body(**inputs).last_hidden_state[:, -(width + 1):-1]  # position t predicts completion token t
+    mask = completion_mask.bool()
+    chunk_tokens = max(1, chunk_bytes // (4 * vocab_size(head)))
+    logps, entropy = token_logps(hidden[mask], head, completion_ids[mask], temperature, chunk_tokens, entropy_grad)
+    return _unpack(logps, mask), _unpack(entropy, mask) if with_entropy else None
+
+
+def token_logps(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    targets: torch.Tensor,
+    temperature: float,
+    chunk_tokens: int,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (log p(target), entropy) of softmax(head(hidden) / T), both (N,) float32, from hidden (N, H) and
+    targets (N,), `chunk_tokens` rows of logits at a time.
+
+    Without autograd: plain chunks. With it: `_LinearTokenLogps` for an `nn.Linear` head (entropy detached),
+    checkpointed chunks for other heads (a PEFT-wrapped lm_head) or when the entropy needs a gradient.
+    """
+    if not torch.is_grad_enabled():
+        stats = [_chunk_stats(h, head, y, temperature) for h, y in _chunks(hidden, targets, chunk_tokens)]
+        return torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])
+    if type(head) is torch.nn.Linear and not entropy_grad:
+        return _LinearTokenLogps.apply(hidden, head.weight, head.bias, targets, temperature, chunk_tokens)
+    stats = [checkpoint(_differentiable_chunk_stats, h, head, y, temperature, use_reentrant=False)
+             for h, y in _chunks(hidden, targets, chunk_tokens)]
+    logps, entropy = torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])
+    return logps, entropy if entropy_grad else entropy.detach()
+
+
+def lm_body_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder body, LM head) of a causal LM whose logits are exactly lm_head(body(...).last_hidden_state), or
+    None where that cannot be relied on: soft-capped or rescaled logits, a forward that does more, a head that is
+    not a (PEFT-wrapped) `nn.Linear`, or a prompt-learning PEFT adapter (it changes the inputs)."""
+    base = model
+    if hasattr(model, "get_base_model"):  # PEFT: LoRA-style adapters live inside the base model's modules
+        peft_config = getattr(model, "active_peft_config", None)
+        if peft_config is None or getattr(peft_config, "is_prompt_learning", True):
+            return None
+        base = model.get_base_model()
+    body_name = _body_attribute(type(base))
+    config = getattr(base, "config", None)
+    if body_name is None or config is None or _transforms_logits(config):
+        return None
+    body, head = getattr(base, body_name, None), getattr(base, "lm_head", None)
+    if not isinstance(body, torch.nn.Module) or not _is_linear_head(head):
+        return None
+    return body, head
+
+
+def vocab_size(head: torch.nn.Module) -> int:
+    """Output width of an `nn.Linear` head or of a PEFT layer wrapping one."""
+    return head.out_features if type(head) is torch.nn.Linear else head.base_layer.out_features
 
 
 def accepts_logits_to_keep(model: Any) -> bool:
@@ -60,3 +147,180 @@ def completion_logps_in_chunks(model: Any, rollout: Any, temperature: float, chu
                                     rollout.completion_ids[rows], rollout.completion_mask[rows], temperature)
         pieces.append(logps.float().cpu())
     return torch.cat(pieces)
+
+
+# ---- the chunked LM head -------------------------------------------------------------------------------------
+class _LinearTokenLogps(torch.autograd.Function):
+    """(log p(y_i), H_i) of softmax(z_i / T) with z = h W^T + b, computed `chunk` tokens at a time.
+
+    Forward per chunk: z / T in float32, lse = logsumexp(z / T), logp = z_y / T - lse, H = lse - sum_v p_v z_v / T.
+    Saves h, W, b and lse (O(N) floats beyond the inputs). Backward recomputes each chunk's logits:
+
+        dL/dz_iv = g_i (1[v = y_i] - p_iv) / T,  dL/dh = dL/dz W,  dL/dW = sum_chunks dL/dz^T h,  dL/db = sum_i dL/dz_i
+
+    with g = dL/dlogp. H is returned without gradient. Under autocast the matmuls run in the autocast dtype, as
+    `lm_head` would; dL/dW is accumulated in float32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, temperature: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = _compute_dtype(hidden.device, weight.dtype)
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        logps, entropies, lses = [], [], []
+        with _no_autocast(hidden.device):
+            for h, y in _chunks(hidden, targets, chunk):
+                logp, entropy, lse = _softmax_stats(_linear_logits(h.to(dtype), w, b, temperature), y)
+                logps.append(logp), entropies.append(entropy), lses.append(lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(lses))
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
+        entropy = torch.cat(entropies)
+        ctx.mark_non_differentiable(entropy)
+        return torch.cat(logps), entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logps: torch.Tensor, _grad_entropy: Any) -> tuple[Any, ...]:
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        temperature, chunk, dtype = ctx.temperature, ctx.chunk, ctx.dtype
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        with _no_autocast(hidden.device):
+            for start in range(0, max(len(hidden), 1), chunk):
+                rows = slice(start, start + chunk)
+                h = hidden[rows].to(dtype)
+                grad_z = _logits_grad(_linear_logits(h, w, b, temperature), targets[rows], lse[rows],
+                                      grad_logps[rows].float(), temperature)
+                if grad_b is not None:
+                    grad_b += grad_z.sum(0)
+                grad_z = grad_z.to(dtype)
+                if grad_h is not None:
+                    grad_h[rows] = grad_z @ w
+                if grad_w is not None:
+                    grad_w += grad_z.t() @ h
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+
+def _linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   temperature: float) -> torch.Tensor:
+    """(h W^T + b) / T as a fresh float32 (n, V) tensor, for use without autograd (it is divided in place)."""
+    return torch.nn.functional.linear(hidden, weight, bias).float().div_(temperature)
+
+
+def _softmax_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp(y), entropy, lse) of softmax(logits), logits (n, V) float32, without autograd.
+
+    lse = m + log sum_v e_v with e_v = exp(z_v - m), m = max_v z_v;  H = lse - sum_v e_v z_v / sum_v e_v.
+    One (n, V) temporary (e) beyond the logits.
+    """
+    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    peak = logits.amax(1, keepdim=True)
+    exps = (logits - peak).exp_()
+    total = exps.sum(1)
+    lse = peak.squeeze(1) + total.log()
+    entropy = lse - exps.mul_(logits).sum(1) / total
+    return picked - lse, entropy, lse
+
+
+def _logits_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """dL/dz = g (onehot(y) - softmax(z / T)) / T, computed in place over `logits` (z / T, float32)."""
+    probs = logits.sub_(lse.unsqueeze(1)).exp_()
+    grad_z = probs.mul_(-grad.unsqueeze(1))
+    grad_z.scatter_add_(1, targets.unsqueeze(1), grad.unsqueeze(1))
+    return grad_z.div_(temperature)
+
+
+def _chunk_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp(y), entropy) of one chunk without autograd; an `nn.Linear` head computes as `_LinearTokenLogps`."""
+    if type(head) is torch.nn.Linear:
+        dtype = _compute_dtype(hidden.device, head.weight.dtype)
+        bias = None if head.bias is None else head.bias.to(dtype)
+        with _no_autocast(hidden.device):
+            logits = _linear_logits(hidden.to(dtype), head.weight.to(dtype), bias, temperature)
+    else:
+        logits = head(hidden).float().div_(temperature)
+    logp, entropy, _ = _softmax_stats(logits, targets)
+    return logp, entropy
+
+
+def _differentiable_chunk_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp(y), entropy) of one chunk through autograd: log_softmax(head(h) / T)[y], -sum_v p_v log p_v."""
+    logp_all = torch.log_softmax(head(hidden).float() / temperature, dim=-1)
+    picked = logp_all.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return picked, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def _chunks(hidden: torch.Tensor, targets: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive (hidden, targets) row chunks; one empty chunk when there are no rows, so outputs keep a graph."""
+    return [(hidden[i:i + size], targets[i:i + size]) for i in range(0, max(len(hidden), 1), size)]
+
+
+def _unpack(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Values of the masked-in positions back into mask's (B, C) shape, 0 elsewhere (differentiable)."""
+    return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+
+def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype `lm_head` would run its matmul in here: the autocast dtype where autocast is on."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+
+
+def _no_autocast(device: torch.device) -> AbstractContextManager:
+    return torch.autocast(device.type, enabled=False)
+
+
+# ---- which models can take the chunked path ----------------------------------------------------------------
+@functools.cache
+def _body_attribute(cls: type) -> str | None:
+    """Name of the decoder-body attribute when `cls.forward` computes lm_head(body(...).last_hidden_state) and
+    nothing else on the way to the logits; None otherwise (read from the forward's source)."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError, AttributeError):
+        return None
+    code = source.rsplit('"""', 1)[-1]  # after the docstring
+    lines = [line.split("#", 1)[0].strip() for line in code.splitlines()]
+    lines = [line for line in lines if line]
+    try:
+        start = lines.index("hidden_states = outputs.last_hidden_state")
+        end = lines.index("loss = None", start)
+    except ValueError:
+        return None
+    calls = [m.group(1) for m in map(_BODY_CALL.match, lines[:start]) if m]
+    return calls[0] if len(calls) == 1 and lines[start + 1:end] in _PLAIN_HEADS else None
+
+
+def _transforms_logits(config: Any) -> bool:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return any(getattr(text, name, None) is not None for name in LOGIT_TRANSFORM_FIELDS)
+
+
+def _is_linear_head(head: Any) -> bool:
+    """An `nn.Linear`, or a PEFT layer (LoRA, ...) wrapping one."""
+    return type(head) is torch.nn.Linear or type(getattr(head, "base_layer", None)) is torch.nn.Linear
+
+
+# ---- the full-logits path ------------------------------------------------------------------------------------
+def _model_inputs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                  completion_mask: torch.Tensor) -> dict[str, Any]:
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+
+
+def _full_logits_logps(model: Any, inputs: dict[str, Any], completion_ids: torch.Tensor, temperature: float,
+                       with_entropy: bool, entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's own logits for the last C + 1 positions, then a float32 log-softmax (rows chunked)."""
+    width = completion_ids.size(1)
+    kwargs = dict(inputs, logits_to_keep=width + 1) if accepts_logits_to_keep(model) else inputs
+    logits = model(**kwargs).logits[:, -(width + 1):-1] / temperature
+    logps = selective_log_softmax(logits, completion_ids)
+    entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if with_entropy else None
+    return logps, entropy

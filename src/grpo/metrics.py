@@ -10,11 +10,15 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
+
+from grpo.algorithm import nanstd
 
 
 def say(message: str) -> None:
@@ -79,6 +83,30 @@ class CompletionLog:
             f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
+def round_metrics(reward_names: list[str], rewards_per_func: torch.Tensor, rewards: torch.Tensor,
+                  group_std: torch.Tensor, lengths: torch.Tensor, is_eos: torch.Tensor) -> dict[str, float]:
+    """TRL's metrics of one generation round (all processes' rows): completion lengths, how many ran to the
+    limit, the weighted reward and each function's, and the share of groups whose rewards were all equal."""
+    terminated = lengths[is_eos]
+    metrics = {
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": 1.0 - is_eos.float().mean().item(),
+        "completions/mean_terminated_length": terminated.mean().item() if len(terminated) else math.nan,
+        "completions/min_terminated_length": terminated.min().item() if len(terminated) else math.nan,
+        "completions/max_terminated_length": terminated.max().item() if len(terminated) else math.nan,
+        "reward": torch.nanmean(rewards).item(),
+        "reward_std": nanstd(rewards).item(),
+        "frac_reward_zero_std": torch.isclose(group_std.nan_to_num(0.0), torch.zeros_like(group_std)).float()
+        .mean().item(),
+    }
+    for i, name in enumerate(reward_names):
+        metrics[f"rewards/{name}/mean"] = torch.nanmean(rewards_per_func[:, i]).item()
+        metrics[f"rewards/{name}/std"] = nanstd(rewards_per_func[:, i]).item()
+    return metrics
+
+
 def completion_rows(rollout: Any, reward_names: list[str], step: int) -> list[dict[str, Any]]:
     """One record per completion of a round: prompt, completion, each reward (None where not applicable) and
     the advantage, texts flattened for display."""
@@ -135,3 +163,57 @@ def format_completions_table(rows: list[dict[str, Any]], max_rows: int | None, w
     lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(v.ljust(w) for v, w in zip(line, widths)) for line in cells]
     return "\n".join(lines)
+
+
+ZERO_STD_WARNING = (
+    "{:.0%} of groups had the same reward for every completion in the last logging window: they give no "
+    "learning signal. Make the task easier or the reward more graded, raise num_generations or temperature."
+)
+
+
+class RunLog:
+    """Where a run's numbers go: the logging window, the log history, `metrics.jsonl`, the trackers,
+    `completions.jsonl` and the console. Only the process that `writes` (the main one) touches files or prints;
+    the others keep the same window and history, so every process holds the same state."""
+
+    def __init__(self, run_dir: Path, args: Any, resolved: dict[str, Any], history: list[dict[str, Any]],
+                 resumed_step: int, writes: bool):
+        from grpo.trackers import Trackers
+
+        self.window, self.history, self.writes = MetricsWindow(), history, writes
+        self.num_completions_to_print = args.num_completions_to_print
+        self.sinks: list[Any] = []
+        self.completions = None
+        if writes:
+            self.sinks.append(MetricsFile(run_dir / "metrics.jsonl", history=history))
+            if args.report_to:
+                self.sinks.append(Trackers(args.report_to, run_dir, args.run_name or run_dir.name, resolved))
+            if args.log_completions:
+                self.completions = CompletionLog(run_dir / "completions.jsonl", keep_until_step=resumed_step)
+        self.warned_zero_std = False
+
+    def say(self, message: str) -> None:
+        if self.writes:
+            say(message)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        for sink in self.sinks:
+            sink.write(record)
+
+    def flush(self, step: int, epoch: float, rollout: Any, reward_names: list[str]) -> None:
+        """Write the window's averages as the record of `step`, with the last round's completions if asked."""
+        record = {"step": step, "epoch": round(epoch, 4), **self.window.average()}
+        self.window.clear()
+        self.write(record)
+        if (record.get("frac_reward_zero_std") or 0.0) >= 0.5 and not self.warned_zero_std and self.writes:
+            self.warned_zero_std = True  # once per run: a converged run keeps tripping it
+            warnings.warn(ZERO_STD_WARNING.format(record["frac_reward_zero_std"]), stacklevel=4)
+        if self.completions is not None:
+            rows = completion_rows(rollout, reward_names, step)
+            self.completions.write(rows)
+            say(format_completions_table(rows, self.num_completions_to_print))
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from grpo.embedded import EMBEDDED_MODEL_ID, tiny_model_path
 
@@ -49,15 +50,13 @@ def load_causal_lm(model: str | PreTrainedModel, model_init_kwargs: dict[str, An
             f"could not load model '{model}': {e}\nPass a local directory with config.json and weights, or a hub id "
             "(downloading needs network access)."
         ) from e
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, **_init_kwargs(model_init_kwargs))
-    except ValueError as e:
-        if "Unrecognized configuration class" in str(e):
-            raise ValueError(
-                f"model '{model}' is not a causal language model (its config is {type(config).__name__}); GRPO "
-                "needs one that AutoModelForCausalLM can load."
-            ) from e
-        raise
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote:  # before any weights are read
+        raise ValueError(
+            f"model '{model}' is not a causal language model (its config is {type(config).__name__}); GRPO "
+            "needs one that AutoModelForCausalLM can load, such as a Llama, Qwen2 or GPT-2 checkpoint."
+        )
+    return AutoModelForCausalLM.from_pretrained(path, **_init_kwargs(model_init_kwargs))
 
 
 def _trusts_remote_code(model_init_kwargs: dict[str, Any] | None) -> bool:
@@ -94,3 +93,20 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+def enable_gradient_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:
+    # transformers 5.23 renamed gradient checkpointing to activation checkpointing; older versions lack the new name.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def wrap_peft(model: PreTrainedModel, peft_config: Any) -> Any:
+    try:
+        from peft import get_peft_model
+    except ImportError as e:
+        raise ImportError("peft_config needs the peft library: pip install 'grpo[peft]'") from e
+    return get_peft_model(model, peft_config)

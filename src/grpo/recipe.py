@@ -19,13 +19,13 @@ import yaml
 
 from grpo.config import GRPOConfig, did_you_mean
 from grpo.embedded import TASKS
-from grpo.rewards import builtin, reasoning
+from grpo.rewards import builtin, reasoning, sandbox
 
 RUN_KEYS = ("model", "dataset", "reward_funcs")
 BUILTIN_REWARDS = {
     "length": builtin.length_reward, "accuracy": builtin.accuracy_reward,
     "math_accuracy": reasoning.math_accuracy_reward, "strict_format": reasoning.strict_format_reward,
-    "soft_format": reasoning.soft_format_reward,
+    "soft_format": reasoning.soft_format_reward, "code_execution": sandbox.code_execution_reward,
 }
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 

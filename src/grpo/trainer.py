@@ -10,7 +10,6 @@ import copy
 import json
 import math
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -31,7 +30,6 @@ from grpo.algorithm import (
     entropy_threshold,
     kl_k3,
     mix_into,
-    nanstd,
     policy_loss,
 )
 from grpo.checkpoint import (
@@ -45,27 +43,21 @@ from grpo.checkpoint import (
 )
 from grpo.config import GRPOConfig
 from grpo.data import PromptSource, check_lengths, check_prompt_lengths, context_length, tokenize_prompts
+from grpo.distributed import Processes, accelerator_kwargs, check_distributed_support
 from grpo.evaluate import evaluate
 from grpo.guard import NonFiniteGuard, is_finite_step
 from grpo.logprobs import completion_logps, completion_logps_in_chunks
-from grpo.metrics import (
-    CompletionLog,
-    MetricsFile,
-    MetricsWindow,
-    ProgressBar,
-    completion_rows,
-    format_completions_table,
-    say,
+from grpo.metrics import ProgressBar, RunLog, round_metrics
+from grpo.models import (
+    disable_dropout,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    load_tokenizer,
+    reference_model,
+    wrap_peft,
 )
-from grpo.models import disable_dropout, load_causal_lm, load_tokenizer, reference_model
 from grpo.rewards import compute_rewards, prepare_reward_funcs
-from grpo.rollout import Generator, Rollout, RolloutEngine, TransformersGenerator
-from grpo.trackers import Trackers
-
-ZERO_STD_WARNING = (
-    "{:.0%} of groups had the same reward for every completion in the last logging window: they give no "
-    "learning signal. Make the task easier or the reward more graded, raise num_generations or temperature."
-)
+from grpo.rollout import Generator, Rollout, default_generator
 
 
 @dataclass
@@ -123,9 +115,9 @@ class GRPOTrainer:
         if args.use_vllm:
             raise NotImplementedError("use_vllm=True: the vLLM backend is not implemented yet; set use_vllm=False.")
 
-        self.accelerator = Accelerator(cpu=args.use_cpu)
-        if self.accelerator.num_processes > 1:
-            raise NotImplementedError("multi-process training is not implemented yet; run a single process.")
+        self.accelerator = Accelerator(**accelerator_kwargs(args))
+        self.processes = Processes(self.accelerator)
+        check_distributed_support(self.accelerator, args)
         self.device = self.accelerator.device
         set_seed(args.seed)
         model_source = model
@@ -137,26 +129,29 @@ class GRPOTrainer:
             )
         model = load_causal_lm(model, args.model_init_kwargs)
         if peft_config is not None:
-            model = _wrap_peft(model, peft_config)
+            model = wrap_peft(model, peft_config)
         if args.disable_dropout:
             disable_dropout(model)
         if args.gradient_checkpointing:
-            _enable_checkpointing(model, args.gradient_checkpointing_kwargs or {"use_reentrant": False})
+            enable_gradient_checkpointing(model, args.gradient_checkpointing_kwargs or {"use_reentrant": False})
             if peft_config is not None:
                 model.enable_input_require_grads()
         self.model = model.to(self.device)
+        if self.processes.count > 1:  # DDP: gradients are averaged over processes in backward
+            self.model = self.accelerator.prepare_model(self.model)
         self.ref_model = None
         if args.sync_ref_model and peft_config is not None:
             raise ValueError("sync_ref_model=True needs a separate reference model; with PEFT the reference is the "
                              "base model with the adapter off, which is not updated. Set sync_ref_model=False.")
         if args.beta > 0 and peft_config is None:  # with PEFT the reference is the model with the adapter off
-            self.ref_model = reference_model(self.model, model_source, args.model_init_kwargs).to(self.device)
+            self.ref_model = reference_model(self._unwrapped_model(), model_source,
+                                             args.model_init_kwargs).to(self.device)
             if args.disable_dropout:
                 disable_dropout(self.ref_model)
         self.use_bf16 = args.bf16 if args.bf16 is not None else (
             self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
-        self.generator = generator or _default_generator(self.processing_class, args)
+        self.generator = generator or default_generator(self.processing_class, args, self.processes.rank)
         self.state = TrainerState()
         self.optimizer, self.lr_scheduler = optimizers  # as in transformers: (None, None) builds AdamW + schedule
         self._shuffle = torch.Generator().manual_seed(args.seed)
@@ -168,34 +163,33 @@ class GRPOTrainer:
         args = self.args
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
         # Every check comes before anything is written or generated.
-        checkpoint = prepare_output_dir(args.output_dir, resume, args.overwrite_output_dir, self.resolved_config())
+        checkpoint = prepare_output_dir(args.output_dir, resume, args.overwrite_output_dir, self.resolved_config(),
+                                        delete=self.processes.is_main)
+        self.processes.wait()  # every process has seen output_dir before the main one writes to it
         if checkpoint is not None:
-            check_resumable(checkpoint, self.resolved_config(), model_signature(self._unwrapped_model()))
+            check_resumable(checkpoint, self.resolved_config(), model_signature(self._unwrapped_model()),
+                            self.processes.count)
         check_prompt_lengths(self.train_source, self.processing_class, self._unwrapped_model().config,
                              args.max_completion_length, args.chat_template_kwargs)
         self.state = TrainerState(max_steps=self._total_steps())
-        self._warned_zero_std = False
         self._create_optimizer_and_scheduler(self.state.max_steps)
-        position, window = RunPosition(), MetricsWindow()
+        position, window_values = RunPosition(), {}
         if checkpoint is not None:
             position, window_values = load_checkpoint(self, checkpoint)
-            window.values.update(window_values)
-            self.state.max_steps = self._total_steps()
-            say(f"grpo: resuming from {checkpoint} at step {self.state.global_step}")
         run_dir, resolved = self._prepare_run_dir()
-        sinks = [MetricsFile(run_dir / "metrics.jsonl", history=self.state.log_history)]
-        if args.report_to:
-            sinks.append(Trackers(args.report_to, run_dir, args.run_name or run_dir.name, resolved))
-        completion_log = (CompletionLog(run_dir / "completions.jsonl", keep_until_step=self.state.global_step)
-                          if args.log_completions else None)
-        say(
+        main = self.processes.is_main  # only the main process writes and prints
+        self.log = log = RunLog(run_dir, args, resolved, self.state.log_history, self.state.global_step, main)
+        log.window.values.update(window_values)
+        if checkpoint is not None:
+            log.say(f"grpo: resuming from {checkpoint} at step {self.state.global_step}")
+        log.say(
             f"grpo: {self.state.max_steps} optimizer steps, {args.generation_batch_size} completions per round "
             f"({args.prompts_per_generation} prompts x {args.num_generations}), run directory {run_dir}"
         )
         if not args.needs_old_logps and args.beta == 0:
-            say("grpo: training on-policy, so the logged loss stays near 0 by construction (the policy ratio is "
-                "exactly 1); its gradient is not 0. Watch `reward` to see learning.")
-        bar = ProgressBar(self.state.max_steps, disable=args.disable_tqdm, initial=self.state.global_step)
+            log.say("grpo: training on-policy, so the logged loss stays near 0 by construction (the policy ratio is "
+                    "exactly 1); its gradient is not 0. Watch `reward` to see learning.")
+        bar = ProgressBar(self.state.max_steps, disable=args.disable_tqdm or not main, initial=self.state.global_step)
         rounds = self.train_source.rounds(args.prompts_per_generation, args.seed, args.shuffle_dataset,
                                           skip=position.rounds_consumed)
         rounds_per_epoch = 0 if self.train_source.is_iterable else len(self.train_source) // args.prompts_per_generation
@@ -205,19 +199,19 @@ class GRPOTrainer:
             while self.state.global_step < self.state.max_steps:
                 if position.round_done:
                     epoch, rows = next(rounds)  # epoch counts passes over an IterableDataset too
-                    rollout, round_metrics, extra_rounds = self._generate_round(rows, rounds)
+                    rollout, generated, extra_rounds = self._generate_round(self.processes.shard(rows), rounds)
                     position.rounds_consumed += 1 + extra_rounds
                     position.epoch = position.rounds_consumed / rounds_per_epoch if rounds_per_epoch else epoch
-                    position.rollout, position.plan = rollout, self._optimizer_steps(len(rollout))
+                    position.rollout, position.plan = rollout, self._optimizer_steps(rollout)
                     position.next_step = 0
-                    position.round_reward = round_metrics["reward"]
-                    window.add(round_metrics)
+                    position.round_reward = generated["reward"]
+                    log.window.add(generated)
                     round_tokens = int(rollout.completion_mask.sum())
                 step_metrics = self.training_step(position.rollout, position.plan[position.next_step])
                 position.next_step += 1
                 step_metrics["step_time"] = time.perf_counter() - step_started
                 step_started = time.perf_counter()
-                window.add(step_metrics)
+                log.window.add(step_metrics)
                 self.state.global_step += 1
                 step = self.state.global_step
                 guard.record(step, is_finite_step(step_metrics), self._last_checkpoint_message)
@@ -228,15 +222,14 @@ class GRPOTrainer:
                 round_tokens = 0  # a round's tokens count once, however many steps it feeds
                 last_step = step == self.state.max_steps
                 if step % args.logging_steps == 0 or last_step:
-                    self._log(window, sinks, completion_log, position.rollout)
-                if args.eval_strategy == "steps" and (step % args.eval_steps == 0 or last_step):
-                    self._log_evaluation(sinks)
+                    log.flush(step, self.state.epoch, position.rollout, [r.name for r in self.reward_funcs])
+                if args.eval_strategy == "steps" and (step % args.eval_steps == 0 or last_step) and main:
+                    self._log_evaluation()
                 if args.save_strategy == "steps" and (step % args.save_steps == 0 or last_step) and guard.healthy:
-                    save_checkpoint(self, position, window.values)
+                    save_checkpoint(self, position, log.window.values)
         finally:
             bar.close()
-            for sink in sinks:
-                sink.close()
+            log.close()
         self.save_model()
         return self.state
 
@@ -244,17 +237,25 @@ class GRPOTrainer:
         found = checkpoints(self.args.output_dir)
         return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
 
-    def _optimizer_steps(self, num_rows: int) -> list[list[torch.Tensor]]:
+    def _optimizer_steps(self, rollout: Rollout) -> list[list[torch.Tensor]]:
         """Split a round into optimizer steps of gradient_accumulation_steps micro-batches, for every pass.
 
         The rows are shuffled once per round, so when a round feeds several optimizer steps each sees a mix of
-        prompts; every pass (num_iterations) reuses that order.
+        prompts; every pass (num_iterations) reuses that order. Within a step the rows are sorted by length
+        before they are cut into micro-batches, so each micro-batch is padded only to rows of similar length:
+        the step's rows, and so its normalised loss, are the same whatever the order.
         """
         args = self.args
-        order = torch.randperm(num_rows, generator=self._shuffle)
+        lengths = rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1)
+        order = torch.randperm(len(rollout), generator=self._shuffle)
         micro_batches = list(order.split(args.per_device_train_batch_size)) * args.num_iterations
         ga = args.gradient_accumulation_steps
-        return [micro_batches[i:i + ga] for i in range(0, len(micro_batches), ga)]
+        steps = []
+        for start in range(0, len(micro_batches), ga):
+            rows = torch.cat(micro_batches[start:start + ga])
+            by_length = rows[torch.argsort(lengths[rows], stable=True)]
+            steps.append(list(by_length.split(args.per_device_train_batch_size)))
+        return steps
 
     # ---- one generation round ------------------------------------------------------------------------------
     def _generate_round(self, rows: list[dict[str, Any]], rounds: Iterator[Any]) -> tuple[Rollout, dict, int]:
@@ -305,48 +306,34 @@ class GRPOTrainer:
                           zip(generation.completion_ids, generation.completion_mask)]
         rewards_per_func = compute_rewards(self.reward_funcs, repeated_prompts, completions, completion_ids,
                                            columns, trainer_state=self.state)
-        rewards = combine_rewards(rewards_per_func, self.reward_weights)
+        # A training round is global: advantages and metrics see every process's rows, as one process would.
+        spread = self.processes if for_loss else Processes.alone()
+        all_rewards_per_func = spread.gather(rewards_per_func)
+        rewards = combine_rewards(all_rewards_per_func, self.reward_weights)
         advantages, group_std = MULTI_OBJECTIVE_AGGREGATIONS[args.multi_objective_aggregation](
-            rewards_per_func, self.reward_weights, g, args.scale_rewards)
+            all_rewards_per_func, self.reward_weights, g, args.scale_rewards)
         rollout = Rollout(
             prompt_ids=generation.prompt_ids, prompt_mask=generation.prompt_mask,
             completion_ids=generation.completion_ids, completion_mask=generation.completion_mask,
-            is_eos=generation.is_eos, advantages=advantages, rewards_per_func=rewards_per_func,
+            is_eos=generation.is_eos, advantages=spread.own_rows(advantages), rewards_per_func=rewards_per_func,
             sampling_logps=generation.sampling_logps,
             prompts=repeated_prompts, completions=completions,
         )
         chunk = args.per_device_train_batch_size
         with self._autocast():
             if args.needs_old_logps and for_loss:  # the policy moves within the round, so pi_old must be remembered
-                rollout.old_logps = completion_logps_in_chunks(self.model, rollout, args.temperature, chunk)
+                rollout.old_logps = completion_logps_in_chunks(self._unwrapped_model(), rollout, args.temperature,
+                                                               chunk)
             if args.beta > 0 and for_loss:
                 with self._reference_model() as ref:
                     rollout.ref_logps = completion_logps_in_chunks(ref, rollout, args.temperature, chunk)
         if for_loss:  # num_tokens counts training tokens only
-            self.state.num_input_tokens_seen += int(generation.prompt_mask.sum() + generation.completion_mask.sum())
-        return rollout, self._round_metrics(rollout, rewards, group_std)
-
-    def _round_metrics(self, rollout: Rollout, rewards: torch.Tensor, group_std: torch.Tensor) -> dict[str, float]:
-        lengths = rollout.completion_mask.sum(1).float()
-        terminated = lengths[rollout.is_eos]
-        metrics = {
-            "num_tokens": float(self.state.num_input_tokens_seen),
-            "completions/mean_length": lengths.mean().item(),
-            "completions/min_length": lengths.min().item(),
-            "completions/max_length": lengths.max().item(),
-            "completions/clipped_ratio": 1.0 - rollout.is_eos.float().mean().item(),
-            "completions/mean_terminated_length": terminated.mean().item() if len(terminated) else math.nan,
-            "completions/min_terminated_length": terminated.min().item() if len(terminated) else math.nan,
-            "completions/max_terminated_length": terminated.max().item() if len(terminated) else math.nan,
-            "reward": torch.nanmean(rewards).item(),
-            "reward_std": nanstd(rewards).item(),
-            "frac_reward_zero_std": torch.isclose(group_std.nan_to_num(0.0), torch.zeros_like(group_std)).float()
-            .mean().item(),
-        }
-        for i, reward in enumerate(self.reward_funcs):
-            metrics[f"rewards/{reward.name}/mean"] = torch.nanmean(rollout.rewards_per_func[:, i]).item()
-            metrics[f"rewards/{reward.name}/std"] = nanstd(rollout.rewards_per_func[:, i]).item()
-        return metrics
+            tokens = spread.sum({"tokens": float(generation.prompt_mask.sum() + generation.completion_mask.sum())})
+            self.state.num_input_tokens_seen += int(tokens["tokens"])
+        lengths = spread.gather(rollout.completion_mask.sum(1).float())
+        metrics = round_metrics([r.name for r in self.reward_funcs], all_rewards_per_func, rewards, group_std,
+                                lengths, spread.gather(rollout.is_eos.long()).bool())
+        return rollout, {"num_tokens": float(self.state.num_input_tokens_seen), **metrics}
 
     # ---- one optimizer step --------------------------------------------------------------------------------
     def training_step(self, rollout: Rollout, micro_batches: list[torch.Tensor]) -> dict[str, float]:
@@ -356,10 +343,11 @@ class GRPOTrainer:
         does not depend on how the step's rows are split into micro-batches.
         """
         args = self.args
-        step_rows = torch.cat(micro_batches)
-        counts = StepCounts(
-            num_sequences=len(step_rows),
-            num_tokens=int(self._loss_mask(rollout.select(step_rows)).sum()),
+        step_rows, processes = torch.cat(micro_batches), self.processes
+        local_tokens = float(self._loss_mask(rollout.select(step_rows)).sum())
+        counts = StepCounts(  # the whole global step: every process's rows
+            num_sequences=len(step_rows) * processes.count,
+            num_tokens=int(processes.sum({"tokens": local_tokens})["tokens"]),
             max_completion_length=args.max_completion_length,
         )
         objective = OBJECTIVES[args.loss_type]
@@ -390,13 +378,16 @@ class GRPOTrainer:
             totals["policy_loss"] += loss.item()
             if args.entropy_coef > 0:  # a token mean over the step, like the dapo normaliser: split-invariant
                 loss = loss - args.entropy_coef * entropy_sum / max(counts.num_tokens, 1)
-            self.accelerator.backward(loss)
+            last = i == len(micro_batches) - 1
+            with nullcontext() if last else self.accelerator.no_sync(self.model):  # sync gradients once a step
+                self.accelerator.backward(loss * processes.count)  # DDP averages; the step's loss is their sum
             totals["loss"] += loss.item()
             totals["entropy"] += entropy_sum.item()
             totals["low"] += (result.is_low_clipped.float() * mask).sum().item()
             totals["high"] += (result.is_high_clipped.float() * mask).sum().item()
             if result.is_cispo_clipped is not None:
                 totals["cispo"] += (result.is_cispo_clipped.float() * mask).sum().item()
+        totals = processes.sum(totals)
         grad_norm = self._clip_grad_norm()
         metrics = {"loss": totals["loss"], "grad_norm": grad_norm}
         if is_finite_step(metrics):  # else skipped: one NaN would poison the weights and the optimizer moments
@@ -449,22 +440,7 @@ class GRPOTrainer:
         return float(self.accelerator.clip_grad_norm_(params, max_norm))
 
     # ---- logging -------------------------------------------------------------------------------------------
-    def _log(self, window: MetricsWindow, sinks: list[Any], completion_log: CompletionLog | None,
-             rollout: Rollout) -> None:
-        record = {"step": self.state.global_step, "epoch": round(self.state.epoch, 4), **window.average()}
-        window.clear()
-        self.state.log_history.append(record)
-        for sink in sinks:
-            sink.write(record)
-        if (record.get("frac_reward_zero_std") or 0.0) >= 0.5 and not self._warned_zero_std:
-            self._warned_zero_std = True  # once per run: a converged run keeps tripping it
-            warnings.warn(ZERO_STD_WARNING.format(record["frac_reward_zero_std"]), stacklevel=3)
-        if completion_log is not None:
-            rows = completion_rows(rollout, [r.name for r in self.reward_funcs], self.state.global_step)
-            completion_log.write(rows)
-            say(format_completions_table(rows, self.args.num_completions_to_print))
-
-    def _log_evaluation(self, sinks: list[Any]) -> None:
+    def _log_evaluation(self) -> None:
         """Mean reward, each function's mean and pass@1 on eval_dataset, logged with the eval_ prefix."""
         args = self.args
         if self._eval_rows is None:
@@ -473,9 +449,7 @@ class GRPOTrainer:
                            prompts_per_batch=args.per_device_eval_batch_size // args.num_generations_eval)
         record = {"step": self.state.global_step, "eval_reward": results["mean_reward"],
                   **{f"eval_{k}": v for k, v in results.items() if k.startswith(("rewards/", "pass@"))}}
-        self.state.log_history.append(record)
-        for sink in sinks:
-            sink.write(record)
+        self.log.write(record)
 
     # ---- set-up helpers ------------------------------------------------------------------------------------
     def _total_steps(self) -> int:
@@ -504,14 +478,15 @@ class GRPOTrainer:
 
     def resolved_config(self) -> dict[str, Any]:
         """The config with the model and reward functions: what `grpo_config.json` and checkpoints record."""
-        return dict(self.args.to_dict(), model=self.model.config._name_or_path,
+        return dict(self.args.to_dict(), model=self._unwrapped_model().config._name_or_path,
                     reward_funcs=[r.name for r in self.reward_funcs])
 
     def _prepare_run_dir(self) -> tuple[Path, dict[str, Any]]:
         run_dir = Path(self.args.output_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         resolved = self.resolved_config()
-        (run_dir / "grpo_config.json").write_text(json.dumps(resolved, indent=2, default=str))
+        if self.processes.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "grpo_config.json").write_text(json.dumps(resolved, indent=2, default=str))
         return run_dir, resolved
 
     def _autocast(self) -> Any:
@@ -534,6 +509,9 @@ class GRPOTrainer:
     def save_model(self, output_dir: str | None = None, merge_adapter: bool = False) -> None:
         """Write the model (or PEFT adapter) and tokenizer in `save_pretrained` format. With `merge_adapter`, a
         LoRA adapter is merged into a copy of the base weights, which loads as a plain causal LM."""
+        self.processes.wait()
+        if not self.processes.is_main:
+            return
         target = Path(output_dir or self.args.output_dir)
         target.mkdir(parents=True, exist_ok=True)
         model = self._unwrapped_model()
@@ -541,26 +519,3 @@ class GRPOTrainer:
             model = copy.deepcopy(model).merge_and_unload()  # a copy: training goes on with the adapter
         model.save_pretrained(target)
         self.processing_class.save_pretrained(target)
-
-
-def _default_generator(tokenizer: Any, args: GRPOConfig) -> Generator:
-    if args.generation_backend == "transformers":
-        return TransformersGenerator(tokenizer, args, max_batch_rows=args.generation_max_batch_rows)
-    return RolloutEngine(tokenizer, args, max_batch_rows=args.generation_max_batch_rows, seed=args.seed)
-
-
-def _enable_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:
-    # transformers 5.23 renamed gradient checkpointing to activation checkpointing; older versions lack the new name.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(base, "activation_checkpointing_enable"):
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def _wrap_peft(model: PreTrainedModel, peft_config: Any) -> Any:
-    try:
-        from peft import get_peft_model
-    except ImportError as e:
-        raise ImportError("peft_config needs the peft library: pip install 'grpo[peft]'") from e
-    return get_peft_model(model, peft_config)

@@ -2,8 +2,19 @@
 
 from grpo.rewards.builtin import accuracy_reward, completion_text, length_reward, overlong_penalty
 from grpo.rewards.contract import RewardFunction, RewardModel, compute_rewards, prepare_reward_funcs
+from grpo.rewards.sandbox import (
+    Isolation,
+    SandboxLimits,
+    SandboxResult,
+    code_execution_reward,
+    detect_isolation,
+    extract_code,
+    make_code_execution_reward,
+    run_sandboxed,
+)
 
 __all__ = [
-    "RewardFunction", "RewardModel", "accuracy_reward", "completion_text", "compute_rewards", "length_reward",
-    "overlong_penalty", "prepare_reward_funcs",
+    "Isolation", "RewardFunction", "RewardModel", "SandboxLimits", "SandboxResult", "accuracy_reward",
+    "code_execution_reward", "completion_text", "compute_rewards", "detect_isolation", "extract_code",
+    "length_reward", "make_code_execution_reward", "overlong_penalty", "prepare_reward_funcs", "run_sandboxed",
 ]

@@ -119,7 +119,18 @@ def _call(reward: RewardFunction, kwargs: dict[str, Any], completions: list[Any]
     try:
         return reward.func(**kwargs)
     except Exception as e:
-        raise _reward_error(reward, e, completions) from e
+        raise _reward_error(reward, e, completions, _first_failing(reward, kwargs, len(completions))) from e
+
+
+def _first_failing(reward: RewardFunction, kwargs: dict[str, Any], n: int, most: int = 64) -> int | None:
+    """Index of the first completion the function fails on when called on it alone, so the error can show it."""
+    for i in range(min(n, most)):
+        one = {k: v[i:i + 1] if isinstance(v, list) and len(v) == n else v for k, v in kwargs.items()}
+        try:
+            reward.func(**one)
+        except Exception:
+            return i
+    return None
 
 
 async def _call_async(reward: RewardFunction, kwargs: dict[str, Any], completions: list[Any]) -> Any:
@@ -129,12 +140,17 @@ async def _call_async(reward: RewardFunction, kwargs: dict[str, Any], completion
         raise _reward_error(reward, e, completions) from e
 
 
-def _reward_error(reward: RewardFunction, error: Exception, completions: list[Any]) -> RuntimeError:
-    sample = repr(completions[0])[:200] if completions else "<none>"
+def _reward_error(reward: RewardFunction, error: Exception, completions: list[Any],
+                  failing: int | None = None) -> RuntimeError:
+    if failing is not None:
+        shown = f"it fails on completion {failing}: {repr(completions[failing])[:200]}"
+    else:
+        shown = f"the first: {repr(completions[0])[:200]}" if completions else "none"
     return RuntimeError(
         f"reward function '{reward.name}' raised {type(error).__name__}: {error}. It was called with "
-        f"{len(completions)} completions (the first: {sample}) and keyword arguments prompts, completions, "
-        "completion_ids, trainer_state and one per dataset column; accept **kwargs for the ones you don't use."
+        f"{len(completions)} completions ({shown}) and keyword arguments prompts, completions, "
+        "completion_ids, trainer_state and one per dataset column; accept **kwargs for the ones you don't use, "
+        "and return None for a completion the function cannot score."
     )
 
 

@@ -1,0 +1,147 @@
+"""Two processes (torchrun, gloo, CPU) train exactly like one: same update, one writer, exact resume.
+
+Sampling draws from each process's own random stream, so a two-process run samples other completions than a
+one-process run. To compare the updates, these tests use a generator whose completions depend only on the prompt:
+the training math (groups, advantages, the loss normaliser, gradient averaging) is then all that differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    import torch
+    from grpo import GRPOConfig, GRPOTrainer
+    from grpo.embedded import TASKS
+    from grpo.models import load_causal_lm
+    from grpo.rollout.base import Generation, left_pad
+
+    class PromptSeededGenerator:
+        """Completions that depend only on the prompt, wherever and with whatever batch they are generated."""
+
+        def generate(self, model, prompt_ids, num_generations):
+            rows, lengths, eos = [], [], []
+            for ids in prompt_ids:
+                g = torch.Generator().manual_seed(sum((i + 1) * t for i, t in enumerate(ids)))
+                for _ in range(num_generations):
+                    n = int(torch.randint(2, 12, (1,), generator=g))
+                    rows.append(torch.randint(3, 90, (n,), generator=g).tolist())
+                    eos.append(n < 9)
+            width = max(map(len, rows))
+            completion_ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+            completion_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            prompts, prompt_mask = left_pad([ids for ids in prompt_ids for _ in range(num_generations)], 0)
+            return Generation(prompts, prompt_mask, completion_ids, completion_mask, torch.tensor(eos))
+
+    def reward_len(completions, **kwargs):
+        return [-abs(6 - len(c)) for c in completions]
+
+    def run(output_dir, generator=None, resume=False, **overrides):
+        settings = dict(output_dir=output_dir, num_generations=4, max_completion_length=12, max_steps=1,
+                        logging_steps=1, gradient_checkpointing=False, disable_tqdm=True, seed=5,
+                        lr_scheduler_type="constant", save_strategy="no")
+        settings.update(overrides)
+        args = GRPOConfig(**settings)
+        optimizers = (None, None)
+        if generator is not None:  # params -= grad: the saved model minus the initial one is the update
+            model = load_causal_lm("grpo:tiny")
+            sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+            optimizers = (sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0))
+        else:
+            model = "grpo:tiny"
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=args, optimizers=optimizers,
+                              train_dataset=TASKS["length"][0](16, seed=1), generator=generator)
+        trainer.train(resume_from_checkpoint=True if resume else None)
+
+    root, mode, per_device = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if mode == "updates":
+        for case in json.loads(sys.argv[4]):
+            run(f"{root}/{case.pop('name')}", PromptSeededGenerator(), per_device_train_batch_size=per_device,
+                max_grad_norm=0.0, **case)
+    elif mode == "train":  # the real engine; a 4-step run in one go, and one stopped at step 2
+        run(f"{root}/whole", per_device_train_batch_size=per_device, max_steps=4, save_strategy="steps",
+            save_steps=2, learning_rate=1e-2)
+        run(f"{root}/split", per_device_train_batch_size=per_device, max_steps=2, save_strategy="steps",
+            save_steps=2, learning_rate=1e-2)
+    elif mode == "resume":
+        run(f"{root}/split", per_device_train_batch_size=per_device, max_steps=4, save_strategy="steps",
+            save_steps=2, learning_rate=1e-2, resume=True)
+''')
+
+CASES = [  # gradient_accumulation_steps > 1 and batch reward scaling need the global view too
+    dict(name="dapo", loss_type="dapo"),
+    dict(name="grpo", loss_type="grpo"),
+    dict(name="dr_grpo", loss_type="dr_grpo", gradient_accumulation_steps=2, scale_rewards="batch"),
+]
+
+
+def _launch(script: Path, root: Path, processes: int, mode: str, per_device: int, cases=None) -> None:
+    command = [sys.executable, str(script), str(root), mode, str(per_device)]
+    if processes > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   *command[1:]]
+    if cases is not None:
+        command.append(json.dumps(cases))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    first_error = done.stderr.find("Traceback")
+    assert done.returncode == 0, done.stderr[first_error:first_error + 4000]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One launch per layout: one process with batch 2B, two processes with batch B each."""
+    root = tmp_path_factory.mktemp("distributed")
+    script = root / "train.py"
+    script.write_text(SCRIPT)
+    _launch(script, root / "one", 1, "updates", 8, [dict(c) for c in CASES])
+    _launch(script, root / "two", 2, "updates", 4, [dict(c) for c in CASES])
+    _launch(script, root / "two", 2, "train", 4)
+    _launch(script, root / "two", 2, "resume", 4)
+    return root, script
+
+
+@pytest.mark.parametrize("case", [c["name"] for c in CASES])
+def test_two_processes_take_the_same_update_as_one_with_twice_the_batch(runs, case):
+    from grpo.embedded import tiny_model_path
+
+    root, _ = runs
+    initial = load_file(Path(tiny_model_path()) / "model.safetensors")
+    one = load_file(root / "one" / case / "model.safetensors")
+    two = load_file(root / "two" / case / "model.safetensors")
+    largest = max((one[n] - initial[n]).abs().max().item() for n in initial)
+    assert largest > 1e-4  # the step moved the weights
+    for name in initial:
+        torch.testing.assert_close(two[name] - initial[name], one[name] - initial[name],
+                                   atol=1e-6 * max(largest, 1.0), rtol=1e-4)
+    one_log = json.loads((root / "one" / case / "metrics.jsonl").read_text())
+    two_log = json.loads((root / "two" / case / "metrics.jsonl").read_text())
+    for name in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "num_tokens", "loss"):
+        assert two_log[name] == pytest.approx(one_log[name], rel=1e-5, abs=1e-7), name  # metrics of the whole run
+
+
+def test_two_process_run_writes_once_and_resumes_exactly(runs):
+    root, _ = runs
+    whole, split = root / "two" / "whole", root / "two" / "split"
+    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # one writer: each step logged once
+    assert (whole / "model.safetensors").is_file()
+    assert {p.name for p in (whole / "checkpoint-4").glob("*_?.pt")} == {
+        "rng_state_0.pt", "rng_state_1.pt", "round_0.pt", "round_1.pt"}  # each process's own state
+    resumed = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for expected, actual in zip(records, resumed):
+        for name, value in expected.items():
+            if name != "step_time" and isinstance(value, float):
+                assert actual[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (expected["step"], name)
