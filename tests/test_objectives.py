@@ -340,6 +340,15 @@ def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def step_update(trainer, rollout, micro_batches, start):
+    """The parameter change of one training step taken from the weights `start` (restored first)."""
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            param.copy_(start[name])
+    trainer.training_step(rollout, micro_batches)
+    return {n: p.detach() - start[n] for n, p in trainer.model.named_parameters()}
+
+
 def assert_same_update(first, second):
     largest = max(u.abs().max().item() for u in first.values())
     assert largest > 1e-4  # the step really moved the weights
@@ -382,16 +391,10 @@ def test_normalisers_count_the_optimizer_step_not_the_round(tmp_path, tiny_model
     assert len(rollout) == 16 and rollout.old_logps is not None  # the round spans two steps: pi_old is kept
     first_step = trainer._optimizer_steps(rollout)[0]
     start = snapshot(trainer.model)
-    trainer.training_step(rollout, first_step)
-    in_round = {n: p.detach() - start[n] for n, p in trainer.model.named_parameters()}
-
-    with torch.no_grad():
-        for name, param in trainer.model.named_parameters():
-            param.copy_(start[name])
+    in_round = step_update(trainer, rollout, first_step, start)
     own = rollout.select(torch.cat(first_step))
     own.old_logps = None  # a round that feeds one step is on-policy: old = logp.detach()
-    trainer.training_step(own, [torch.arange(0, 4), torch.arange(4, 8)])
-    alone = {n: p.detach() - start[n] for n, p in trainer.model.named_parameters()}
+    alone = step_update(trainer, own, [torch.arange(0, 4), torch.arange(4, 8)], start)
     assert_same_update(in_round, alone)
 
 
@@ -559,10 +562,4 @@ def test_length_bucketing_leaves_the_update_unchanged(tmp_path, tiny_model_dir, 
 
     assert padded_width(bucketed) <= padded_width(shuffled)
     start = snapshot(trainer.model)
-    trainer.training_step(rollout, bucketed)
-    first = {n: p.detach() - start[n] for n, p in trainer.model.named_parameters()}
-    with torch.no_grad():
-        for name, param in trainer.model.named_parameters():
-            param.copy_(start[name])
-    trainer.training_step(rollout, shuffled)
-    assert_same_update(first, {n: p.detach() - start[n] for n, p in trainer.model.named_parameters()})
+    assert_same_update(step_update(trainer, rollout, bucketed, start), step_update(trainer, rollout, shuffled, start))

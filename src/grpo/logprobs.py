@@ -1,7 +1,7 @@
 """Forward passes of a causal LM that return per-token log-probs of completion tokens.
 
 The vocabulary is the widest axis of a causal LM: the logits of B rows x C completion tokens are B*C*V floats
-(8 x 512 x 32k float32 = 512 MiB, x 5 with a 152k vocabulary), and autograd would keep them and their log-softmax
+(8 x 512 x 32k float32 = 500 MiB; 2.3 GiB with a 152k vocabulary), and autograd would keep them and their log-softmax
 for the backward pass. So the decoder body runs alone, and the final hidden states of the completion tokens go
 through the LM head a chunk of tokens at a time, sized to a memory budget (`LOGITS_CHUNK_BYTES`):
 
