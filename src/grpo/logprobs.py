@@ -324,3 +324,16 @@ def _full_logits_logps(model: Any, inputs: dict[str, Any], completion_ids: torch
     logps = selective_log_softmax(logits, completion_ids)
     entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if with_entropy else None
     return logps, entropy
+
+
+class PolicyLogps(torch.nn.Module):
+    """`completion_logps` of a model as a module of its own. DDP must see the forward that produces the loss in
+    order to synchronise gradients, and a DDP-wrapped causal LM would only offer its full-logits forward; wrapping
+    this module instead keeps the chunked LM head under DDP."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return completion_logps(self.model, *args, **kwargs)

@@ -46,7 +46,7 @@ from grpo.data import PromptSource, check_lengths, check_prompt_lengths, context
 from grpo.distributed import Processes, accelerator_kwargs, check_distributed_support
 from grpo.evaluate import evaluate
 from grpo.guard import NonFiniteGuard, is_finite_step
-from grpo.logprobs import completion_logps, completion_logps_in_chunks
+from grpo.logprobs import PolicyLogps, completion_logps, completion_logps_in_chunks
 from grpo.metrics import ProgressBar, RunLog, round_metrics
 from grpo.models import (
     disable_dropout,
@@ -137,8 +137,9 @@ class GRPOTrainer:
             if peft_config is not None:
                 model.enable_input_require_grads()
         self.model = model.to(self.device)
+        self.policy_logps = PolicyLogps(self.model)  # the training forward
         if self.processes.count > 1:  # DDP: gradients are averaged over processes in backward
-            self.model = self.accelerator.prepare_model(self.model)
+            self.policy_logps = self.accelerator.prepare_model(self.policy_logps)
         self.ref_model = None
         if args.sync_ref_model and peft_config is not None:
             raise ValueError("sync_ref_model=True needs a separate reference model; with PEFT the reference is the "
@@ -355,14 +356,14 @@ class GRPOTrainer:
                                  args.sapo_temperature_neg)
         entropy_masks = self._high_entropy_masks(rollout, micro_batches) if args.top_entropy_quantile < 1 else None
         totals = dict.fromkeys(("loss", "policy_loss", "entropy", "kl", "low", "high", "cispo"), 0.0)
-        self.model.train()
+        self.policy_logps.train()  # the model and any DDP wrapper around it
         for i, rows in enumerate(micro_batches):
             batch = rollout.select(rows)
             mask = self._loss_mask(batch).to(self.device)
             with self._autocast():
-                logps, entropy = completion_logps(self.model, batch.prompt_ids, batch.prompt_mask,
-                                                  batch.completion_ids, batch.completion_mask, args.temperature,
-                                                  with_entropy=True, entropy_grad=args.entropy_coef > 0)
+                logps, entropy = self.policy_logps(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                                   batch.completion_mask, args.temperature, with_entropy=True,
+                                                   entropy_grad=args.entropy_coef > 0)
             old_logps = batch.old_logps.to(self.device) if batch.old_logps is not None else logps.detach()
             result = policy_loss(args.loss_type, args.importance_sampling_level, logps, old_logps,
                                  batch.advantages.to(self.device), mask, params)
@@ -379,7 +380,7 @@ class GRPOTrainer:
             if args.entropy_coef > 0:  # a token mean over the step, like the dapo normaliser: split-invariant
                 loss = loss - args.entropy_coef * entropy_sum / max(counts.num_tokens, 1)
             last = i == len(micro_batches) - 1
-            with nullcontext() if last else self.accelerator.no_sync(self.model):  # sync gradients once a step
+            with nullcontext() if last else self.accelerator.no_sync(self.policy_logps):  # sync gradients once a step
                 self.accelerator.backward(loss * processes.count)  # DDP averages; the step's loss is their sum
             totals["loss"] += loss.item()
             totals["entropy"] += entropy_sum.item()
