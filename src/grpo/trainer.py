@@ -164,12 +164,12 @@ class GRPOTrainer:
         args = self.args
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
         # Every check comes before anything is written or generated.
-        checkpoint = prepare_output_dir(args.output_dir, resume, args.overwrite_output_dir, self.resolved_config(),
+        config = self.resolved_config()
+        checkpoint = prepare_output_dir(args.output_dir, resume, args.overwrite_output_dir, config,
                                         delete=self.processes.is_main)
         self.processes.wait()  # every process has seen output_dir before the main one writes to it
         if checkpoint is not None:
-            check_resumable(checkpoint, self.resolved_config(), model_signature(self._unwrapped_model()),
-                            self.processes.count)
+            check_resumable(checkpoint, config, model_signature(self._unwrapped_model()), self.processes.count)
         check_prompt_lengths(self.train_source, self.processing_class, self._unwrapped_model().config,
                              args.max_completion_length, args.chat_template_kwargs)
         self.state = TrainerState(max_steps=self._total_steps())
@@ -291,7 +291,8 @@ class GRPOTrainer:
         args, g = self.args, num_generations or self.args.num_generations
         prompts = [row["prompt"] for row in rows]
         prompt_ids = tokenize_prompts(self.processing_class, prompts, args.chat_template_kwargs)
-        check_lengths([len(ids) for ids in prompt_ids], args.max_completion_length,  # an IterableDataset's
+        # train() checked a Dataset's prompts up front; an IterableDataset's are checked here, round by round
+        check_lengths([len(ids) for ids in prompt_ids], args.max_completion_length,
                       context_length(self._unwrapped_model().config))
         self.model.eval()
         with self._autocast():
