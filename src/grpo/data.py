@@ -32,7 +32,8 @@ class PromptSource:
     """A training set as rows: a `datasets.Dataset`, an `IterableDataset` or a list of dicts."""
 
     def __init__(self, dataset: Any, name: str = "train_dataset", max_rows_checked: int = 50_000):
-        if isinstance(dataset, list):
+        rows_checked = isinstance(dataset, list)  # a list's prompts are checked row by row below
+        if rows_checked:
             if dataset and not all(isinstance(row, dict) for row in dataset):
                 raise TypeError(f"{name} is a list whose items are not all dicts; give rows like {{'prompt': ...}}.")
             for i, row in enumerate(dataset):  # before Arrow, whose error for mixed types names no row
@@ -62,7 +63,7 @@ class PromptSource:
             fix = f"rename it with dataset.rename_column('{hint}', 'prompt')" if hint else "add a 'prompt' column"
             raise ValueError(f"{name} has no 'prompt' column (its columns: {columns}); {fix}.")
         check_prompt(first["prompt"], f"{name}[0]")
-        if not self.is_iterable and len(dataset) <= max_rows_checked:  # one column read; a null hides in Arrow
+        if not rows_checked and not self.is_iterable and len(dataset) <= max_rows_checked:  # a null hides in Arrow
             for i, prompt in enumerate(dataset["prompt"]):
                 check_prompt(prompt, f"{name}[{i}]")
         self.first_row = first
