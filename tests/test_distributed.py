@@ -85,7 +85,8 @@ CASES = [  # gradient_accumulation_steps > 1 and batch reward scaling need the g
 ]
 
 
-def _launch(script: Path, root: Path, processes: int, mode: str, per_device: int, cases=None) -> None:
+def _launch(script: Path, root: Path, processes: int, mode: str, per_device: int, cases=None,
+            extra_env: dict[str, str] | None = None) -> None:
     command = [sys.executable, str(script), str(root), mode, str(per_device)]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
@@ -94,6 +95,7 @@ def _launch(script: Path, root: Path, processes: int, mode: str, per_device: int
         command.append(json.dumps(cases))
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
+    env.update(extra_env or {})
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     first_error = done.stderr.find("Traceback")
     assert done.returncode == 0, done.stderr[first_error:first_error + 4000]

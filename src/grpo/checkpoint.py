@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from grpo.distributed import FullState, gather_full_state, is_sharded, load_full_state
 from grpo.rollout import Rollout
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -180,18 +181,22 @@ def save_checkpoint(trainer: Any, position: RunPosition, window_values: dict[str
         staging.mkdir(parents=True)
     processes.wait()
     _write_process_state(trainer, position, staging)  # every process: its random states and its rows
+    full = gather_full_state(trainer._unwrapped_model(), trainer.optimizer)  # FSDP: every process takes part
     processes.wait()
     if processes.is_main:
-        _publish(trainer, position, window_values, staging, target)
+        _publish(trainer, position, window_values, staging, target, full)
     processes.wait()
     return target
 
 
 def _publish(trainer: Any, position: RunPosition, window_values: dict[str, list[float]], staging: Path,
-             target: Path) -> None:
+             target: Path, full: FullState | None = None) -> None:
     """The main process writes the shared state, then renames the complete checkpoint into place."""
     args, root = trainer.args, target.parent
-    _write_contents(trainer, position, window_values, staging)
+    if full is None:  # unsharded: the state is read from the trainer's own model and optimizer
+        _write_contents(trainer, position, window_values, staging)
+    else:
+        _write_contents(trainer, position, window_values, staging, full)
     _fsync_tree(staging)
     if target.exists():  # the same step saved again (e.g. a resumed run): swap, never leave a gap
         retired = root / f".{target.name}.old.tmp"
@@ -217,11 +222,13 @@ def _write_process_state(trainer: Any, position: RunPosition, out: Path) -> None
     torch.save({"rollout": rollout, "plan": position.plan}, out / _per_process("round", trainer.processes))
 
 
-def _write_contents(trainer: Any, position: RunPosition, window_values: dict[str, list[float]], out: Path) -> None:
+def _write_contents(trainer: Any, position: RunPosition, window_values: dict[str, list[float]], out: Path,
+                    full: FullState | None = None) -> None:
+    """`full`: an FSDP run's gathered weights and optimizer state (keyed by parameter name), else None."""
     model = trainer._unwrapped_model()
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=full.model if full else None)
     trainer.processing_class.save_pretrained(out)
-    torch.save(trainer.optimizer.state_dict(), out / "optimizer.pt")
+    torch.save(full.optimizer if full else trainer.optimizer.state_dict(), out / "optimizer.pt")
     torch.save(trainer.lr_scheduler.state_dict(), out / "scheduler.pt")
     if trainer.args.sync_ref_model and trainer.ref_model is not None:  # TR-DPO moves the reference too
         torch.save(trainer.ref_model.state_dict(), out / "ref_model.pt")
@@ -231,7 +238,7 @@ def _write_contents(trainer: Any, position: RunPosition, window_values: dict[str
         "rounds_consumed": position.rounds_consumed, "round_epoch": position.epoch,
         "round_reward": position.round_reward, "next_step": position.next_step,
         "logging_window": window_values, "model_signature": model_signature(model),
-        "num_processes": trainer.processes.count,
+        "num_processes": trainer.processes.count, "sharded": full is not None,
     }
     (out / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: its presence marks a complete checkpoint
 
@@ -255,14 +262,22 @@ def _fsync_dir(path: Path) -> None:
 # ---- reading -----------------------------------------------------------------------------------------------
 def load_checkpoint(trainer: Any, checkpoint: Path) -> tuple[RunPosition, dict[str, list[float]]]:
     """Restore model, optimizer, schedule, RNGs and trainer state; return the loop position and logging window."""
-    load_weights(trainer._unwrapped_model(), checkpoint)
-    trainer.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    model, moments = trainer._unwrapped_model(), torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    if state.get("sharded", False) != is_sharded(model):  # the optimizer state is keyed differently
+        kinds = ("a DDP or single-process", "an FSDP")
+        raise ValueError(f"checkpoint {checkpoint} was written by {kinds[state.get('sharded', False)]} run, and this "
+                         f"is {kinds[is_sharded(model)]} run; resume with the accelerate set-up that wrote it.")
+    if is_sharded(model):  # FSDP: every process reads the full state and keeps its shard
+        load_full_state(model, _read_weights(checkpoint), trainer.optimizer, moments)
+    else:
+        load_weights(model, checkpoint)
+        trainer.optimizer.load_state_dict(moments)
     trainer.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     if (checkpoint / "ref_model.pt").exists() and trainer.ref_model is not None:
         trainer.ref_model.load_state_dict(torch.load(checkpoint / "ref_model.pt", weights_only=True))
     restore_rng_state(trainer, torch.load(checkpoint / _per_process("rng_state", trainer.processes),
                                           weights_only=True))
-    state = json.loads((checkpoint / STATE_FILE).read_text())
     for name in ("global_step", "epoch", "num_input_tokens_seen", "log_history"):
         setattr(trainer.state, name, state[name])
     saved_round = torch.load(checkpoint / _per_process("round", trainer.processes), weights_only=True)
@@ -281,9 +296,7 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
 
         set_peft_model_state_dict(model, load_file(adapter))
         return
-    weights: dict[str, torch.Tensor] = {}
-    for shard in sorted(checkpoint.glob("*.safetensors")):
-        weights.update(load_file(shard))
+    weights = _read_weights(checkpoint)
     own = model.state_dict()
     missing, unexpected = model.load_state_dict(weights, strict=False)
     loaded_storage = {own[name].data_ptr() for name in weights if name in own}
@@ -291,6 +304,13 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     if not weights or untied or unexpected:
         raise ValueError(f"checkpoint {checkpoint} does not match the model: missing {untied[:5]}, unexpected "
                          f"{unexpected[:5]}. Resume with the model the run started with.")
+
+
+def _read_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    weights: dict[str, torch.Tensor] = {}
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        weights.update(load_file(shard))
+    return weights
 
 
 def rng_state(trainer: Any) -> dict[str, Any]:

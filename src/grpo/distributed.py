@@ -14,6 +14,11 @@ the next collective rather than deadlock.
 
 from __future__ import annotations
 
+import os
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -68,19 +73,25 @@ class Processes:
             self.accelerator.wait_for_everyone()
 
 
-# Sharded engines need the full weights gathered for generation and their own checkpoint format; not built yet.
-UNSUPPORTED_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+# DeepSpeed owns backward and the optimizer step, and ZeRO-3 shards the weights behind its own engine; not built yet.
+UNSUPPORTED_ENGINES = ("DEEPSPEED", "MEGATRON_LM")
 
 
-def check_distributed_support(accelerator: Any, args: Any) -> None:
+def engine(accelerator: Any) -> str:
+    """Accelerate's distributed type as an upper-case name: "NO", "MULTI_GPU", "MULTI_CPU", "FSDP", ..."""
+    return str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)).upper()
+
+
+def check_distributed_support(accelerator: Any, args: Any, peft: bool = False) -> None:
     """Refuse, before the model loads, the multi-process set-ups the trainer cannot yet run exactly."""
-    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)).upper()
+    kind = engine(accelerator)
     if kind in UNSUPPORTED_ENGINES:
         raise NotImplementedError(
-            f"accelerate is configured for {kind}, which grpo does not support yet: it needs the full weights "
-            "gathered for generation. Use DDP (`accelerate launch --multi_gpu`, or `accelerate config` without "
-            "FSDP/DeepSpeed); see docs/distributed.md."
+            f"accelerate is configured for {kind}, which grpo does not support yet. Use DDP (`accelerate launch "
+            "--multi_gpu`) or FSDP2 (examples/accelerate/fsdp.yaml); see docs/distributed.md."
         )
+    if kind == "FSDP":
+        check_fsdp(accelerator.state.fsdp_plugin, peft)
     count = accelerator.num_processes
     if args.world_size != count:
         raise ValueError(
@@ -94,3 +105,165 @@ def check_distributed_support(accelerator: Any, args: Any) -> None:
         if on:
             raise NotImplementedError(f"{name} is not supported with several processes yet; turn it off or run "
                                       "a single process.")
+
+
+# ---- FSDP2 ---------------------------------------------------------------------------------------------------
+# The policy is sharded with torch's FSDP2 (`fully_shard`) through Accelerate's FSDP plugin. Each process holds
+# a 1/N shard of the weights, gradients and optimizer moments; the full weights are gathered only where the whole
+# model is needed at once (generation, the no-grad log-prob passes, TR-DPO reference mixing, saving), and always
+# by every process at the same point of the loop.
+
+def check_fsdp(plugin: Any, peft: bool) -> None:
+    """The FSDP settings grpo has run (see docs/distributed.md); the others are refused rather than half-working."""
+    if plugin.fsdp_version != 2:
+        raise NotImplementedError("grpo supports FSDP2 only (fully_shard): set `fsdp_version: 2` in the accelerate "
+                                  "config (FSDP_VERSION=2); see examples/accelerate/fsdp.yaml.")
+    if plugin.activation_checkpointing:
+        raise NotImplementedError("fsdp_activation_checkpointing is not supported by grpo (it renames the decoder "
+                                  "layers the rollout engine reads); set GRPOConfig.gradient_checkpointing=True "
+                                  "instead, which works under FSDP.")
+    if peft:
+        raise NotImplementedError("peft_config with FSDP is not supported yet; use DDP for LoRA training.")
+
+
+def enable_fsdp_on_cpu(accelerator: Any) -> None:
+    """Turn Accelerate's FSDP plugin on for a multi-process CPU run launched with ACCELERATE_USE_FSDP=true.
+
+    Accelerate (1.15) enables FSDP only for accelerator devices: CPU processes (`cpu=True`, gloo) asked for FSDP
+    silently run as plain data parallel. torch's FSDP2 runs on CPU with gloo, so grpo sets the plugin up itself
+    there, from the same FSDP_* variables `accelerate launch` sets; this is how FSDP is tested without GPUs.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not asked or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # reads FSDP_VERSION, FSDP_AUTO_WRAP_POLICY, ...
+    if accelerator.state.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.state.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+
+
+def shard_policy(accelerator: Any, policy: torch.nn.Module, optimizer: Any) -> torch.nn.Module:
+    """Shard the training forward (`PolicyLogps` around the causal LM) with FSDP2; a no-op for other engines.
+
+    Accelerate's FSDP2 needs the model and its optimizer together: it shards the parameters in place and points
+    the optimizer (built on the full parameters, ours or the user's) at the shards. The decoder layers
+    (`_no_split_modules` of the causal LM) become their own FSDP units under TRANSFORMER_BASED_WRAP; the
+    embeddings, final norm and LM head stay in the root unit, which the chunked LM head reads directly.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if engine(accelerator) != "FSDP" or isinstance(policy, FSDPModule):
+        return policy
+    policy._no_split_modules = getattr(policy.model, "_no_split_modules", None)  # PolicyLogps has none itself
+    policy, _ = accelerator.prepare(policy, optimizer)  # the optimizer is updated in place; keep the plain one
+    return policy
+
+
+_GATHERED: weakref.WeakSet = weakref.WeakSet()  # FSDP roots whose full weights are gathered right now
+
+
+@contextmanager
+def full_weights(root: torch.nn.Module) -> Iterator[None]:
+    """Within the block every module under `root` holds its full, unsharded weights as plain tensors, and runs
+    its forward without any communication. Nothing happens unless `root` is sharded with FSDP2.
+
+    Every process must enter at the same point (the gather is a collective); inside, each process may run as
+    many forwards as its data needs (generation lengths differ), or none. Re-entering a gathered root does
+    nothing, so a block run by one process only (evaluation on the main process) may nest inside. Weights
+    written inside the block are not kept: the shards are the truth.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    if not units or root in _GATHERED:
+        yield
+        return
+    # FSDP decides which unit is the root on the first forward; generation calls the causal LM, not `root`, and
+    # may come first, so that decision is made here (else a decoder layer would become a root of its own).
+    root._get_fsdp_state()._lazy_init()
+    groups = [g for m in units for g in m._get_fsdp_state()._fsdp_param_groups]
+    after_forward = [g.post_forward_mesh_info for g in groups]
+    for unit in units:
+        unit.unshard()
+    for group in groups:  # no reshard after each forward: the next forward would all-gather again
+        group.post_forward_mesh_info = None
+    _GATHERED.add(root)
+    try:
+        yield
+    finally:
+        _GATHERED.discard(root)
+        for group, info in zip(groups, after_forward):
+            group.post_forward_mesh_info = info
+        for unit in units:
+            unit.reshard()
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model`'s parameters are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@dataclass
+class FullState:
+    """The full (unsharded) model and optimizer state of an FSDP run, on the CPU of the main process."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+
+
+def gather_full_state(model: torch.nn.Module, optimizer: Any = None) -> FullState | None:
+    """The full state dicts of an FSDP2-sharded causal LM and its optimizer; None when `model` is not sharded.
+
+    A collective: every process calls it; the tensors land on the main process's CPU (the others get empty
+    dicts). Keys are the causal LM's own names, so `save_pretrained(state_dict=...)` writes a normal checkpoint
+    and the optimizer state is keyed by parameter name.
+    """
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    tied = _tied_names(model)  # written once, as `save_pretrained` does for an unsharded model
+    weights = {k: v for k, v in get_model_state_dict(model, options=options).items() if k not in tied}
+    moments = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    return FullState(weights, moments)
+
+
+def load_full_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], optimizer: Any = None,
+                    moments: dict[str, Any] | None = None) -> None:
+    """Load full state dicts (as `gather_full_state` wrote them) into an FSDP2-sharded model and optimizer; each
+    process keeps its own shard. A collective: every process calls it with the same full dicts."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    missing, unexpected = set_model_state_dict(model, weights, options=options)
+    untied = [name for name in missing if name not in _tied_names(model)]
+    if not weights or untied or unexpected:
+        raise ValueError(f"the checkpoint does not match the model: missing {untied[:5]}, unexpected "
+                         f"{unexpected[:5]}. Resume with the model the run started with.")
+    if moments is not None:
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=moments,
+                                 options=StateDictOptions(full_state_dict=True))
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    """Parameter names that alias another parameter (a tied LM head): `save_pretrained` writes them once."""
+    seen, tied = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    return tied

@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel, get_scheduler, set_seed
 
+from grpo import distributed
 from grpo.algorithm import (
     MULTI_OBJECTIVE_AGGREGATIONS,
     OBJECTIVES,
@@ -116,8 +117,9 @@ class GRPOTrainer:
             raise NotImplementedError("use_vllm=True: the vLLM backend is not implemented yet; set use_vllm=False.")
 
         self.accelerator = Accelerator(**accelerator_kwargs(args))
+        distributed.enable_fsdp_on_cpu(self.accelerator)  # Accelerate itself turns FSDP on for GPUs only
         self.processes = Processes(self.accelerator)
-        check_distributed_support(self.accelerator, args)
+        check_distributed_support(self.accelerator, args, peft=peft_config is not None)
         self.device = self.accelerator.device
         set_seed(args.seed)
         model_source = model
@@ -138,7 +140,7 @@ class GRPOTrainer:
                 model.enable_input_require_grads()
         self.model = model.to(self.device)
         self.policy_logps = PolicyLogps(self.model)  # the training forward
-        if self.processes.count > 1:  # DDP: gradients are averaged over processes in backward
+        if self.processes.count > 1 and distributed.engine(self.accelerator) != "FSDP":  # DDP; FSDP shards in train()
             self.policy_logps = self.accelerator.prepare_model(self.policy_logps)
         self.ref_model = None
         if args.sync_ref_model and peft_config is not None:
@@ -174,6 +176,7 @@ class GRPOTrainer:
                              args.max_completion_length, args.chat_template_kwargs)
         self.state = TrainerState(max_steps=self._total_steps())
         self._create_optimizer_and_scheduler(self.state.max_steps)
+        self.policy_logps = distributed.shard_policy(self.accelerator, self.policy_logps, self.optimizer)  # FSDP only
         position, window_values = RunPosition(), {}
         if checkpoint is not None:
             position, window_values = load_checkpoint(self, checkpoint)
@@ -224,8 +227,10 @@ class GRPOTrainer:
                 last_step = step == self.state.max_steps
                 if step % args.logging_steps == 0 or last_step:
                     log.flush(step, self.state.epoch, position.rollout, [r.name for r in self.reward_funcs])
-                if args.eval_strategy == "steps" and (step % args.eval_steps == 0 or last_step) and main:
-                    self._log_evaluation()
+                if args.eval_strategy == "steps" and (step % args.eval_steps == 0 or last_step):
+                    with distributed.full_weights(self.policy_logps):  # FSDP: all gather, main evaluates
+                        if main:
+                            self._log_evaluation()
                 if args.save_strategy == "steps" and (step % args.save_steps == 0 or last_step) and guard.healthy:
                     save_checkpoint(self, position, log.window.values)
         finally:
@@ -295,7 +300,7 @@ class GRPOTrainer:
         check_lengths([len(ids) for ids in prompt_ids], args.max_completion_length,
                       context_length(self._unwrapped_model().config))
         self.model.eval()
-        with self._autocast():
+        with distributed.full_weights(self.policy_logps), self._autocast():
             generation = self.generator.generate(self._unwrapped_model(), prompt_ids, g)
         texts = self.processing_class.batch_decode(generation.completion_ids, skip_special_tokens=True)
         conversational = self.train_source.conversational
@@ -322,7 +327,7 @@ class GRPOTrainer:
             prompts=repeated_prompts, completions=completions,
         )
         chunk = args.per_device_train_batch_size
-        with self._autocast():
+        with distributed.full_weights(self.policy_logps), self._autocast():
             if args.needs_old_logps and for_loss:  # the policy moves within the round, so pi_old must be remembered
                 rollout.old_logps = completion_logps_in_chunks(self._unwrapped_model(), rollout, args.temperature,
                                                                chunk)
@@ -433,8 +438,9 @@ class GRPOTrainer:
 
     def _sync_ref_model(self) -> None:
         """TR-DPO: ref <- alpha x policy + (1 - alpha) x ref, matched by parameter name."""
-        policy, ref = dict(self._unwrapped_model().named_parameters()), list(self.ref_model.named_parameters())
-        mix_into([p for _, p in ref], [policy[n] for n, _ in ref], self.args.ref_model_mixup_alpha)
+        with distributed.full_weights(self.policy_logps):
+            policy, ref = dict(self._unwrapped_model().named_parameters()), list(self.ref_model.named_parameters())
+            mix_into([p for _, p in ref], [policy[n] for n, _ in ref], self.args.ref_model_mixup_alpha)
 
     def _clip_grad_norm(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -511,6 +517,7 @@ class GRPOTrainer:
     def save_model(self, output_dir: str | None = None, merge_adapter: bool = False) -> None:
         """Write the model (or PEFT adapter) and tokenizer in `save_pretrained` format. With `merge_adapter`, a
         LoRA adapter is merged into a copy of the base weights, which loads as a plain causal LM."""
+        full = distributed.gather_full_state(self._unwrapped_model())  # FSDP: a collective
         self.processes.wait()
         if not self.processes.is_main:
             return
@@ -519,5 +526,5 @@ class GRPOTrainer:
         model = self._unwrapped_model()
         if merge_adapter and hasattr(model, "merge_and_unload"):
             model = copy.deepcopy(model).merge_and_unload()  # a copy: training goes on with the adapter
-        model.save_pretrained(target)
+        model.save_pretrained(target, state_dict=full.model if full else None)
         self.processing_class.save_pretrained(target)
