@@ -16,6 +16,7 @@ from transformers.cache_utils import DynamicLayer
 
 from grpo.logprobs import accepts_logits_to_keep
 from grpo.rollout.base import Generation, eos_token_ids, left_pad, pad_and_cat
+from grpo.rollout.decoder import LeanDecoder
 from grpo.rollout.sampling import SamplingParams, process_logits, sample_tokens
 
 
@@ -23,16 +24,19 @@ class RolloutEngine:
     """Generates G completions per prompt with a shared prefill, KV-cached decoding and batch compaction.
 
     `max_batch_rows` bounds the rows decoded at once (a round larger than that is processed in chunks of whole
-    prompt groups); on a CUDA out-of-memory error the chunk is halved and retried.
+    prompt groups); on a CUDA out-of-memory error the chunk is halved and retried. Llama-family models decode
+    with `LeanDecoder` (`lean=False`: always through transformers' forward).
     """
 
-    def __init__(self, tokenizer: Any, args: Any, max_batch_rows: int | None = None, seed: int = 0):
+    def __init__(self, tokenizer: Any, args: Any, max_batch_rows: int | None = None, seed: int = 0,
+                 lean: bool = True):
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = eos_token_ids(tokenizer, args.generation_kwargs)
         self.max_new_tokens = (args.generation_kwargs or {}).get("max_new_tokens", args.max_completion_length)
         self.params = SamplingParams.from_config(args)
         self.max_batch_rows = max_batch_rows
         self.generator = torch.Generator().manual_seed(seed)
+        self.lean = lean
         self._device_generator: torch.Generator | None = None  # created from `generator` on first CUDA use
 
     def state_dict(self) -> dict[str, Any]:
@@ -52,12 +56,14 @@ class RolloutEngine:
     @torch.no_grad()
     def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation:
         prompts_per_chunk = max(1, (self.max_batch_rows or len(prompt_ids) * num_generations) // num_generations)
+        capacity = max(len(ids) for ids in prompt_ids) + self.max_new_tokens
+        decoder = LeanDecoder.from_model(model, capacity) if self.lean else None
         pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         start = 0
         while start < len(prompt_ids):
             chunk = prompt_ids[start:start + prompts_per_chunk]
             try:
-                pieces.append(self._generate_chunk(model, chunk, num_generations))
+                pieces.append(self._generate_chunk(model, decoder, chunk, num_generations))
             except torch.OutOfMemoryError:
                 if prompts_per_chunk == 1:
                     raise
@@ -76,7 +82,7 @@ class RolloutEngine:
         return Generation(all_prompt_ids, all_prompt_mask, completion_ids, completion_mask, is_eos,
                           sampling_logps=sampling_logps * completion_mask)
 
-    def _generate_chunk(self, model: Any, prompt_ids: list[list[int]], g: int
+    def _generate_chunk(self, model: Any, decoder: LeanDecoder | None, prompt_ids: list[list[int]], g: int
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns completion ids (rows, T) right-padded, lengths (rows,) and sampling log-probs (rows, T)."""
         device = next(model.parameters()).device
@@ -119,8 +125,11 @@ class RolloutEngine:
             mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], dim=1)
             if penalize:
                 seen = torch.cat([seen, new_tokens.unsqueeze(1)], dim=1)
-            logits = model(input_ids=new_tokens.unsqueeze(1), attention_mask=mask, position_ids=next_position,
-                           past_key_values=cache, use_cache=True).logits[:, -1]
+            if decoder is not None:
+                logits = decoder.step(new_tokens, next_position.squeeze(1), cache, mask.bool())
+            else:
+                logits = model(input_ids=new_tokens.unsqueeze(1), attention_mask=mask, position_ids=next_position,
+                               past_key_values=cache, use_cache=True).logits[:, -1]
             next_position = next_position + 1
         used = int(lengths.max())
         return tokens[:, :used].cpu(), lengths.cpu(), logps[:, :used].cpu()

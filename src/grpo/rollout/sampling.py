@@ -80,7 +80,8 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen_ids: torch
         logits = apply_repetition_penalty(logits, seen_ids, params.repetition_penalty)
     if params.greedy:
         return logits
-    logits = logits / params.temperature
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
     logits = top_k_filter(logits, params.top_k)
     logits = top_p_filter(logits, params.top_p)
     return min_p_filter(logits, params.min_p)

@@ -1,0 +1,153 @@
+"""The lean decode step against transformers' own forward, for each architecture and weight layout it covers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from grpo import GRPOConfig
+from grpo.rollout import RolloutEngine
+from grpo.rollout.base import left_pad
+from grpo.rollout.decoder import STANDARD_RMS_NORMS, LeanDecoder, _norm
+from grpo.rollout.engine import _preallocated_cache
+
+VOCAB, PAD, BOS, EOS = 96, 0, 1, 2
+COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+              pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, max_position_embeddings=256)
+ARCHS = {
+    # grouped-query attention and biased projections everywhere
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, num_key_value_heads=2, attention_bias=True,
+                                                  mlp_bias=True, tie_word_embeddings=False)),
+    # q/k/v biases, tied input and output embeddings, scaled rope
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON, num_key_value_heads=4, tie_word_embeddings=True,
+                                                  rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    # per-head q/k RMSNorm
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=16,
+                                                  tie_word_embeddings=False)),
+    # a sliding window longer than any sequence here
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, num_key_value_heads=1, sliding_window=128,
+                                                        tie_word_embeddings=False)),
+}
+PROMPTS = [[BOS, 5, 6, 7], [BOS, 9], [BOS, 10, 11, 12, 13, 14, 15, 16, 17]]
+
+
+def build(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = ARCHS[arch]().eval()
+    with torch.no_grad():  # random biases and norm weights, so that a dropped term would show
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.normal_(0.0, 0.5)
+    return model
+
+
+def decode_logits(decoder: LeanDecoder, model: torch.nn.Module, continuation: torch.Tensor) -> list[torch.Tensor]:
+    """Prefill PROMPTS through transformers, then feed `continuation` (rows, steps) one token at a time through
+    the lean step; the logits after each token."""
+    ids, mask = left_pad(PROMPTS, PAD)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = _preallocated_cache(model.config, capacity=ids.size(1) + continuation.size(1))
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    logits, position = [], positions[:, -1]
+    for token in continuation.unbind(1):
+        mask, position = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1), position + 1
+        logits.append(decoder.step(token, position, cache, mask.bool()))
+    return logits
+
+
+def full_forward_logits(model: torch.nn.Module, continuation: torch.Tensor) -> torch.Tensor:
+    """transformers' logits at the continuation's positions, from one forward over prompt + continuation."""
+    ids, mask = left_pad(PROMPTS, PAD)
+    ids, mask = torch.cat([ids, continuation], 1), torch.cat([mask, torch.ones_like(continuation)], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    return logits[:, -continuation.size(1):]
+
+
+@pytest.mark.parametrize("copy", [True, False], ids=["fused-copies", "original-weights"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@torch.no_grad()
+def test_lean_step_logits_equal_transformers_forward(arch, copy):
+    model = build(arch)
+    decoder = LeanDecoder.from_model(model, capacity=32, copy=copy)
+    assert decoder is not None
+    continuation = torch.randint(3, VOCAB, (len(PROMPTS), 5), generator=torch.Generator().manual_seed(1))
+    ours = torch.stack(decode_logits(decoder, model, continuation), dim=1)
+    torch.testing.assert_close(ours, full_forward_logits(model, continuation), rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_lora_adapters_are_merged_and_disabling_them_gives_the_base_model():
+    from peft import LoraConfig, get_peft_model
+
+    base = build("llama")
+    continuation = torch.randint(3, VOCAB, (len(PROMPTS), 3), generator=torch.Generator().manual_seed(2))
+    base_logits = full_forward_logits(base, continuation)
+    targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+    lora = LoraConfig(r=4, target_modules=targets, init_lora_weights=False)  # random B: the adapter matters
+    model = get_peft_model(base, lora).eval()
+    adapted = full_forward_logits(model, continuation)
+    assert (adapted - base_logits).abs().max() > 1e-2
+    ours = torch.stack(decode_logits(LeanDecoder.from_model(model, capacity=32), model, continuation), dim=1)
+    torch.testing.assert_close(ours, adapted, rtol=1e-4, atol=1e-4)
+    with model.disable_adapter():
+        plain = torch.stack(decode_logits(LeanDecoder.from_model(model, capacity=32), model, continuation), dim=1)
+    torch.testing.assert_close(plain, base_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_structures_fall_back_to_transformers():
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4))
+    assert LeanDecoder.from_model(gpt2, capacity=32) is None
+    sliding = Qwen2ForCausalLM(Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=16, max_window_layers=0))
+    assert LeanDecoder.from_model(sliding, capacity=32) is None
+    short_window = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=16))
+    assert LeanDecoder.from_model(short_window, capacity=32) is None
+    assert LeanDecoder.from_model(short_window, capacity=16) is not None
+    dora = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert LeanDecoder.from_model(dora, capacity=32) is None
+    prompt_tuning = get_peft_model(build("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert LeanDecoder.from_model(prompt_tuning, capacity=32) is None
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_f_rms_norm_is_bit_identical_to_the_models_own_norm(arch):
+    model = build(arch)
+    norms = [m for m in model.modules() if type(m).__name__ in STANDARD_RMS_NORMS]
+    assert norms
+    x = torch.randn(5, norms[0].weight.numel())
+    for dtype in (torch.float32, torch.bfloat16):
+        norm = norms[0].to(dtype)
+        assert torch.equal(_norm(norm, x.to(dtype)), norm(x.to(dtype)))
+
+
+def test_the_engine_decodes_llama_family_models_with_the_lean_step(monkeypatch):
+    steps = []
+    original = LeanDecoder.step
+    monkeypatch.setattr(LeanDecoder, "step", lambda self, *a: steps.append(1) or original(self, *a))
+    args = GRPOConfig(num_generations=2, per_device_train_batch_size=2, max_completion_length=6,
+                      generation_kwargs={"do_sample": False})
+
+    class Tokenizer:
+        pad_token_id, eos_token_id = PAD, EOS
+
+    model = build("qwen3")
+    lean = RolloutEngine(Tokenizer(), args).generate(model, PROMPTS, 2)
+    assert steps
+    plain = RolloutEngine(Tokenizer(), args, lean=False).generate(model, PROMPTS, 2)
+    assert torch.equal(lean.completion_ids, plain.completion_ids)
+    torch.testing.assert_close(lean.sampling_logps, plain.sampling_logps, rtol=1e-4, atol=1e-5)
