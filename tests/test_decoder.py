@@ -19,6 +19,7 @@ from transformers import (
 
 from grpo import GRPOConfig
 from grpo.rollout import RolloutEngine
+from grpo.rollout import decoder as decoder_module
 from grpo.rollout.base import left_pad
 from grpo.rollout.decoder import STANDARD_RMS_NORMS, LeanDecoder, _norm
 from grpo.rollout.engine import _preallocated_cache
@@ -76,13 +77,15 @@ def full_forward_logits(model: torch.nn.Module, continuation: torch.Tensor) -> t
     return logits[:, -continuation.size(1):]
 
 
-@pytest.mark.parametrize("copy", [True, False], ids=["fused-copies", "original-weights"])
+@pytest.mark.parametrize("layout", ["packed", "transposed", "original"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @torch.no_grad()
-def test_lean_step_logits_equal_transformers_forward(arch, copy):
+def test_lean_step_logits_equal_transformers_forward(arch, layout, monkeypatch):
     model = build(arch)
-    decoder = LeanDecoder.from_model(model, capacity=32, copy=copy)
-    assert decoder is not None
+    if layout == "transposed":  # the fallback where this torch has no oneDNN
+        monkeypatch.setattr(decoder_module, "_onednn_packed", lambda weight, rows: None)
+    decoder = LeanDecoder.from_model(model, capacity=32, rows=len(PROMPTS), copy=layout != "original")
+    assert decoder is not None and decoder.lm_head.layout == layout
     continuation = torch.randint(3, VOCAB, (len(PROMPTS), 5), generator=torch.Generator().manual_seed(1))
     ours = torch.stack(decode_logits(decoder, model, continuation), dim=1)
     torch.testing.assert_close(ours, full_forward_logits(model, continuation), rtol=1e-4, atol=1e-4)

@@ -57,7 +57,8 @@ class RolloutEngine:
     def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation:
         prompts_per_chunk = max(1, (self.max_batch_rows or len(prompt_ids) * num_generations) // num_generations)
         capacity = max(len(ids) for ids in prompt_ids) + self.max_new_tokens
-        decoder = LeanDecoder.from_model(model, capacity) if self.lean else None
+        rows = min(len(prompt_ids), prompts_per_chunk) * num_generations
+        decoder = LeanDecoder.from_model(model, capacity, rows) if self.lean else None
         pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         start = 0
         while start < len(prompt_ids):
@@ -116,7 +117,7 @@ class RolloutEngine:
             if step == self.max_new_tokens - 1:
                 break
             if bool(finished.any()):  # finished rows leave the batch and its cache
-                keep = (~finished).nonzero().squeeze(1)
+                keep = fill_from_the_end(finished)
                 if keep.numel() == 0:
                     break
                 cache.batch_select_indices(keep)
@@ -143,6 +144,20 @@ class RolloutEngine:
             seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
             self._device_generator = torch.Generator(device=device).manual_seed(seed)
         return self._device_generator
+
+
+def fill_from_the_end(finished: torch.Tensor) -> torch.Tensor:
+    """The rows to keep, in their new order, when the `finished` rows leave: each hole below the new row count
+    is filled by a live row from above it, so compacting the KV cache copies only as many rows as finished
+    (keeping the order would shift, and copy, every row after the first finished one)."""
+    live = ~finished
+    count = int(live.sum())
+    order = torch.arange(finished.numel(), device=finished.device)
+    holes = (finished[:count]).nonzero().squeeze(1)
+    movers = live[count:].nonzero().squeeze(1) + count
+    order = order[:count].clone()
+    order[holes] = movers
+    return order
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -182,10 +197,13 @@ class PreallocatedLayer(DynamicLayer):
             self._refresh(self._keys.size(0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.length > 0:  # move the kept rows' used prefix to the front; the buffer is reused
+        """Keep rows `indices`, in that order, in place: only the rows that change place are copied."""
+        if self.length > 0:
             rows = indices.numel()
-            self._keys[:rows, :, :self.length] = self._keys[indices, :, :self.length]
-            self._values[:rows, :, :self.length] = self._values[indices, :, :self.length]
+            moved = (indices != torch.arange(rows, device=indices.device)).nonzero().squeeze(1)
+            if moved.numel():
+                self._keys[moved, :, :self.length] = self._keys[indices[moved], :, :self.length]
+                self._values[moved, :, :self.length] = self._values[indices[moved], :, :self.length]
             self._refresh(rows)
 
 
