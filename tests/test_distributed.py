@@ -82,6 +82,8 @@ CASES = [  # gradient_accumulation_steps > 1 and batch reward scaling need the g
     dict(name="dapo", loss_type="dapo"),
     dict(name="grpo", loss_type="grpo"),
     dict(name="dr_grpo", loss_type="dr_grpo", gradient_accumulation_steps=2, scale_rewards="batch"),
+    # micro-batches cut by a token budget: the processes need different numbers of pieces and agree on the most
+    dict(name="token_budget", loss_type="dapo", gradient_accumulation_steps=2, max_tokens_per_micro_batch=50),
 ]
 
 

@@ -52,6 +52,9 @@ CASES = [  # the loss math itself is covered by test_distributed.py; these add w
     # no_sync over micro-batches, batch reward scaling; then a second pass that uses the gathered old log-probs
     dict(name="dr_grpo", loss_type="dr_grpo", gradient_accumulation_steps=2, scale_rewards="batch"),
     dict(name="two_passes", loss_type="grpo", num_iterations=2, max_steps=2),
+    # each forward of a sharded model all-gathers: processes whose rows need different numbers of token-budget
+    # pieces must still run the same number of forwards
+    dict(name="token_budget", loss_type="dapo", gradient_accumulation_steps=2, max_tokens_per_micro_batch=50),
 ]
 
 

@@ -563,3 +563,22 @@ def test_length_bucketing_leaves_the_update_unchanged(tmp_path, tiny_model_dir, 
     assert padded_width(bucketed) <= padded_width(shuffled)
     start = snapshot(trainer.model)
     assert_same_update(step_update(trainer, rollout, bucketed, start), step_update(trainer, rollout, shuffled, start))
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_a_token_budget_cuts_micro_batches_and_leaves_the_update_unchanged(tmp_path, tiny_model_dir, loss_type):
+    """max_tokens_per_micro_batch bounds each forward's padded size; the step's update must not change."""
+    trainer = sgd_trainer(tmp_path, tiny_model_dir, gradient_accumulation_steps=2, per_device_train_batch_size=8,
+                          loss_type=loss_type)
+    trainer._create_optimizer_and_scheduler(1)
+    rollout, _ = trainer.generate_and_score(list(length_task(4)))
+    whole = trainer._optimizer_steps(rollout)[0]
+    lengths = rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1)
+    budget = int(lengths.max()) * 3  # about three rows a forward
+    trainer.args.max_tokens_per_micro_batch = budget
+    cut = trainer._optimizer_steps(rollout)[0]
+    assert len(whole) == 2 and len(cut) > len(whole)
+    assert all(len(m) * int(lengths[m].max()) <= budget for m in cut)
+    assert torch.equal(torch.cat(cut).sort().values, torch.cat(whole).sort().values)  # the same rows
+    start = snapshot(trainer.model)
+    assert_same_update(step_update(trainer, rollout, cut, start), step_update(trainer, rollout, whole, start))

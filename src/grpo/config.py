@@ -122,6 +122,12 @@ class GRPOConfig:
     """Completions (not prompts) per device per micro-step."""
     gradient_accumulation_steps: int = 1
     """Micro-steps per optimizer step."""
+    max_tokens_per_micro_batch: int | None = 4096
+    """Cut a micro-batch into the fewest equal pieces whose padded size (completions x longest prompt +
+    completion) stays within this many tokens, which bounds the activation and logit memory of one
+    forward/backward however long completions get. The update is unchanged (the loss normaliser counts the whole
+    optimizer step); short completions are never cut. None: micro-batches of per_device_train_batch_size
+    completions whatever their length (TRL's behaviour)."""
     learning_rate: float = 1e-6
     """Peak AdamW learning rate. TRL's 1e-6 suits pretrained models; the embedded demo model uses far more."""
     lr_scheduler_type: str = "linear"
@@ -321,10 +327,10 @@ class GRPOConfig:
                 f"GRPOConfig.num_generations={self.num_generations!r}: GRPO compares completions within a "
                 "group, so it needs at least 2 per prompt. Set num_generations to 2 or more (8 is TRL's default)."
             )
-        if self.save_total_limit is not None and (not isinstance(self.save_total_limit, int) or
-                                                  self.save_total_limit < 1):
-            raise ValueError(f"GRPOConfig.save_total_limit must be None or a positive integer, got "
-                             f"{self.save_total_limit!r}.")
+        for name in ("save_total_limit", "max_tokens_per_micro_batch"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"GRPOConfig.{name} must be None or a positive integer, got {value!r}.")
         if self.temperature <= 0:
             raise ValueError(f"GRPOConfig.temperature must be > 0, got {self.temperature}.")
         if not 0 < self.top_p <= 1:

@@ -68,6 +68,14 @@ class Processes:
         packed = self.accelerator.reduce(packed, reduction="sum")
         return dict(zip(values, packed.tolist()))
 
+    def max_each(self, values: list[int]) -> list[int]:
+        """The element-wise maximum of `values` over processes (one all-reduce)."""
+        if self.count == 1:
+            return values
+        packed = torch.tensor(values, dtype=torch.int64, device=self.accelerator.device)
+        torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
+        return packed.tolist()
+
     def wait(self) -> None:
         if self.count > 1:
             self.accelerator.wait_for_everyone()

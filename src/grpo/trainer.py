@@ -33,6 +33,7 @@ from grpo.algorithm import (
     mix_into,
     policy_loss,
 )
+from grpo.batching import plan_steps, split_to_counts
 from grpo.checkpoint import (
     RunPosition,
     check_resumable,
@@ -244,24 +245,17 @@ class GRPOTrainer:
         return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
 
     def _optimizer_steps(self, rollout: Rollout) -> list[list[torch.Tensor]]:
-        """Split a round into optimizer steps of gradient_accumulation_steps micro-batches, for every pass.
+        """Split a round into optimizer steps of micro-batches (see `grpo.batching`).
 
         The rows are shuffled once per round, so when a round feeds several optimizer steps each sees a mix of
-        prompts; every pass (num_iterations) reuses that order. Within a step the rows are sorted by length
-        before they are cut into micro-batches, so each micro-batch is padded only to rows of similar length:
-        the step's rows, and so its normalised loss, are the same whatever the order.
+        prompts. Every process runs the same number of micro-batches per step (agreed here, once per round).
         """
         args = self.args
         lengths = rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1)
         order = torch.randperm(len(rollout), generator=self._shuffle)
-        micro_batches = list(order.split(args.per_device_train_batch_size)) * args.num_iterations
-        ga = args.gradient_accumulation_steps
-        steps = []
-        for start in range(0, len(micro_batches), ga):
-            rows = torch.cat(micro_batches[start:start + ga])
-            by_length = rows[torch.argsort(lengths[rows], stable=True)]
-            steps.append(list(by_length.split(args.per_device_train_batch_size)))
-        return steps
+        steps = plan_steps(order, lengths, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                           args.num_iterations, args.max_tokens_per_micro_batch)
+        return split_to_counts(steps, self.processes.max_each([len(s) for s in steps]), lengths)
 
     # ---- one generation round ------------------------------------------------------------------------------
     def _generate_round(self, rows: list[dict[str, Any]], rounds: Iterator[Any]) -> tuple[Rollout, dict, int]:
