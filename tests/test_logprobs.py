@@ -223,3 +223,23 @@ def test_rows_without_completion_tokens_keep_a_graph():
     logps, _ = completion_logps(model, prompt_ids, prompt_mask, completion_ids, torch.zeros_like(completion_ids))
     assert (logps == 0).all()
     logps.sum().backward()  # an all-padding micro-batch must not break the backward pass
+
+
+@pytest.mark.parametrize("chunk_tokens, backward_head_passes", [(10_000, 0), (5, 4)])
+def test_backward_recomputes_the_logits_only_when_they_did_not_fit_in_one_chunk(monkeypatch, chunk_tokens,
+                                                                                backward_head_passes):
+    """Within the budget the forward keeps softmax(z / T) for backward; beyond it each chunk is recomputed."""
+    calls = []
+    original = logprobs._linear_logits
+    monkeypatch.setattr(logprobs, "_linear_logits", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    hidden = torch.randn(17, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (17,))
+    logps, _ = logprobs.token_logps(hidden, head, targets, 0.7, chunk_tokens)
+    forward_passes = len(calls)
+    logps.sum().backward()
+    assert forward_passes == -(-17 // min(chunk_tokens, 17))
+    assert len(calls) - forward_passes == backward_head_passes
+    expected = torch.log_softmax(head(hidden.detach()) / 0.7, -1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(logps, expected)

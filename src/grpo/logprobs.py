@@ -7,8 +7,10 @@ through the LM head a chunk of tokens at a time, sized to a memory budget (`LOGI
 
     z = h W^T + b,   logp(y) = z_y / T - logsumexp_v(z_v / T),   H = logsumexp_v(z_v / T) - sum_v p_v z_v / T
 
-with the log-sum-exp in float32. With gradients, `_LinearTokenLogps` saves only h, W, b and the log-sum-exp and
-recomputes each chunk's logits in the backward pass, so no (B, C, V) tensor exists at any time. Models whose
+with the log-sum-exp in float32. With gradients, `_LinearTokenLogps` saves h, W, b and the log-sum-exp and
+recomputes each chunk's logits in the backward pass, so no (B, C, V) tensor exists at any time; when the
+micro-batch's completion tokens fit in one chunk it keeps their probabilities instead (memory within the same
+budget), and the backward pass skips that recomputation. Models whose
 forward is not exactly `decoder -> lm_head` (logit soft-capping, logit scaling, prompt-learning adapters, ...) take
 the full-logits path, as do models without a separate decoder body.
 """
@@ -154,7 +156,9 @@ class _LinearTokenLogps(torch.autograd.Function):
     """(log p(y_i), H_i) of softmax(z_i / T) with z = h W^T + b, computed `chunk` tokens at a time.
 
     Forward per chunk: z / T in float32, lse = logsumexp(z / T), logp = z_y / T - lse, H = lse - sum_v p_v z_v / T.
-    Saves h, W, b and lse (O(N) floats beyond the inputs). Backward recomputes each chunk's logits:
+    Saves h, W, b and lse (O(N) floats beyond the inputs); when all N tokens fit in one chunk (the memory budget)
+    it also keeps p = softmax(z / T), so the backward pass need not recompute the logits. Otherwise backward
+    recomputes each chunk's logits:
 
         dL/dz_iv = g_i (1[v = y_i] - p_iv) / T,  dL/dh = dL/dz W,  dL/dW = sum_chunks dL/dz^T h,  dL/db = sum_i dL/dz_i
 
@@ -168,11 +172,16 @@ class _LinearTokenLogps(torch.autograd.Function):
         dtype = _compute_dtype(hidden.device, weight.dtype)
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         logps, entropies, lses = [], [], []
+        chunks = _chunks(hidden, targets, chunk)
+        probs = None
         with _no_autocast(hidden.device):
-            for h, y in _chunks(hidden, targets, chunk):
-                logp, entropy, lse = _softmax_stats(_linear_logits(h.to(dtype), w, b, temperature), y)
+            for h, y in chunks:
+                logits = _linear_logits(h.to(dtype), w, b, temperature)
+                logp, entropy, lse = _softmax_stats(logits, y)
                 logps.append(logp), entropies.append(entropy), lses.append(lse)
-        ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(lses))
+                if len(chunks) == 1:  # within the budget: keep p rather than recompute the logits in backward
+                    probs = logits.sub_(lse.unsqueeze(1)).exp_()
+        ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(lses), probs)
         ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
         entropy = torch.cat(entropies)
         ctx.mark_non_differentiable(entropy)
@@ -180,7 +189,7 @@ class _LinearTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_logps: torch.Tensor, _grad_entropy: Any) -> tuple[Any, ...]:
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, kept_probs = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         temperature, chunk, dtype = ctx.temperature, ctx.chunk, ctx.dtype
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
@@ -191,8 +200,11 @@ class _LinearTokenLogps(torch.autograd.Function):
             for start in range(0, max(len(hidden), 1), chunk):
                 rows = slice(start, start + chunk)
                 h = hidden[rows].to(dtype)
-                grad_z = _logits_grad(_linear_logits(h, w, b, temperature), targets[rows], lse[rows],
-                                      grad_logps[rows].float(), temperature)
+                if kept_probs is not None:  # used up in place: a second backward would be refused by autograd
+                    probs = kept_probs
+                else:
+                    probs = _linear_logits(h, w, b, temperature).sub_(lse[rows].unsqueeze(1)).exp_()
+                grad_z = _probs_grad(probs, targets[rows], grad_logps[rows].float(), temperature)
                 if grad_b is not None:
                     grad_b += grad_z.sum(0)
                 grad_z = grad_z.to(dtype)
@@ -225,10 +237,9 @@ def _softmax_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     return picked - lse, entropy, lse
 
 
-def _logits_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
-                 temperature: float) -> torch.Tensor:
-    """dL/dz = g (onehot(y) - softmax(z / T)) / T, computed in place over `logits` (z / T, float32)."""
-    probs = logits.sub_(lse.unsqueeze(1)).exp_()
+def _probs_grad(probs: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, temperature: float
+                ) -> torch.Tensor:
+    """dL/dz = g (onehot(y) - p) / T with p = softmax(z / T) (float32), computed in place over `probs`."""
     grad_z = probs.mul_(-grad.unsqueeze(1))
     grad_z.scatter_add_(1, targets.unsqueeze(1), grad.unsqueeze(1))
     return grad_z.div_(temperature)
