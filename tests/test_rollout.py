@@ -183,3 +183,33 @@ def test_an_architecture_without_rotary_embeddings_gpt2_matches_generate():
     width = ours.completion_ids.size(1)
     assert torch.equal(ours.completion_ids, reference.completion_ids[:, :width])
     assert torch.equal(ours.completion_mask, reference.completion_mask[:, :width])
+
+
+def test_fill_from_the_end_moves_only_as_many_rows_as_finished():
+    from grpo.rollout.engine import PreallocatedLayer, fill_from_the_end
+
+    finished = torch.tensor([False, True, False, False, True, False, False])
+    # 5 rows stay: holes at 1 and 4 are filled by the live rows above 5 (5 and 6); rows 0, 2, 3 do not move
+    assert fill_from_the_end(finished).tolist() == [0, 5, 2, 3, 6]
+    assert fill_from_the_end(torch.tensor([False, False, True])).tolist() == [0, 1]  # the last row just leaves
+    assert fill_from_the_end(torch.tensor([True, True])).tolist() == []
+
+    layer = PreallocatedLayer(capacity=4)
+    keys = torch.arange(7.0).view(7, 1, 1, 1).expand(7, 1, 2, 1).contiguous()
+    layer.update(keys, keys + 100)
+    copies = []
+    original = torch.Tensor.__setitem__
+
+    def counting(self, index, value):
+        copies.append(value.shape[0] if torch.is_tensor(value) and value.dim() == 4 else 0)
+        return original(self, index, value)
+
+    keep = fill_from_the_end(finished)
+    torch.Tensor.__setitem__ = counting
+    try:
+        layer.batch_select_indices(keep)
+    finally:
+        torch.Tensor.__setitem__ = original
+    assert copies == [2, 2]  # keys and values: two rows each, not the five kept
+    assert layer.keys[:, 0, 0, 0].tolist() == [0, 5, 2, 3, 6]
+    assert layer.values[:, 0, 1, 0].tolist() == [100, 105, 102, 103, 106]

@@ -176,11 +176,10 @@ class _LinearTokenLogps(torch.autograd.Function):
         probs = None
         with _no_autocast(hidden.device):
             for h, y in chunks:
-                logits = _linear_logits(h.to(dtype), w, b, temperature)
-                logp, entropy, lse = _softmax_stats(logits, y)
+                # within the budget (one chunk): keep p rather than recompute the logits in backward
+                logp, entropy, lse, probs = _softmax_stats(_linear_logits(h.to(dtype), w, b, temperature), y,
+                                                           keep_probs=len(chunks) == 1)
                 logps.append(logp), entropies.append(entropy), lses.append(lse)
-                if len(chunks) == 1:  # within the budget: keep p rather than recompute the logits in backward
-                    probs = logits.sub_(lse.unsqueeze(1)).exp_()
         ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(lses), probs)
         ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
         entropy = torch.cat(entropies)
@@ -222,19 +221,22 @@ def _linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return torch.nn.functional.linear(hidden, weight, bias).float().div_(temperature)
 
 
-def _softmax_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp(y), entropy, lse) of softmax(logits), logits (n, V) float32, without autograd.
+def _softmax_stats(logits: torch.Tensor, targets: torch.Tensor, keep_probs: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logp(y), entropy, lse, p if `keep_probs`) of softmax(logits), logits (n, V) float32, without autograd.
 
-    lse = m + log sum_v e_v with e_v = exp(z_v - m), m = max_v z_v;  H = lse - sum_v e_v z_v / sum_v e_v.
-    One (n, V) temporary (e) beyond the logits.
+    lse = m + log sum_v e_v with e_v = exp(z_v - m), m = max_v z_v;  H = lse - sum_v e_v z_v / sum_v e_v;
+    p = e / sum_v e_v. One (n, V) temporary (e) beyond the logits, which are overwritten (kept or not, the
+    product e z is formed in place in whichever of the two is not needed afterwards).
     """
     picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     peak = logits.amax(1, keepdim=True)
     exps = (logits - peak).exp_()
     total = exps.sum(1)
     lse = peak.squeeze(1) + total.log()
-    entropy = lse - exps.mul_(logits).sum(1) / total
-    return picked - lse, entropy, lse
+    weighted = (logits.mul_(exps) if keep_probs else exps.mul_(logits)).sum(1)
+    probs = exps.div_(total.unsqueeze(1)) if keep_probs else None
+    return picked - lse, lse - weighted / total, lse, probs
 
 
 def _probs_grad(probs: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, temperature: float
@@ -242,7 +244,7 @@ def _probs_grad(probs: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, 
     """dL/dz = g (onehot(y) - p) / T with p = softmax(z / T) (float32), computed in place over `probs`."""
     grad_z = probs.mul_(-grad.unsqueeze(1))
     grad_z.scatter_add_(1, targets.unsqueeze(1), grad.unsqueeze(1))
-    return grad_z.div_(temperature)
+    return grad_z if temperature == 1.0 else grad_z.div_(temperature)
 
 
 def _chunk_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
@@ -255,7 +257,7 @@ def _chunk_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Ten
             logits = _linear_logits(hidden.to(dtype), head.weight.to(dtype), bias, temperature)
     else:
         logits = head(hidden).float().div_(temperature)
-    logp, entropy, _ = _softmax_stats(logits, targets)
+    logp, entropy, _, _ = _softmax_stats(logits, targets)
     return logp, entropy
 
 
