@@ -8,10 +8,11 @@ columns, the output projection, RMSNorm and one fused gate/up projection; then t
 On CPU the fused weights are copied into oneDNN's blocked layout, which multiplies the few rows of a decode
 step several times faster than BLAS on the plain weights (see `_onednn_packed`).
 
-The norms, rotary embedding and activation are the model's own modules, so their variants (rope scaling
-types, RMSNorm flavours) come for free. A model whose structure is anything else (sliding-window layers,
-quantised or DoRA linears, other activations layouts) gets `None` from `LeanDecoder.from_model`, and the
-engine decodes through transformers' forward instead. LoRA adapters are merged into the copied weights, so
+The rotary table and the activation come from the model's own modules, so rope scaling types come for free;
+RMSNorm is `F.rms_norm` for the four models' own RMSNorm classes (bit-identical, tested) and the module itself
+otherwise. A model whose structure is anything else (sliding-window layers shorter than the sequence,
+quantised or DoRA linears, other architectures) gets `None` from `LeanDecoder.from_model`, and the engine
+decodes through transformers' forward instead. LoRA adapters are merged into the copied weights, so
 sampling from an adapted policy costs no extra matmuls.
 """
 
@@ -246,7 +247,7 @@ def _project(x: torch.Tensor, projections: list[Projection], split: list[int] | 
 
 
 # These models' RMSNorm normalises in float32, rounds to the input dtype, then multiplies by the weight: the same
-# numbers as `F.rms_norm` (checked bit for bit in the tests) in one or two kernels instead of seven.
+# numbers as `F.rms_norm` (checked bit for bit in the tests), one call (a fused kernel on GPU) instead of seven.
 STANDARD_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
