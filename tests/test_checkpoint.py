@@ -172,6 +172,13 @@ def test_resume_with_other_settings_is_refused_before_anything_is_written(tmp_pa
     assert before == after
 
 
+def test_resume_with_a_smaller_token_budget_is_allowed(tmp_path):
+    """A run that ran out of memory resumes with smaller micro-batches: memory only, the update is the same."""
+    _trainer(tmp_path / "run", max_steps=2).train()
+    state = _trainer(tmp_path / "run", max_steps=3, max_tokens_per_micro_batch=64).train(resume_from_checkpoint=True)
+    assert state.global_step == 3
+
+
 def test_resume_with_another_model_is_refused(tmp_path, tiny_model_dir):
     from transformers import LlamaConfig, LlamaForCausalLM
 

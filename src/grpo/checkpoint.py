@@ -43,6 +43,7 @@ RESUMABLE_CHANGES = frozenset({
     "overwrite_output_dir", "max_steps", "num_train_epochs", "eval_strategy", "eval_steps",
     "per_device_eval_batch_size", "num_generations_eval", "generation_max_batch_rows",
     "max_consecutive_nonfinite_steps",
+    "max_tokens_per_micro_batch",  # memory only: the update does not depend on how a step is cut
     "model",  # the path may move; the model itself is compared by its parameter names and shapes
 })
 

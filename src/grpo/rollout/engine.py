@@ -152,11 +152,8 @@ def fill_from_the_end(finished: torch.Tensor) -> torch.Tensor:
     (keeping the order would shift, and copy, every row after the first finished one)."""
     live = ~finished
     count = int(live.sum())
-    order = torch.arange(finished.numel(), device=finished.device)
-    holes = (finished[:count]).nonzero().squeeze(1)
-    movers = live[count:].nonzero().squeeze(1) + count
-    order = order[:count].clone()
-    order[holes] = movers
+    order = torch.arange(count, device=finished.device)
+    order[finished[:count]] = live[count:].nonzero().squeeze(1) + count  # as many holes below as movers above
     return order
 
 
