@@ -3,8 +3,9 @@
     python benchmarks/rollout_speed.py [--sizes tiny small] [--lengths 64 256] [--repeats 3] [--prompt-len 8 40]
 
 Sampling with G = 8 completions per prompt; completion lengths vary (see benchmarks/models.py). Tokens/s counts
-generated completion tokens (up to and including EOS). Runs alternate between the two backends so that drift
-in machine speed hits both alike; the median of the repeats is reported.
+generated completion tokens (up to and including EOS); the mean completion length of each backend is printed
+too (same model, same distribution: they should agree up to sampling noise). Runs alternate between the two
+backends so that drift in machine speed hits both alike; the median of the repeats is reported.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def main() -> None:
     opts = parser.parse_args()
     print(f"device={opts.device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"G={opts.num_generations} prompts/round={opts.prompts} prompt_len={opts.prompt_len[0]}-{opts.prompt_len[1]}")
-    header = (f"{'model':<6} {'params':>7} {'max_new':>7} {'mean_len':>8} {'hf tok/s':>9} {'grpo tok/s':>10} "
-              f"{'ratio':>6}")
+    header = (f"{'model':<6} {'params':>7} {'max_new':>7} {'hf len':>7} {'grpo len':>8} {'hf tok/s':>9} "
+              f"{'grpo tok/s':>10} {'ratio':>6}")
     print(header + "\n" + "-" * len(header))
     for size in opts.sizes:
         model = build(size).to(opts.device)
@@ -60,15 +61,15 @@ def main() -> None:
             for backend in backends.values():  # warm-up
                 backend.generate(model, prompt_ids[:1], 2)
             rates: dict[str, list[float]] = {name: [] for name in backends}
-            lengths = []
+            lengths: dict[str, list[float]] = {name: [] for name in backends}  # same model: should agree
             for _ in range(opts.repeats):
                 for name, backend in backends.items():
                     seconds, tokens = timed(backend, model, prompt_ids, opts.num_generations)
                     rates[name].append(tokens / seconds)
-                    lengths.append(tokens / (len(prompt_ids) * opts.num_generations))
+                    lengths[name].append(tokens / (len(prompt_ids) * opts.num_generations))
             hf, ours = statistics.median(rates["hf"]), statistics.median(rates["grpo"])
-            print(f"{size:<6} {params:>6.1f}M {max_new:>7} {statistics.mean(lengths):>8.1f} {hf:>9.0f} "
-                  f"{ours:>10.0f} {ours / hf:>5.2f}x")
+            print(f"{size:<6} {params:>6.1f}M {max_new:>7} {statistics.mean(lengths['hf']):>7.1f} "
+                  f"{statistics.mean(lengths['grpo']):>8.1f} {hf:>9.0f} {ours:>10.0f} {ours / hf:>5.2f}x")
 
 
 if __name__ == "__main__":
