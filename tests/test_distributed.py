@@ -103,6 +103,16 @@ def _launch(script: Path, root: Path, processes: int, mode: str, per_device: int
     assert done.returncode == 0, done.stderr[first_error:first_error + 4000]
 
 
+def assert_resumed_metrics_match(records: list[dict], resumed_dir: Path) -> None:
+    """The resumed run logged steps 1-4 with the uninterrupted run's metrics (step times aside)."""
+    resumed = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for expected, actual in zip(records, resumed):
+        for name, value in expected.items():
+            if name != "step_time" and isinstance(value, float):
+                assert actual[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (expected["step"], name)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One launch per layout: one process with batch 2B, two processes with batch B each."""
@@ -143,9 +153,4 @@ def test_two_process_run_writes_once_and_resumes_exactly(runs):
     assert (whole / "model.safetensors").is_file()
     assert {p.name for p in (whole / "checkpoint-4").glob("*_?.pt")} == {
         "rng_state_0.pt", "rng_state_1.pt", "round_0.pt", "round_1.pt"}  # each process's own state
-    resumed = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    for expected, actual in zip(records, resumed):
-        for name, value in expected.items():
-            if name != "step_time" and isinstance(value, float):
-                assert actual[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (expected["step"], name)
+    assert_resumed_metrics_match(records, split)

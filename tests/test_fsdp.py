@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_distributed import SCRIPT, _launch
+from test_distributed import SCRIPT, _launch, assert_resumed_metrics_match
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,12 +118,7 @@ def test_two_fsdp_processes_write_once_and_resume_exactly(runs):
     saved = load_file(whole / "checkpoint-4" / "model.safetensors")
     assert set(saved) <= set(moments["state"]) | {"lm_head.weight"}  # full moments, keyed by parameter name
     assert all(moments["state"][n]["exp_avg"].shape == saved[n].shape for n in saved if n in moments["state"])
-    resumed = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    for expected, actual in zip(records, resumed):
-        for name, value in expected.items():
-            if name != "step_time" and isinstance(value, float):
-                assert actual[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (expected["step"], name)
+    assert_resumed_metrics_match(records, split)
     final_whole, final_split = load_file(whole / "model.safetensors"), load_file(split / "model.safetensors")
     for name in final_whole:
         torch.testing.assert_close(final_split[name], final_whole[name], atol=1e-6, rtol=1e-5)
