@@ -4,6 +4,7 @@ A checkpoint is a directory `checkpoint-<step>` in the run directory:
 
     model weights (or the PEFT adapter) and tokenizer, in `save_pretrained` format, so it also loads as a model
     optimizer.pt, scheduler.pt     the optimizer moments and the learning-rate schedule position
+    deepspeed/                     under DeepSpeed, its own checkpoint instead of optimizer.pt (a partition each)
     rng_state.pt                   python, numpy, torch (CPU and CUDA), the rollout engine's and the shuffler's
     round.pt                       the generation round in progress and its micro-batch plan
     grpo_config.json               the config, to refuse resuming with different settings
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from grpo import zero
 from grpo.distributed import FullState, gather_full_state, is_sharded, load_full_state
 from grpo.rollout import Rollout
 
@@ -101,9 +104,9 @@ def find_checkpoint(resume: str | bool | None, output_dir: str | Path) -> Path |
 
 def model_signature(model: torch.nn.Module) -> dict[str, Any]:
     """What identifies a model's architecture: its class and the names and shapes of its parameters."""
-    shapes = sorted((name, tuple(p.shape)) for name, p in model.named_parameters())
+    shapes = sorted((name, zero.full_shape(p)) for name, p in model.named_parameters())
     return {"class": type(model).__name__,
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": sum(math.prod(zero.full_shape(p)) for p in model.parameters()),
             "shapes_sha1": hashlib.sha1(repr(shapes).encode()).hexdigest()}
 
 
@@ -182,7 +185,9 @@ def save_checkpoint(trainer: Any, position: RunPosition, window_values: dict[str
         staging.mkdir(parents=True)
     processes.wait()
     _write_process_state(trainer, position, staging)  # every process: its random states and its rows
-    full = gather_full_state(trainer._unwrapped_model(), trainer.optimizer)  # FSDP: every process takes part
+    if zero.is_engine(trainer.policy_logps):  # every process writes its optimizer partition
+        zero.save_state(trainer.policy_logps, staging / "deepspeed")
+    full = gather_full_state(trainer._unwrapped_model(), trainer.optimizer)  # FSDP, ZeRO-3: a collective
     processes.wait()
     if processes.is_main:
         _publish(trainer, position, window_values, staging, target, full)
@@ -225,11 +230,13 @@ def _write_process_state(trainer: Any, position: RunPosition, out: Path) -> None
 
 def _write_contents(trainer: Any, position: RunPosition, window_values: dict[str, list[float]], out: Path,
                     full: FullState | None = None) -> None:
-    """`full`: an FSDP run's gathered weights and optimizer state (keyed by parameter name), else None."""
-    model = trainer._unwrapped_model()
+    """`full`: an FSDP run's gathered weights and optimizer state (keyed by parameter name), a ZeRO-3 run's
+    gathered weights, else None."""
+    model, deepspeed = trainer._unwrapped_model(), zero.is_engine(trainer.policy_logps)
     model.save_pretrained(out, state_dict=full.model if full else None)
     trainer.processing_class.save_pretrained(out)
-    torch.save(full.optimizer if full else trainer.optimizer.state_dict(), out / "optimizer.pt")
+    if not deepspeed:  # DeepSpeed's optimizer state is in deepspeed/, one partition per process
+        torch.save(full.optimizer if full else trainer.optimizer.state_dict(), out / "optimizer.pt")
     torch.save(trainer.lr_scheduler.state_dict(), out / "scheduler.pt")
     if trainer.args.sync_ref_model and trainer.ref_model is not None:  # TR-DPO moves the reference too
         torch.save(trainer.ref_model.state_dict(), out / "ref_model.pt")
@@ -239,7 +246,8 @@ def _write_contents(trainer: Any, position: RunPosition, window_values: dict[str
         "rounds_consumed": position.rounds_consumed, "round_epoch": position.epoch,
         "round_reward": position.round_reward, "next_step": position.next_step,
         "logging_window": window_values, "model_signature": model_signature(model),
-        "num_processes": trainer.processes.count, "sharded": full is not None,
+        "num_processes": trainer.processes.count, "sharded": full is not None and not deepspeed,
+        "deepspeed": deepspeed,
     }
     (out / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: its presence marks a complete checkpoint
 
@@ -263,17 +271,20 @@ def _fsync_dir(path: Path) -> None:
 # ---- reading -----------------------------------------------------------------------------------------------
 def load_checkpoint(trainer: Any, checkpoint: Path) -> tuple[RunPosition, dict[str, list[float]]]:
     """Restore model, optimizer, schedule, RNGs and trainer state; return the loop position and logging window."""
-    model, moments = trainer._unwrapped_model(), torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    model, deepspeed = trainer._unwrapped_model(), zero.is_engine(trainer.policy_logps)
     state = json.loads((checkpoint / STATE_FILE).read_text())
-    if state.get("sharded", False) != is_sharded(model):  # the optimizer state is keyed differently
-        kinds = ("a DDP or single-process", "an FSDP")
-        raise ValueError(f"checkpoint {checkpoint} was written by {kinds[state.get('sharded', False)]} run, and this "
-                         f"is {kinds[is_sharded(model)]} run; resume with the accelerate set-up that wrote it.")
-    if is_sharded(model):  # FSDP: every process reads the full state and keeps its shard
-        load_full_state(model, _read_weights(checkpoint), trainer.optimizer, moments)
+    written = _run_kind(state.get("deepspeed", False), state.get("sharded", False))
+    running = _run_kind(deepspeed, is_sharded(model))
+    if written != running:  # the optimizer state is stored differently
+        raise ValueError(f"checkpoint {checkpoint} was written by {written} run, and this is {running} run; resume "
+                         "with the accelerate set-up that wrote it.")
+    if deepspeed:  # the weights and each process's optimizer partition
+        zero.load_state(trainer.policy_logps, checkpoint / "deepspeed")
+    elif is_sharded(model):  # FSDP: every process reads the full state and keeps its shard
+        load_full_state(model, _read_weights(checkpoint), trainer.optimizer, _read_moments(checkpoint))
     else:
         load_weights(model, checkpoint)
-        trainer.optimizer.load_state_dict(moments)
+        trainer.optimizer.load_state_dict(_read_moments(checkpoint))
     trainer.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     if (checkpoint / "ref_model.pt").exists() and trainer.ref_model is not None:
         trainer.ref_model.load_state_dict(torch.load(checkpoint / "ref_model.pt", weights_only=True))
@@ -305,6 +316,14 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     if not weights or untied or unexpected:
         raise ValueError(f"checkpoint {checkpoint} does not match the model: missing {untied[:5]}, unexpected "
                          f"{unexpected[:5]}. Resume with the model the run started with.")
+
+
+def _run_kind(deepspeed: bool, sharded: bool) -> str:
+    return "a DeepSpeed" if deepspeed else "an FSDP" if sharded else "a DDP or single-process"
+
+
+def _read_moments(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(checkpoint / "optimizer.pt", weights_only=True)
 
 
 def _read_weights(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -4,8 +4,9 @@ Every process draws the same global round of prompts from the sampler and genera
 contiguous share of them, so the G completions of a prompt never straddle two processes. Rewards are then
 gathered, so advantages (and "batch" reward scaling) are computed over the whole round, exactly as one process
 would; each process keeps its own rows' advantages. The loss normaliser counts the whole global optimizer step
-(token counts are summed over processes), and since DDP averages gradients over processes, each process scales
-its partial loss by the number of processes: the summed gradient is then the one-process gradient.
+(token counts are summed over processes), and since DDP (like FSDP and DeepSpeed) averages gradients over
+processes, each process scales its partial loss by the number of processes: the summed gradient is then the
+one-process gradient. FSDP2 is set up below; DeepSpeed ZeRO in `grpo.zero`.
 
 Every collective here is called by every process at the same point of the loop (per round, per step, per save),
 never inside a branch that depends on one process's data, so processes whose completions finish early wait at
@@ -23,10 +24,14 @@ from typing import Any
 
 import torch
 
+from grpo import zero
+
 
 def accelerator_kwargs(args: Any) -> dict[str, Any]:
     """Accelerate runs several CPU processes (gloo) only when told `cpu=True`; without it each process of a
-    CPU-only torchrun would silently train alone."""
+    CPU-only torchrun would silently train alone. (DeepSpeed is told the backend instead: `cpu=True` drops it.)"""
+    if zero.requested():
+        return zero.accelerator_kwargs()
     return {"cpu": args.use_cpu or (args.world_size > 1 and not torch.cuda.is_available())}
 
 
@@ -81,8 +86,8 @@ class Processes:
             self.accelerator.wait_for_everyone()
 
 
-# DeepSpeed owns backward and the optimizer step, and ZeRO-3 shards the weights behind its own engine; not built yet.
-UNSUPPORTED_ENGINES = ("DEEPSPEED", "MEGATRON_LM")
+UNSUPPORTED_ENGINES = ("MEGATRON_LM",)
+WRAPPED_IN_TRAIN = ("FSDP", "DEEPSPEED")  # `shard_policy` wraps the policy once its optimizer exists
 
 
 def engine(accelerator: Any) -> str:
@@ -96,10 +101,13 @@ def check_distributed_support(accelerator: Any, args: Any, peft: bool = False) -
     if kind in UNSUPPORTED_ENGINES:
         raise NotImplementedError(
             f"accelerate is configured for {kind}, which grpo does not support yet. Use DDP (`accelerate launch "
-            "--multi_gpu`) or FSDP2 (examples/accelerate/fsdp.yaml); see docs/distributed.md."
+            "--multi_gpu`), FSDP2 or DeepSpeed ZeRO (examples/accelerate/); see docs/distributed.md."
         )
     if kind == "FSDP":
         check_fsdp(accelerator.state.fsdp_plugin, peft)
+    if kind == "DEEPSPEED":
+        zero.check_deepspeed(accelerator.state.deepspeed_plugin, args, peft)
+        zero.configure(accelerator.state.deepspeed_plugin, args)
     count = accelerator.num_processes
     if args.world_size != count:
         raise ValueError(
@@ -154,7 +162,8 @@ def enable_fsdp_on_cpu(accelerator: Any) -> None:
 
 
 def shard_policy(accelerator: Any, policy: torch.nn.Module, optimizer: Any) -> torch.nn.Module:
-    """Shard the training forward (`PolicyLogps` around the causal LM) with FSDP2; a no-op for other engines.
+    """Shard the training forward (`PolicyLogps` around the causal LM) with FSDP2, or wrap it in DeepSpeed's
+    ZeRO engine (`grpo.zero`); a no-op for other engines.
 
     Accelerate's FSDP2 needs the model and its optimizer together: it shards the parameters in place and points
     the optimizer (built on the full parameters, ours or the user's) at the shards. The decoder layers
@@ -163,6 +172,8 @@ def shard_policy(accelerator: Any, policy: torch.nn.Module, optimizer: Any) -> t
     """
     from torch.distributed.fsdp import FSDPModule
 
+    if engine(accelerator) == "DEEPSPEED" and not zero.is_engine(policy):
+        return zero.prepare(accelerator, policy, optimizer)
     if engine(accelerator) != "FSDP" or isinstance(policy, FSDPModule):
         return policy
     policy._no_split_modules = getattr(policy.model, "_no_split_modules", None)  # PolicyLogps has none itself
@@ -181,10 +192,22 @@ def full_weights(root: torch.nn.Module) -> Iterator[None]:
     Every process must enter at the same point (the gather is a collective); inside, each process may run as
     many forwards as its data needs (generation lengths differ), or none. Re-entering a gathered root does
     nothing, so a block run by one process only (evaluation on the main process) may nest inside. Weights
-    written inside the block are not kept: the shards are the truth.
+    written inside the block are not kept: the shards are the truth. Under DeepSpeed ZeRO-3 the same holds
+    (`grpo.zero.full_weights`).
     """
     from torch.distributed.fsdp import FSDPModule
 
+    if zero.is_engine(root):
+        if root in _GATHERED:
+            yield
+            return
+        with zero.full_weights(root):
+            _GATHERED.add(root)
+            try:
+                yield
+            finally:
+                _GATHERED.discard(root)
+        return
     units = [m for m in root.modules() if isinstance(m, FSDPModule)]
     if not units or root in _GATHERED:
         yield
@@ -218,7 +241,8 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 @dataclass
 class FullState:
-    """The full (unsharded) model and optimizer state of an FSDP run, on the CPU of the main process."""
+    """The full (unsharded) model and optimizer state of an FSDP run, on the CPU of the main process (a ZeRO-3
+    run's weights only: its optimizer partitions go into DeepSpeed's own checkpoint)."""
 
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any] | None
@@ -231,6 +255,8 @@ def gather_full_state(model: torch.nn.Module, optimizer: Any = None) -> FullStat
     dicts). Keys are the causal LM's own names, so `save_pretrained(state_dict=...)` writes a normal checkpoint
     and the optimizer state is keyed by parameter name.
     """
+    if zero.is_partitioned(model):  # ZeRO-3: the weights; its optimizer state is DeepSpeed's own checkpoint
+        return FullState(zero.gather_weights(model, torch.distributed.get_rank() == 0), None)
     if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import (

@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel, get_scheduler, set_seed
 
-from grpo import distributed
+from grpo import distributed, zero
 from grpo.algorithm import (
     MULTI_OBJECTIVE_AGGREGATIONS,
     OBJECTIVES,
@@ -141,7 +141,7 @@ class GRPOTrainer:
                 model.enable_input_require_grads()
         self.model = model.to(self.device)
         self.policy_logps = PolicyLogps(self.model)  # the training forward
-        if self.processes.count > 1 and distributed.engine(self.accelerator) != "FSDP":  # DDP; FSDP shards in train()
+        if self.processes.count > 1 and distributed.engine(self.accelerator) not in distributed.WRAPPED_IN_TRAIN:
             self.policy_logps = self.accelerator.prepare_model(self.policy_logps)
         self.ref_model = None
         if args.sync_ref_model and peft_config is not None:
@@ -380,8 +380,7 @@ class GRPOTrainer:
             if args.entropy_coef > 0:  # a token mean over the step, like the dapo normaliser: split-invariant
                 loss = loss - args.entropy_coef * entropy_sum / max(counts.num_tokens, 1)
             last = i == len(micro_batches) - 1
-            with nullcontext() if last else self.accelerator.no_sync(self.policy_logps):  # sync gradients once a step
-                self.accelerator.backward(loss * processes.count)  # DDP averages; the step's loss is their sum
+            self._backward(loss * processes.count, last)  # DDP averages; the step's loss is their sum
             totals["loss"] += loss.item()
             totals["entropy"] += entropy_sum.item()
             totals["low"] += (result.is_low_clipped.float() * mask).sum().item()
@@ -389,12 +388,8 @@ class GRPOTrainer:
             if result.is_cispo_clipped is not None:
                 totals["cispo"] += (result.is_cispo_clipped.float() * mask).sum().item()
         totals = processes.sum(totals)
-        grad_norm = self._clip_grad_norm()
-        metrics = {"loss": totals["loss"], "grad_norm": grad_norm}
-        if is_finite_step(metrics):  # else skipped: one NaN would poison the weights and the optimizer moments
-            self.optimizer.step()
+        metrics = {"loss": totals["loss"], "grad_norm": self._optimizer_step(totals["loss"])}
         self.lr_scheduler.step()  # the schedule follows global_step, skipped steps included
-        self.optimizer.zero_grad(set_to_none=True)
         tokens = max(counts.num_tokens, 1)
         metrics.update({"learning_rate": self.lr_scheduler.get_last_lr()[0], "entropy": totals["entropy"] / tokens})
         if args.entropy_coef > 0:  # TRL logs the loss before the bonus only when the bonus is on
@@ -436,10 +431,26 @@ class GRPOTrainer:
             policy, ref = dict(self._unwrapped_model().named_parameters()), list(self.ref_model.named_parameters())
             mix_into([p for _, p in ref], [policy[n] for n, _ in ref], self.args.ref_model_mixup_alpha)
 
-    def _clip_grad_norm(self) -> float:
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate gradients; `last`: the step's last micro-batch, where processes reduce them."""
+        if zero.is_engine(self.policy_logps):  # DeepSpeed reduces and steps itself (grpo.zero)
+            zero.backward(self.policy_logps, loss, last)
+            return
+        with nullcontext() if last else self.accelerator.no_sync(self.policy_logps):  # sync gradients once a step
+            self.accelerator.backward(loss)
+
+    def _optimizer_step(self, loss: float) -> float:
+        """Clip to max_grad_norm and update, unless the loss or the gradient norm is not finite (one NaN would
+        poison the weights and the optimizer moments); returns the norm before clipping."""
+        if zero.is_engine(self.policy_logps):  # DeepSpeed clips, and skips non-finite steps (grpo.zero)
+            return zero.step(self.policy_logps)
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
-        return float(self.accelerator.clip_grad_norm_(params, max_norm))
+        grad_norm = float(self.accelerator.clip_grad_norm_(params, max_norm))
+        if is_finite_step({"loss": loss, "grad_norm": grad_norm}):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
     # ---- logging -------------------------------------------------------------------------------------------
     def _log_evaluation(self) -> None:
