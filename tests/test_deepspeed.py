@@ -9,15 +9,14 @@ when it starts (30-45 s, needs a compiler); training never uses it.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_distributed import SCRIPT, _launch, assert_resumed_metrics_match
-from test_fsdp import MODEL_READING
+from test_distributed import _launch, assert_resumed_metrics_match
+from test_fsdp import GATHERING_SCRIPT, assert_eval_run, assert_same_update
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,10 +53,7 @@ def runs(tmp_path_factory):
     """One plain process with batch 2B; two processes with batch B each, under ZeRO-2 and under ZeRO-3."""
     root = tmp_path_factory.mktemp("deepspeed")
     script = root / "train.py"
-    script.write_text(NO_SHM_BUILD + SCRIPT
-                      .replace("\nroot, mode, per_device = ", MODEL_READING + "\nroot, mode, per_device = ")
-                      .replace('elif mode == "resume":', 'elif mode == "eval":\n    run_with_eval(f"{root}/eval")\n'
-                                                         'elif mode == "resume":'))
+    script.write_text(NO_SHM_BUILD + GATHERING_SCRIPT)
     _launch(script, root / "one", 1, "updates", 8, [dict(c) for c in CASES])
     for stage in (2, 3):
         env = deepspeed_env(stage)
@@ -72,24 +68,7 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("case", [c["name"] for c in CASES])
 def test_two_zero_processes_take_the_same_update_as_one_with_twice_the_batch(runs, case, stage):
-    from grpo.embedded import tiny_model_path
-
-    initial = load_file(Path(tiny_model_path()) / "model.safetensors")
-    one = load_file(runs / "one" / case / "model.safetensors")
-    two = load_file(runs / f"zero{stage}" / case / "model.safetensors")  # ZeRO-3: gathered by save_model
-    assert set(two) == set(one)
-    largest = max((one[n] - initial[n]).abs().max().item() for n in initial)
-    assert largest > 1e-4  # the steps moved the weights
-    for name in initial:
-        torch.testing.assert_close(two[name] - initial[name], one[name] - initial[name],
-                                   atol=1e-6 * max(largest, 1.0), rtol=1e-4)
-    one_log = [json.loads(line) for line in (runs / "one" / case / "metrics.jsonl").read_text().splitlines()]
-    two_log = [json.loads(line) for line in (runs / f"zero{stage}" / case / "metrics.jsonl").read_text().splitlines()]
-    assert len(two_log) == len(one_log)
-    for expected, actual in zip(one_log, two_log):
-        assert set(actual) == set(expected)
-        for name in {"reward", "num_tokens", "loss", "grad_norm"} & set(expected):
-            assert actual[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
+    assert_same_update(runs / "one" / case, runs / f"zero{stage}" / case)  # ZeRO-3's gathered by save_model
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -113,13 +92,7 @@ def test_two_zero_processes_write_once_and_resume_exactly(runs, stage):
 def test_zero3_evaluates_on_the_main_process_and_mixes_the_reference(runs):
     """Evaluation on the main process alone inside a gather every process takes part in, the KL term's reference
     passes and TR-DPO mixing, all on ZeRO-3's gathered weights."""
-    records = [json.loads(line) for line in (runs / "zero3" / "eval" / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_reward" in r]
-    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [1, 2]
-    assert all(math.isfinite(r["kl"]) and math.isfinite(r["loss"]) for r in train)
-    assert all(math.isfinite(r["eval_reward"]) for r in evals)
-    assert train[1]["kl"] > 0  # the policy moved away from the reference after the first step
+    assert_eval_run(runs / "zero3" / "eval")
 
 
 @pytest.mark.parametrize("change,message", [

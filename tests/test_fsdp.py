@@ -48,6 +48,11 @@ def run_with_eval(output_dir):
     trainer.train()
 '''
 
+# test_distributed's script with the model-reading generator and an "eval" mode
+GATHERING_SCRIPT = (SCRIPT.replace("\nroot, mode, per_device = ", MODEL_READING + "\nroot, mode, per_device = ")
+                    .replace('elif mode == "resume":', 'elif mode == "eval":\n    run_with_eval(f"{root}/eval")\n'
+                                                       'elif mode == "resume":'))
+
 CASES = [  # the loss math itself is covered by test_distributed.py; these add what sharding touches:
     # no_sync over micro-batches, batch reward scaling; then a second pass that uses the gathered old log-probs
     dict(name="dr_grpo", loss_type="dr_grpo", gradient_accumulation_steps=2, scale_rewards="batch"),
@@ -73,9 +78,7 @@ def runs(tmp_path_factory):
     """One process with batch 2B (no FSDP: nothing to shard), two FSDP processes with batch B each."""
     root = tmp_path_factory.mktemp("fsdp")
     script = root / "train.py"
-    script.write_text(SCRIPT.replace("\nroot, mode, per_device = ", MODEL_READING + "\nroot, mode, per_device = ")
-                      .replace('elif mode == "resume":', 'elif mode == "eval":\n    run_with_eval(f"{root}/eval")\n'
-                                                         'elif mode == "resume":'))
+    script.write_text(GATHERING_SCRIPT)
     env = fsdp_env()
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
     _launch(script, root / "one", 1, "updates", 8, [dict(c) for c in CASES])
@@ -86,26 +89,43 @@ def runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("case", [c["name"] for c in CASES])
-def test_two_fsdp_processes_take_the_same_update_as_one_with_twice_the_batch(runs, case):
+def assert_same_update(one_dir: Path, two_dir: Path) -> None:
+    """The model and metrics of a two-process run (sharded, gathered by save_model) are those of one process
+    with twice the batch."""
     from grpo.embedded import tiny_model_path
 
     initial = load_file(Path(tiny_model_path()) / "model.safetensors")
-    one = load_file(runs / "one" / case / "model.safetensors")
-    two = load_file(runs / "two" / case / "model.safetensors")  # gathered from the shards by save_model
+    one, two = load_file(one_dir / "model.safetensors"), load_file(two_dir / "model.safetensors")
     assert set(two) == set(one)
     largest = max((one[n] - initial[n]).abs().max().item() for n in initial)
     assert largest > 1e-4  # the steps moved the weights
     for name in initial:
         torch.testing.assert_close(two[name] - initial[name], one[name] - initial[name],
                                    atol=1e-6 * max(largest, 1.0), rtol=1e-4)
-    one_log = [json.loads(line) for line in (runs / "one" / case / "metrics.jsonl").read_text().splitlines()]
-    two_log = [json.loads(line) for line in (runs / "two" / case / "metrics.jsonl").read_text().splitlines()]
+    one_log = [json.loads(line) for line in (one_dir / "metrics.jsonl").read_text().splitlines()]
+    two_log = [json.loads(line) for line in (two_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(two_log) == len(one_log)
     for expected, actual in zip(one_log, two_log):
         assert set(actual) == set(expected)
         for name in {"reward", "num_tokens", "loss", "grad_norm"} & set(expected):  # a second pass has no round
             assert actual[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
+
+
+def assert_eval_run(run_dir: Path) -> None:
+    """A run with evaluation every step, a KL term and TR-DPO mixing (`run_with_eval`) ran to the end."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_reward" in r]
+    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [1, 2]
+    assert all(math.isfinite(r["kl"]) and math.isfinite(r["loss"]) for r in train)
+    assert all(math.isfinite(r["eval_reward"]) for r in evals)
+    assert train[1]["kl"] > 0  # the policy moved away from the reference after the first step
+    assert (run_dir / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("case", [c["name"] for c in CASES])
+def test_two_fsdp_processes_take_the_same_update_as_one_with_twice_the_batch(runs, case):
+    assert_same_update(runs / "one" / case, runs / "two" / case)
 
 
 def test_two_fsdp_processes_write_once_and_resume_exactly(runs):
@@ -127,11 +147,4 @@ def test_two_fsdp_processes_write_once_and_resume_exactly(runs):
 def test_fsdp_evaluates_on_the_main_process_and_mixes_the_reference(runs):
     """Evaluation runs on the main process alone inside a gather all processes take part in (no deadlock); the
     KL term's reference passes and TR-DPO mixing run on gathered weights."""
-    records = [json.loads(line) for line in (runs / "two" / "eval" / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_reward" in r]
-    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [1, 2]
-    assert all(math.isfinite(r["kl"]) and math.isfinite(r["loss"]) for r in train)
-    assert all(math.isfinite(r["eval_reward"]) for r in evals)
-    assert train[1]["kl"] > 0  # the policy moved away from the reference after the first step
-    assert (runs / "two" / "eval" / "model.safetensors").is_file()
+    assert_eval_run(runs / "two" / "eval")
