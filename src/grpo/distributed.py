@@ -96,7 +96,8 @@ def engine(accelerator: Any) -> str:
 
 
 def check_distributed_support(accelerator: Any, args: Any, peft: bool = False) -> None:
-    """Refuse, before the model loads, the multi-process set-ups the trainer cannot yet run exactly."""
+    """Refuse, before the model loads, the multi-process set-ups the trainer cannot yet run exactly (and write
+    grpo's settings into a DeepSpeed config, `grpo.zero.configure`)."""
     kind = engine(accelerator)
     if kind in UNSUPPORTED_ENGINES:
         raise NotImplementedError(
