@@ -26,6 +26,22 @@ import deepspeed.comm.torch
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # inference only; compiled at start-up otherwise
 '''
 
+LORA = '''
+def run_lora(output_dir, per_device):
+    """LoRA with a KL term (the reference is the base model, adapter off) and two micro-batches a step."""
+    import peft
+    args = GRPOConfig(output_dir=output_dir, num_generations=4, max_completion_length=12, max_steps=2,
+                      logging_steps=1, gradient_checkpointing=False, disable_tqdm=True, seed=5, save_strategy="no",
+                      lr_scheduler_type="constant", per_device_train_batch_size=per_device, learning_rate=1e-2,
+                      beta=0.1, gradient_accumulation_steps=2)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    GRPOTrainer(model="grpo:tiny", reward_funcs=reward_len, args=args, peft_config=lora,
+                train_dataset=TASKS["length"][0](16, seed=1), generator=PromptSeededGenerator()).train()
+'''
+SCRIPT = NO_SHM_BUILD + (GATHERING_SCRIPT.replace("\nroot, mode, per_device = ", LORA + "\nroot, mode, per_device = ")
+                         .replace('elif mode == "resume":', 'elif mode == "lora":\n    run_lora(f"{root}/lora", '
+                                                            'per_device)\nelif mode == "resume":'))
+
 CASES = [  # the loss math is covered by test_distributed.py; these add what DeepSpeed's step touches:
     # several micro-batches to one step (the boundary flag), batch reward scaling
     dict(name="dr_grpo", loss_type="dr_grpo", gradient_accumulation_steps=2, scale_rewards="batch"),
@@ -53,14 +69,16 @@ def runs(tmp_path_factory):
     """One plain process with batch 2B; two processes with batch B each, under ZeRO-2 and under ZeRO-3."""
     root = tmp_path_factory.mktemp("deepspeed")
     script = root / "train.py"
-    script.write_text(NO_SHM_BUILD + GATHERING_SCRIPT)
+    script.write_text(SCRIPT)
     _launch(script, root / "one", 1, "updates", 8, [dict(c) for c in CASES])
+    _launch(script, root / "one", 1, "lora", 8)
     for stage in (2, 3):
         env = deepspeed_env(stage)
         assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == str(stage)
         _launch(script, root / f"zero{stage}", 2, "updates", 4, [dict(c) for c in CASES], extra_env=env)
         _launch(script, root / f"zero{stage}", 2, "train", 4, extra_env=env)
         _launch(script, root / f"zero{stage}", 2, "resume", 4, extra_env=env)
+        _launch(script, root / f"zero{stage}", 2, "lora", 4, extra_env=env)
     _launch(script, root / "zero3", 2, "eval", 4, extra_env=deepspeed_env(3))
     return root
 
@@ -69,6 +87,23 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("case", [c["name"] for c in CASES])
 def test_two_zero_processes_take_the_same_update_as_one_with_twice_the_batch(runs, case, stage):
     assert_same_update(runs / "one" / case, runs / f"zero{stage}" / case)  # ZeRO-3's gathered by save_model
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_under_zero_takes_the_same_update_as_one_process(runs, stage):
+    """Only the adapter trains and is saved; the reference passes run on the base model with the adapter off."""
+    one = load_file(runs / "one" / "lora" / "adapter_model.safetensors")
+    two = load_file(runs / f"zero{stage}" / "lora" / "adapter_model.safetensors")
+    assert set(two) == set(one) and all("lora_" in name for name in one)
+    assert max(one[n].abs().max().item() for n in one if "lora_B" in n) > 1e-3  # B starts at 0: it moved
+    for name in one:  # AdamW's normalised steps amplify summation-order differences a little
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
+    one_log = [json.loads(line) for line in (runs / "one" / "lora" / "metrics.jsonl").read_text().splitlines()]
+    two_log = [json.loads(line) for line in (runs / f"zero{stage}" / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert len(two_log) == len(one_log) == 2 and two_log[1]["kl"] > 0
+    for expected, actual in zip(one_log, two_log):
+        for name in ("reward", "loss", "kl", "grad_norm"):
+            assert actual[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -110,6 +145,6 @@ def test_deepspeed_settings_grpo_has_not_run_are_refused_with_the_fix(change, me
 
     config = {"zero_optimization": {"stage": 2}, "gradient_clipping": "auto", **change}
     with pytest.raises((ValueError, NotImplementedError), match=message):
-        check_deepspeed(SimpleNamespace(deepspeed_config=config), GRPOConfig(max_grad_norm=1.0), peft=False)
+        check_deepspeed(SimpleNamespace(deepspeed_config=config), GRPOConfig(max_grad_norm=1.0))
     check_deepspeed(SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}),
-                    GRPOConfig(max_grad_norm=1.0), peft=False)  # the supported settings pass
+                    GRPOConfig(max_grad_norm=1.0))  # the supported settings pass

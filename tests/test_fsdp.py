@@ -28,7 +28,8 @@ class ModelReadingGenerator(PromptSeededGenerator):
     """Completions as PromptSeededGenerator's; on the way it reads a weight and runs the model like an engine."""
 
     def generate(self, model, prompt_ids, num_generations):
-        weight = model.model.layers[0].self_attn.q_proj.weight
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the LoRA'd model
+        weight = base.model.layers[0].self_attn.q_proj.weight
         assert not isinstance(weight, DTensor) and weight.shape == (128, 128), type(weight)  # full and plain
         with torch.no_grad():
             for ids in prompt_ids[:sum(prompt_ids[0]) % 3 + 1]:  # a data-dependent number of forwards

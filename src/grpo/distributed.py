@@ -107,7 +107,7 @@ def check_distributed_support(accelerator: Any, args: Any, peft: bool = False) -
     if kind == "FSDP":
         check_fsdp(accelerator.state.fsdp_plugin, peft)
     if kind == "DEEPSPEED":
-        zero.check_deepspeed(accelerator.state.deepspeed_plugin, args, peft)
+        zero.check_deepspeed(accelerator.state.deepspeed_plugin, args)
         zero.configure(accelerator.state.deepspeed_plugin, args)
     count = accelerator.num_processes
     if args.world_size != count:

@@ -481,6 +481,7 @@ class GRPOTrainer:
                 {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
                 {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # norms and biases
             ]
+            groups = [group for group in groups if group["params"]]  # LoRA has no vectors; DeepSpeed drops empties
             # the fused kernel (TRL's default through transformers' adamw_torch_fused): 8x faster on CPU here
             fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
             self.optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),

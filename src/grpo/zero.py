@@ -41,7 +41,7 @@ def accelerator_kwargs() -> dict[str, Any]:
     return {} if torch.cuda.is_available() else {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
 
 
-def check_deepspeed(plugin: Any, args: Any, peft: bool) -> None:
+def check_deepspeed(plugin: Any, args: Any) -> None:
     """The DeepSpeed settings grpo has run (see docs/distributed.md); the others are refused up front."""
     config = plugin.deepspeed_config
     zero = config.get("zero_optimization", {})
@@ -65,8 +65,6 @@ def check_deepspeed(plugin: Any, args: Any, peft: bool) -> None:
     if clipping not in ("auto", None) and float(clipping) != float(args.max_grad_norm):
         raise ValueError(f"the DeepSpeed config sets gradient_clipping={clipping} but GRPOConfig.max_grad_norm is "
                          f"{args.max_grad_norm}; set one of them (GRPOConfig.max_grad_norm is enough).")
-    if peft:
-        raise NotImplementedError("peft_config with DeepSpeed is not supported yet; use DDP for LoRA training.")
 
 
 def configure(plugin: Any, args: Any) -> None:
