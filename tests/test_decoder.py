@@ -21,7 +21,7 @@ from grpo import GRPOConfig
 from grpo.rollout import RolloutEngine
 from grpo.rollout import decoder as decoder_module
 from grpo.rollout.base import left_pad
-from grpo.rollout.decoder import STANDARD_RMS_NORMS, LeanDecoder, _norm
+from grpo.rollout.decoder import STANDARD_RMS_NORMS, FoldedRMSNorm, LeanDecoder, _norm, interleaved_pairs
 from grpo.rollout.engine import _preallocated_cache
 
 VOCAB, PAD, BOS, EOS = 96, 0, 1, 2
@@ -61,6 +61,7 @@ def decode_logits(decoder: LeanDecoder, model: torch.nn.Module, continuation: to
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = _preallocated_cache(model.config, capacity=ids.size(1) + continuation.size(1))
     model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    decoder.adopt(cache)
     logits, position = [], positions[:, -1]
     for token in continuation.unbind(1):
         mask, position = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1), position + 1
@@ -86,6 +87,7 @@ def test_lean_step_logits_equal_transformers_forward(arch, layout, monkeypatch):
         monkeypatch.setattr(decoder_module, "_onednn_packed", lambda weight, rows: None)
     decoder = LeanDecoder.from_model(model, capacity=32, rows=len(PROMPTS), copy=layout != "original")
     assert decoder is not None and decoder.lm_head.layout == layout
+    assert decoder.folded == (layout != "original")  # norms folded in, rotary pairs interleaved
     continuation = torch.randint(3, VOCAB, (len(PROMPTS), 5), generator=torch.Generator().manual_seed(1))
     ours = torch.stack(decode_logits(decoder, model, continuation), dim=1)
     torch.testing.assert_close(ours, full_forward_logits(model, continuation), rtol=1e-4, atol=1e-4)
@@ -136,6 +138,23 @@ def test_f_rms_norm_is_bit_identical_to_the_models_own_norm(arch):
     for dtype in (torch.float32, torch.bfloat16):
         norm = norms[0].to(dtype)
         assert torch.equal(_norm(norm, x.to(dtype)), norm(x.to(dtype)))
+
+
+def test_folded_rms_norm_by_hand():
+    # RMSNorm([3, 4]) with w = [1, 2], eps = 0.5: [3, 4] / sqrt((9 + 16) / 2 + 0.5) * [1, 2] = [3, 8] / sqrt(13);
+    # folded: [3, 4] / sqrt(25 + 2 * 0.5) = [3, 4] / sqrt(26), times sqrt(2) w = [sqrt(2), 2 sqrt(2)]
+    norm = torch.nn.Module()
+    norm.weight, norm.variance_epsilon = torch.nn.Parameter(torch.tensor([1.0, 2.0])), 0.5
+    x = torch.tensor([[3.0, 4.0]])
+    torch.testing.assert_close(FoldedRMSNorm.of(norm)(x), torch.tensor([[3.0, 4.0]]) / 26 ** 0.5)
+    full = FoldedRMSNorm.of(norm, order=torch.tensor([0, 1]))
+    torch.testing.assert_close(full(x), torch.tensor([[3.0, 8.0]]) / 13 ** 0.5)
+    assert interleaved_pairs(6).tolist() == [0, 3, 1, 4, 2, 5]  # rotate-half pairs (i, i + 3) side by side
+
+
+def test_bfloat16_weights_are_used_as_they_are():
+    decoder = LeanDecoder.from_model(build("qwen3").to(torch.bfloat16), capacity=32)
+    assert decoder is not None and not decoder.folded and decoder.lm_head.layout == "original"
 
 
 def test_the_engine_decodes_llama_family_models_with_the_lean_step(monkeypatch):

@@ -210,6 +210,6 @@ def test_fill_from_the_end_moves_only_as_many_rows_as_finished():
         layer.batch_select_indices(keep)
     finally:
         torch.Tensor.__setitem__ = original
-    assert copies == [2, 2]  # keys and values: two rows each, not the five kept
+    assert copies == [2]  # two rows of keys and values, not the five kept
     assert layer.keys[:, 0, 0, 0].tolist() == [0, 5, 2, 3, 6]
     assert layer.values[:, 0, 1, 0].tolist() == [100, 105, 102, 103, 106]

@@ -5,20 +5,33 @@ surrounds them. transformers rebuilds a 4D attention mask, walks a cache object 
 two gate/up projections per layer at every token. Here a step is: embed, then per layer RMSNorm, one fused
 q/k/v projection, rotary embedding, a write into the preallocated KV cache, attention over the valid cache
 columns, the output projection, RMSNorm and one fused gate/up projection; then the final norm and the LM head.
-On CPU the fused weights are copied into oneDNN's blocked layout, which multiplies the few rows of a decode
-step several times faster than BLAS on the plain weights (see `_onednn_packed`).
 
-The rotary table and the activation come from the model's own modules, so rope scaling types come for free;
-RMSNorm is `F.rms_norm` for the four models' own RMSNorm classes (bit-identical, tested) and the module itself
-otherwise. A model whose structure is anything else (sliding-window layers shorter than the sequence,
-quantised or DoRA linears, other architectures) gets `None` from `LeanDecoder.from_model`, and the engine
-decodes through transformers' forward instead. LoRA adapters are merged into the copied weights, so
-sampling from an adapted policy costs no extra matmuls.
+On CPU (float32) the weights are copied once per round, and the copies are laid out so that a step issues as few
+operations as possible, since there each small op costs several microseconds and a tiny model's step is mostly
+small ops:
+- the fused weights are in oneDNN's blocked layout, which multiplies the few rows of a decode step several times
+  faster than BLAS on the plain weights (see `_onednn_packed`);
+- each RMSNorm's weight (and sqrt(dim)) is folded into the projection that reads its output, so a norm is
+  x / sqrt(|x|^2 + dim eps): three ops, where `F.rms_norm` issues nine on CPU (`FoldedRMSNorm`);
+- the rows of the q and k projections are reordered so that each rotary pair (i, i + head_dim/2) is adjacent:
+  the rotation is then one in-place complex multiply, where rotate-half takes five ops, and k and v are written
+  into the cache together, with one copy. The prefilled keys are reordered alike (`adopt`); attention scores
+  do not change, as q and k are reordered together.
+
+Elsewhere (on a GPU, under autocast, in bfloat16, or with a norm class of its own) the step uses the model's own
+weights, rotate-half, and `F.rms_norm` for the four models' own RMSNorm classes (bit-identical, tested).
+The rotary table and the activation come from the model's own modules, so rope scaling types come for free.
+A model whose structure is anything else (sliding-window layers shorter than the sequence, quantised or DoRA
+linears, other architectures) gets `None` from `LeanDecoder.from_model`, and the engine decodes through
+transformers' forward instead. LoRA adapters are merged into the copied weights, so sampling from an adapted
+policy costs no extra matmuls.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,6 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight, bias)
 
 
 @dataclass
@@ -56,15 +72,19 @@ class Projection:
         return x + self(inputs)
 
     @classmethod
-    def fuse(cls, linears: list[tuple[torch.Tensor, torch.Tensor | None]], copy: bool, rows: int
+    def fuse(cls, linears: list[Linear], copy: bool, rows: int, input_scale: torch.Tensor | None = None
              ) -> list[Projection]:
-        """One projection for all of `linears` when `copy` (laid out for decoding about `rows` rows), else one
-        per linear on the original tensors (no memory spent)."""
+        """One projection for all of `linears` when `copy` (laid out for decoding about `rows` rows, the
+        weight's columns multiplied by `input_scale` if given), else one per linear on the original tensors
+        (no memory spent)."""
         if not copy:
             return [cls(weight, bias, "original") for weight, bias in linears]
-        weight = torch.cat([w for w, _ in linears])
-        biases = [b if b is not None else w.new_zeros(w.size(0)) for w, b in linears]
-        bias = torch.cat(biases) if any(b is not None for _, b in linears) else None
+        weight = torch.cat([w for w, _ in linears]) if len(linears) > 1 else linears[0][0]
+        if input_scale is not None:
+            weight = weight * input_scale
+        bias = None
+        if any(b is not None for _, b in linears):
+            bias = torch.cat([b if b is not None else w.new_zeros(w.size(0)) for w, b in linears])
         packed = _onednn_packed(weight, rows)
         if packed is not None:
             return [cls(packed, bias, "packed")]
@@ -86,7 +106,7 @@ def _onednn_packed(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
         return None
 
 
-def linear_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def linear_weights(module: nn.Module) -> Linear | None:
     """The effective (weight, bias) of a plain `nn.Linear` or of a PEFT LoRA linear (its active adapters'
     deltas merged in); None for anything else (quantised layers, DoRA, LoRA biases)."""
     if type(module) is nn.Linear:
@@ -107,25 +127,57 @@ def linear_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     return weight, base.bias
 
 
+Norm = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class FoldedRMSNorm:
+    """RMSNorm(x) w = x / sqrt(mean(x^2) + eps) w = x / sqrt(|x|^2 + dim eps) (sqrt(dim) w): this computes the
+    first factor, over the last dim, and multiplies by `scale` (sqrt(dim) w) only when given: a norm followed by
+    a projection has that factor folded into the projection's weight."""
+
+    dim_eps: torch.Tensor  # sqrt(dim eps), 0-dim
+    scale: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, norm: nn.Module, order: torch.Tensor | None = None) -> FoldedRMSNorm:
+        """`norm`'s first factor; with `order`, its scale too, entries in that order (Qwen3's per-head q and k
+        norms, which no projection follows)."""
+        dim_eps = torch.tensor((norm.weight.numel() * norm.variance_epsilon) ** 0.5, device=norm.weight.device)
+        return cls(dim_eps, None if order is None else folded_scale(norm)[order])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.dim_eps)
+        return x if self.scale is None else x * self.scale
+
+
+def folded_scale(norm: nn.Module) -> torch.Tensor:
+    return norm.weight.detach() * norm.weight.numel() ** 0.5
+
+
 @dataclass
 class LayerWeights:
-    input_norm: nn.Module
+    input_norm: Norm
     qkv: list[Projection]  # one fused projection, or q, k, v
-    q_norm: nn.Module | None  # Qwen3's per-head norms
-    k_norm: nn.Module | None
+    q_norm: Norm | None  # Qwen3's per-head norms
+    k_norm: Norm | None
     o: Projection
-    post_norm: nn.Module
+    post_norm: Norm
     gate_up: list[Projection]  # one fused projection, or gate, up
     down: Projection
     act: nn.Module
 
 
 class LeanDecoder:
-    """A Llama-family model's decode step over a `PreallocatedLayer` KV cache (see `rollout/engine.py`)."""
+    """A Llama-family model's decode step over a `PreallocatedLayer` KV cache (see `rollout/engine.py`).
 
-    def __init__(self, model: nn.Module, layers: list[LayerWeights], lm_head: Projection, capacity: int):
+    `folded`: the weights are copies with the norms folded in and the rotary pairs interleaved (module
+    docstring); otherwise the model's own weights and modules are used as they are."""
+
+    def __init__(self, model: nn.Module, layers: list[LayerWeights], lm_head: Projection, norm: Norm,
+                 capacity: int, folded: bool):
         backbone = model.model
-        self.embed, self.norm = backbone.embed_tokens, backbone.norm
+        self.embed, self.norm, self.folded = backbone.embed_tokens, norm, folded
         self.layers, self.lm_head = layers, lm_head
         attention = backbone.layers[0].self_attn
         self.heads = model.config.num_attention_heads
@@ -138,15 +190,18 @@ class LeanDecoder:
         positions = torch.arange(capacity, device=probe.device).unsqueeze(0)
         cos, sin = backbone.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0], sin[0]
+        half = self.head_dim // 2
+        self.rotation = torch.complex(self.cos[:, :half], self.sin[:, :half]) if folded else None
+        self.key_order = interleaved_pairs(self.head_dim, probe.device)
 
     @classmethod
     def from_model(cls, model: nn.Module, capacity: int, rows: int = 32, copy: bool | None = None
                    ) -> LeanDecoder | None:
         """The decoder for `model`'s current weights, or None when its structure is not one this step covers
         exactly. `capacity`: the longest sequence (prompt + completion) it will decode; `rows`: about how many
-        rows it decodes at once. `copy`: fuse the weights into copies laid out for decoding (default on CPU,
-        where that is much faster and memory is cheap; on a GPU the original weights are used, one kernel per
-        linear, and nothing is copied but merged LoRA weights)."""
+        rows it decodes at once. `copy`: fold the weights into copies laid out for decoding (default on CPU in
+        float32, where that is much faster and memory is cheap; on a GPU the original weights are used, one
+        kernel per linear, and nothing is copied but merged LoRA weights)."""
         if hasattr(model, "get_base_model"):  # a PEFT model: its LoRA linears are merged below
             if model.active_peft_config.is_prompt_learning:
                 return None
@@ -164,49 +219,84 @@ class LeanDecoder:
             return None
         if copy is None:  # under autocast the matrix multiplies must stay autocast's to pick their dtype
             copy = lm_head[0].device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        copy = copy and _foldable(model)
         layers = []
         for layer in model.model.layers:
             layer_weights = _layer_weights(layer, copy, rows)
             if layer_weights is None:
                 return None
             layers.append(layer_weights)
-        return cls(model, layers, Projection.fuse([lm_head], copy, rows)[0], capacity)
+        norm = model.model.norm
+        final_norm = FoldedRMSNorm.of(norm) if copy else partial(_norm, norm)
+        lm_head_projection = Projection.fuse([lm_head], copy, rows, folded_scale(norm) if copy else None)[0]
+        return cls(model, layers, lm_head_projection, final_norm, capacity, copy)
+
+    def adopt(self, cache: Any) -> None:
+        """Take over a cache that the model's own forward filled (the prefill): when folded, reorder its keys'
+        dimensions into the interleaved rotary pairs the step writes."""
+        if self.folded:
+            for layer in cache.layers:
+                layer.keys.copy_(layer.keys[..., self.key_order])
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Any, valid: torch.Tensor
              ) -> torch.Tensor:
         """Logits (rows, vocab) of the next token after `tokens` (rows,) at `positions` (rows,), appending their
         keys and values to `cache`. `valid` (rows, cache length + 1) marks the columns a row attends to."""
-        rows, heads, kv_heads, head_dim = tokens.size(0), self.heads, self.kv_heads, self.head_dim
+        rows, heads, head_dim = tokens.size(0), self.heads, self.head_dim
         x = self.embed(tokens)
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (rows, 1, head_dim)
+        if self.folded:
+            rotation: Any = self.rotation[positions].unsqueeze(1)  # (rows, 1, head_dim / 2)
+        else:
+            rotation = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (rows, 1, head_dim)
         attend = valid.view(rows, 1, 1, -1)
         if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
             # additive, built once per step: CPU attention would convert a boolean mask in every layer
             attend = torch.zeros(attend.shape, dtype=x.dtype).masked_fill_(~attend, float("-inf"))
         for layer, layer_cache in zip(self.layers, cache.layers):
-            q, k, v = self._attention_inputs(layer, _norm(layer.input_norm, x), cos, sin)
-            keys, values = layer_cache.update(k.unsqueeze(2), v.unsqueeze(2))
+            q, kv = self._attention_inputs(layer, layer.input_norm(x), rotation)
+            keys, values = layer_cache.append(kv)
             attention = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=attend,
-                                                       scale=self.scaling, enable_gqa=kv_heads != heads)
-            x = layer.o.residual(x, attention.reshape(rows, heads * head_dim))
-            gate, up = _project(_norm(layer.post_norm, x), layer.gate_up, None)
+                                                       scale=self.scaling, enable_gqa=self.kv_heads != heads)
+            x = layer.o.residual(x, attention.view(rows, heads * head_dim))
+            gate, up = _project(layer.post_norm(x), layer.gate_up, None)
             x = layer.down.residual(x, layer.act(gate) * up)
-        return self.lm_head(_norm(self.norm, x))
+        return self.lm_head(self.norm(x))
 
-    def _attention_inputs(self, layer: LayerWeights, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (rows, heads, head_dim) and k, v (rows, kv_heads, head_dim), q and k rotated."""
+    def _attention_inputs(self, layer: LayerWeights, h: torch.Tensor, rotation: Any
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (rows, heads, head_dim), rotated, and the new keys and values side by side (rows, 2 kv_heads,
+        head_dim), the keys rotated."""
         rows, heads, kv_heads, head_dim = h.size(0), self.heads, self.kv_heads, self.head_dim
         qkv = _project(h, layer.qkv, self.split)
-        if len(qkv) == 1 and layer.q_norm is None:  # rotate q and k in one pass over the fused output
+        if self.folded:  # one projection, rotary pairs adjacent: normalise and rotate q and k in place
             qkv = qkv[0].view(rows, heads + 2 * kv_heads, head_dim)
-            qk = _rotate(qkv[:, :heads + kv_heads], cos, sin)
-            return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
+            if layer.q_norm is not None:
+                qkv[:, :heads] = layer.q_norm(qkv[:, :heads])
+                qkv[:, heads:heads + kv_heads] = layer.k_norm(qkv[:, heads:heads + kv_heads])
+            torch.view_as_complex(qkv[:, :heads + kv_heads].unflatten(-1, (-1, 2))).mul_(rotation)
+            return qkv[:, :heads], qkv[:, heads:]
+        cos, sin = rotation
         q, k, v = qkv if len(qkv) == 3 else qkv[0].split(self.split, dim=-1)
         q, k, v = q.view(rows, heads, head_dim), k.view(rows, kv_heads, head_dim), v.view(rows, kv_heads, head_dim)
         if layer.q_norm is not None:
-            q, k = _norm(layer.q_norm, q), _norm(layer.k_norm, k)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        return _rotate(q, cos, sin), torch.cat([_rotate(k, cos, sin), v], dim=1)
+
+
+def interleaved_pairs(head_dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """The order of a head's dimensions that puts each rotary pair (i, i + head_dim/2) of transformers'
+    rotate-half layout side by side: 0, h, 1, h + 1, ... (h = head_dim/2)."""
+    half = head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten().to(device)
+
+
+def _foldable(model: nn.Module) -> bool:
+    """Float32 weights and only the standard RMSNorm, whose weight can be folded into a projection."""
+    norms = [model.model.norm] + [norm for layer in model.model.layers for norm in (
+        layer.input_layernorm, layer.post_attention_layernorm, getattr(layer.self_attn, "q_norm", None),
+        getattr(layer.self_attn, "k_norm", None)) if norm is not None]
+    return model.lm_head.weight.dtype == torch.float32 and all(
+        type(norm).__name__ in STANDARD_RMS_NORMS for norm in norms)
 
 
 def _plain_backbone(model: nn.Module) -> bool:
@@ -216,7 +306,9 @@ def _plain_backbone(model: nn.Module) -> bool:
             and type(backbone.embed_tokens) is nn.Embedding)
 
 
-def _layer_weights(layer: nn.Module, copy: bool, rows: int) -> LayerWeights | None:
+def _layer_weights(layer: nn.Module, fold: bool, rows: int) -> LayerWeights | None:
+    """The layer's weights: its own (`fold` False), or fused copies with the norms folded in and the q and k
+    rows in interleaved rotary order."""
     attention, mlp = layer.self_attn, layer.mlp
     linears = [_linear(module, name) for module, name in (
         (attention, "q_proj"), (attention, "k_proj"), (attention, "v_proj"), (attention, "o_proj"),
@@ -224,15 +316,36 @@ def _layer_weights(layer: nn.Module, copy: bool, rows: int) -> LayerWeights | No
     if any(weights is None for weights in linears) or not hasattr(mlp, "act_fn"):
         return None
     q, k, v, o, gate, up, down = linears
+    q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+    post_attention_norm = layer.post_attention_layernorm
+    input_scale = post_scale = None
+    if fold:
+        order = interleaved_pairs(attention.head_dim, q[0].device)
+        q, k = _reorder_heads(q, order), _reorder_heads(k, order)
+        input_scale, post_scale = (folded_scale(norm) for norm in (layer.input_layernorm, post_attention_norm))
+        input_norm, post_norm = (FoldedRMSNorm.of(norm) for norm in (layer.input_layernorm, post_attention_norm))
+        if q_norm is not None:
+            q_norm, k_norm = FoldedRMSNorm.of(q_norm, order), FoldedRMSNorm.of(k_norm, order)
+    else:
+        input_norm, post_norm = partial(_norm, layer.input_layernorm), partial(_norm, post_attention_norm)
+        if q_norm is not None:
+            q_norm, k_norm = partial(_norm, q_norm), partial(_norm, k_norm)
     return LayerWeights(
-        input_norm=layer.input_layernorm, qkv=Projection.fuse([q, k, v], copy, rows),
-        q_norm=getattr(attention, "q_norm", None), k_norm=getattr(attention, "k_norm", None),
-        o=Projection.fuse([o], copy, rows)[0], post_norm=layer.post_attention_layernorm,
-        gate_up=Projection.fuse([gate, up], copy, rows), down=Projection.fuse([down], copy, rows)[0],
+        input_norm=input_norm, qkv=Projection.fuse([q, k, v], fold, rows, input_scale), q_norm=q_norm,
+        k_norm=k_norm, o=Projection.fuse([o], fold, rows)[0], post_norm=post_norm,
+        gate_up=Projection.fuse([gate, up], fold, rows, post_scale), down=Projection.fuse([down], fold, rows)[0],
         act=mlp.act_fn)
 
 
-def _linear(parent: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def _reorder_heads(linear: Linear, order: torch.Tensor) -> Linear:
+    """A q or k projection with each head's output dimensions in `order`."""
+    weight, bias = linear
+    head_dim = order.numel()
+    weight = weight.view(-1, head_dim, weight.size(-1))[:, order].flatten(0, 1)
+    return weight, None if bias is None else bias.view(-1, head_dim)[:, order].flatten()
+
+
+def _linear(parent: nn.Module, name: str) -> Linear | None:
     module = getattr(parent, name, None)
     return None if module is None else linear_weights(module)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from grpo.logprobs import accepts_logits_to_keep
 from grpo.rollout.base import Generation, eos_token_ids, left_pad, pad_and_cat
@@ -94,6 +94,8 @@ class RolloutEngine:
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True, **keep_last)
         cache = out.past_key_values
+        if decoder is not None:
+            decoder.adopt(cache)
         cache.batch_repeat_interleave(g)  # one prefill per prompt, shared by its G samples
         logits = out.logits[:, -1].repeat_interleave(g, dim=0)
         mask = mask.repeat_interleave(g, dim=0)
@@ -159,7 +161,9 @@ def fill_from_the_end(finished: torch.Tensor) -> torch.Tensor:
 
 class PreallocatedLayer(DynamicLayer):
     """A KV-cache layer that writes into a buffer sized for the whole completion instead of growing by
-    `torch.cat` (a copy of the whole cache at every decoded token), and compacts rows in place."""
+    `torch.cat` (a copy of the whole cache at every decoded token), and compacts rows in place. Keys and values
+    share one buffer, (rows, 2 kv_heads, capacity, head_dim), so that a decode step writes both with one copy
+    (`append`)."""
 
     def __init__(self, capacity: int):
         super().__init__()
@@ -172,26 +176,34 @@ class PreallocatedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             rows, heads, _, dim = key_states.shape
-            self._keys = key_states.new_empty((rows, heads, self.capacity, dim))
-            self._values = value_states.new_empty((rows, heads, self.capacity, dim))
+            self._kv = key_states.new_empty((rows, 2 * heads, self.capacity, dim))
             self.rows = rows
         end = self.length + key_states.size(-2)
-        self._keys[:self.rows, :, self.length:end] = key_states
-        self._values[:self.rows, :, self.length:end] = value_states
+        heads = key_states.size(1)
+        self._kv[:self.rows, :heads, self.length:end] = key_states
+        self._kv[:self.rows, heads:, self.length:end] = value_states
         self.length = end
+        self._refresh(self.rows)
+        return self.keys, self.values
+
+    def append(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one position: `kv` (rows, 2 kv_heads, head_dim), the keys then the values; returns the whole
+        keys and values."""
+        self._kv[:self.rows, :, self.length] = kv
+        self.length += 1
         self._refresh(self.rows)
         return self.keys, self.values
 
     def _refresh(self, rows: int) -> None:
         self.rows = rows
-        self.keys = self._keys[:rows, :, :self.length]
-        self.values = self._values[:rows, :, :self.length]
+        heads = self._kv.size(1) // 2
+        self.keys = self._kv[:rows, :heads, :self.length]
+        self.values = self._kv[:rows, heads:, :self.length]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.length > 0:
-            self._keys = self._keys.repeat_interleave(repeats, dim=0)
-            self._values = self._values.repeat_interleave(repeats, dim=0)
-            self._refresh(self._keys.size(0))
+            self._kv = self._kv.repeat_interleave(repeats, dim=0)
+            self._refresh(self._kv.size(0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows `indices`, in that order, in place: only the rows that change place are copied."""
@@ -199,15 +211,21 @@ class PreallocatedLayer(DynamicLayer):
             rows = indices.numel()
             moved = (indices != torch.arange(rows, device=indices.device)).nonzero().squeeze(1)
             if moved.numel():
-                self._keys[moved, :, :self.length] = self._keys[indices[moved], :, :self.length]
-                self._values[moved, :, :self.length] = self._values[indices[moved], :, :self.length]
+                self._kv[moved, :, :self.length] = self._kv[indices[moved], :, :self.length]
             self._refresh(rows)
 
 
 def _preallocated_cache(config: Any, capacity: int) -> DynamicCache:
-    """A DynamicCache whose plain layers are preallocated; other layer kinds (sliding windows, linear
-    attention) keep transformers' own implementation."""
+    """A DynamicCache whose full-attention layers are preallocated (and sliding-window layers whose window
+    holds the whole sequence, the same thing); other layer kinds (shorter windows, linear attention) keep
+    transformers' own implementation."""
     cache = DynamicCache(config=config)
-    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+    if cache.layers and all(_holds_everything(layer, capacity) for layer in cache.layers):
         cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
     return cache
+
+
+def _holds_everything(layer: Any, capacity: int) -> bool:
+    """Whether `layer` keeps every position of a `capacity`-long sequence."""
+    return type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer
+                                           and layer.sliding_window >= capacity)
