@@ -201,9 +201,11 @@ class PreallocatedLayer(DynamicLayer):
         self.values = self._kv[:rows, heads:, :self.length]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.length > 0:
-            self._kv = self._kv.repeat_interleave(repeats, dim=0)
-            self._refresh(self._kv.size(0))
+        if self.length > 0:  # only the written positions are copied, not the whole capacity
+            old, rows = self._kv[:self.rows], self.rows
+            self._kv = old.new_empty((rows * repeats, *old.shape[1:]))
+            self._kv.view(rows, repeats, *old.shape[1:])[..., :self.length, :] = old[:, None, :, :self.length]
+            self._refresh(rows * repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows `indices`, in that order, in place: only the rows that change place are copied."""
