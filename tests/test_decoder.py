@@ -23,6 +23,7 @@ from grpo.rollout import decoder as decoder_module
 from grpo.rollout.base import left_pad
 from grpo.rollout.decoder import STANDARD_RMS_NORMS, FoldedRMSNorm, LeanDecoder, _norm, interleaved_pairs
 from grpo.rollout.engine import _preallocated_cache
+from grpo.rollout.kv_cache import CopiedKV, GroupKV
 
 VOCAB, PAD, BOS, EOS = 96, 0, 1, 2
 COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
@@ -54,18 +55,20 @@ def build(arch: str) -> torch.nn.Module:
     return model
 
 
-def decode_logits(decoder: LeanDecoder, model: torch.nn.Module, continuation: torch.Tensor) -> list[torch.Tensor]:
+def decode_logits(decoder: LeanDecoder, model: torch.nn.Module, continuation: torch.Tensor, shared: bool = False
+                  ) -> list[torch.Tensor]:
     """Prefill PROMPTS through transformers, then feed `continuation` (rows, steps) one token at a time through
-    the lean step; the logits after each token."""
+    the lean step, over a copied (or `shared`: one per prompt) KV cache; the logits after each token."""
     ids, mask = left_pad(PROMPTS, PAD)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = _preallocated_cache(model.config, capacity=ids.size(1) + continuation.size(1))
+    cache = _preallocated_cache(model.config, ids.size(1) + (0 if shared else continuation.size(1)))
     model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
     decoder.adopt(cache)
+    kv = GroupKV.from_prefill(cache, mask, 1, continuation.size(1)) if shared else CopiedKV(cache, mask)
     logits, position = [], positions[:, -1]
     for token in continuation.unbind(1):
-        mask, position = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1), position + 1
-        logits.append(decoder.step(token, position, cache, mask.bool()))
+        position = position + 1
+        logits.append(decoder.step(token, position, kv))
     return logits
 
 
@@ -78,10 +81,11 @@ def full_forward_logits(model: torch.nn.Module, continuation: torch.Tensor) -> t
     return logits[:, -continuation.size(1):]
 
 
+@pytest.mark.parametrize("kv", ["copied", "shared"])
 @pytest.mark.parametrize("layout", ["packed", "transposed", "original"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @torch.no_grad()
-def test_lean_step_logits_equal_transformers_forward(arch, layout, monkeypatch):
+def test_lean_step_logits_equal_transformers_forward(arch, layout, kv, monkeypatch):
     model = build(arch)
     if layout == "transposed":  # the fallback where this torch has no oneDNN
         monkeypatch.setattr(decoder_module, "_onednn_packed", lambda weight, rows: None)
@@ -89,7 +93,7 @@ def test_lean_step_logits_equal_transformers_forward(arch, layout, monkeypatch):
     assert decoder is not None and decoder.lm_head.layout == layout
     assert decoder.folded == (layout != "original")  # norms folded in, rotary pairs interleaved
     continuation = torch.randint(3, VOCAB, (len(PROMPTS), 5), generator=torch.Generator().manual_seed(1))
-    ours = torch.stack(decode_logits(decoder, model, continuation), dim=1)
+    ours = torch.stack(decode_logits(decoder, model, continuation, shared=kv == "shared"), dim=1)
     torch.testing.assert_close(ours, full_forward_logits(model, continuation), rtol=1e-4, atol=1e-4)
 
 

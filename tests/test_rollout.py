@@ -213,3 +213,24 @@ def test_fill_from_the_end_moves_only_as_many_rows_as_finished():
     assert copies == [2]  # two rows of keys and values, not the five kept
     assert layer.keys[:, 0, 0, 0].tolist() == [0, 5, 2, 3, 6]
     assert layer.values[:, 0, 1, 0].tolist() == [100, 105, 102, 103, 106]
+
+
+def test_long_prompts_share_their_cache_and_sample_the_same_tokens(monkeypatch):
+    """Prompts of 64+ tokens decode over one copy of each prompt's cache (GroupKV, on CPU): sampled rows that
+    end at different steps get the same tokens and log-probs as decoding through transformers' forward."""
+    from grpo.rollout.kv_cache import GroupKV
+
+    model = make_model("qwen2")
+    generator = torch.Generator().manual_seed(3)
+    prompts = [[BOS] + torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in (70, 90, 64)]
+    calls = []
+    original = GroupKV.attend
+    monkeypatch.setattr(GroupKV, "attend", lambda self, *a: calls.append(1) or original(self, *a))
+    args = config(max_completion_length=16)
+    shared = RolloutEngine(Tokenizer(), args, seed=4).generate(model, prompts, 4)
+    assert calls
+    plain = RolloutEngine(Tokenizer(), args, seed=4, lean=False).generate(model, prompts, 4)
+    lengths = shared.completion_mask.sum(1)
+    assert lengths.min() < lengths.max()
+    assert torch.equal(shared.completion_ids, plain.completion_ids)
+    torch.testing.assert_close(shared.sampling_logps, plain.sampling_logps, rtol=1e-4, atol=1e-5)

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grpo.rollout.kv_cache import CopiedKV, GroupKV
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -169,7 +171,7 @@ class LayerWeights:
 
 
 class LeanDecoder:
-    """A Llama-family model's decode step over a `PreallocatedLayer` KV cache (see `rollout/engine.py`).
+    """A Llama-family model's decode step over a KV cache of `rollout/kv_cache.py`.
 
     `folded`: the weights are copies with the norms folded in and the rotary pairs interleaved (module
     docstring); otherwise the model's own weights and modules are used as they are."""
@@ -238,28 +240,22 @@ class LeanDecoder:
             for layer in cache.layers:
                 layer.keys.copy_(layer.keys[..., self.key_order])
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Any, valid: torch.Tensor
-             ) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, kv: CopiedKV | GroupKV) -> torch.Tensor:
         """Logits (rows, vocab) of the next token after `tokens` (rows,) at `positions` (rows,), appending their
-        keys and values to `cache`. `valid` (rows, cache length + 1) marks the columns a row attends to."""
-        rows, heads, head_dim = tokens.size(0), self.heads, self.head_dim
+        keys and values to `kv` (either layout of `rollout/kv_cache.py`)."""
+        rows = tokens.size(0)
         x = self.embed(tokens)
         if self.folded:
             rotation: Any = self.rotation[positions].unsqueeze(1)  # (rows, 1, head_dim / 2)
         else:
             rotation = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (rows, 1, head_dim)
-        attend = valid.view(rows, 1, 1, -1)
-        if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-            # additive, built once per step: CPU attention would convert a boolean mask in every layer
-            attend = torch.zeros(attend.shape, dtype=x.dtype).masked_fill_(~attend, float("-inf"))
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            q, kv = self._attention_inputs(layer, layer.input_norm(x), rotation)
-            keys, values = layer_cache.append(kv)
-            attention = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=attend,
-                                                       scale=self.scaling, enable_gqa=self.kv_heads != heads)
-            x = layer.o.residual(x, attention.view(rows, heads * head_dim))
+        for i, layer in enumerate(self.layers):
+            q, new_kv = self._attention_inputs(layer, layer.input_norm(x), rotation)
+            attention = kv.attend(i, q, new_kv, self.scaling)
+            x = layer.o.residual(x, attention.view(rows, self.heads * self.head_dim))
             gate, up = _project(layer.post_norm(x), layer.gate_up, None)
             x = layer.down.residual(x, layer.act(gate) * up)
+        kv.advance()
         return self.lm_head(self.norm(x))
 
     def _attention_inputs(self, layer: LayerWeights, h: torch.Tensor, rotation: Any

@@ -1,9 +1,10 @@
 """The built-in rollout engine: GRPO's generation pattern made cheap.
 
 A round samples G completions of each unique prompt. transformers' `generate` would prefill every prompt G
-times and keep decoding rows that already emitted EOS. Here each unique prompt is prefilled once, its KV cache
-is copied to its G rows, all rows decode together with the cache, and a row that ends leaves the batch (its
-cache rows are dropped), so finished completions stop costing compute.
+times and keep decoding rows that already emitted EOS. Here each unique prompt is prefilled once and its KV
+cache serves its G rows (copied to them, or, for long prompts on CPU, stored once and shared: see
+`rollout/kv_cache.py`), all rows decode together with the cache, and a row that ends leaves the batch (its cache
+rows are dropped), so finished completions stop costing compute.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from grpo.logprobs import accepts_logits_to_keep
 from grpo.rollout.base import Generation, eos_token_ids, left_pad, pad_and_cat
 from grpo.rollout.decoder import LeanDecoder
+from grpo.rollout.kv_cache import CopiedKV, GroupKV, use_shared_prefix
 from grpo.rollout.sampling import SamplingParams, process_logits, sample_tokens
 
 
@@ -89,14 +91,21 @@ class RolloutEngine:
         device = next(model.parameters()).device
         ids, mask = (t.to(device) for t in left_pad(prompt_ids, self.pad_id))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = _preallocated_cache(model.config, capacity=ids.size(1) + self.max_new_tokens)
+        shared = decoder is not None and use_shared_prefix(mask, g)
+        # a shared prefix keeps the prompts' cache as it is; copies get room for the completions after them
+        cache = _preallocated_cache(model.config, ids.size(1) + (0 if shared else self.max_new_tokens))
         keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True, **keep_last)
         cache = out.past_key_values
+        kv: CopiedKV | GroupKV | None = None  # the lean decoder's cache
         if decoder is not None:
             decoder.adopt(cache)
-        cache.batch_repeat_interleave(g)  # one prefill per prompt, shared by its G samples
+        if shared:  # each prompt's keys and values stored once, read once per step by all G of its samples
+            kv = GroupKV.from_prefill(cache, mask, g, self.max_new_tokens)
+        else:  # one prefill per prompt, its cache copied to its G samples
+            cache.batch_repeat_interleave(g)
+            kv = CopiedKV(cache, mask.repeat_interleave(g, dim=0)) if decoder is not None else None
         logits = out.logits[:, -1].repeat_interleave(g, dim=0)
         mask = mask.repeat_interleave(g, dim=0)
         next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1
@@ -115,22 +124,27 @@ class RolloutEngine:
             tokens[active, step] = new_tokens
             logps[active, step] = new_logps
             finished = torch.isin(new_tokens, eos)
-            lengths[active[finished]] = step + 1
+            any_finished = bool(finished.any())
+            if any_finished:
+                lengths[active[finished]] = step + 1
             if step == self.max_new_tokens - 1:
                 break
-            if bool(finished.any()):  # finished rows leave the batch and its cache
+            if any_finished:  # finished rows leave the batch and its cache
                 keep = fill_from_the_end(finished)
                 if keep.numel() == 0:
                     break
-                cache.batch_select_indices(keep)
+                if kv is not None:
+                    kv.keep(keep)
+                else:
+                    cache.batch_select_indices(keep)
                 active, mask, next_position = active[keep], mask[keep], next_position[keep]
                 new_tokens, seen = new_tokens[keep], seen[keep]
-            mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], dim=1)
             if penalize:
                 seen = torch.cat([seen, new_tokens.unsqueeze(1)], dim=1)
-            if decoder is not None:
-                logits = decoder.step(new_tokens, next_position.squeeze(1), cache, mask.bool())
+            if kv is not None:
+                logits = decoder.step(new_tokens, next_position.squeeze(1), kv)
             else:
+                mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], dim=1)
                 logits = model(input_ids=new_tokens.unsqueeze(1), attention_mask=mask, position_ids=next_position,
                                past_key_values=cache, use_cache=True).logits[:, -1]
             next_position = next_position + 1
