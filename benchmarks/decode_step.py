@@ -73,8 +73,8 @@ def main() -> None:
     with torch.no_grad():
         for cached in opts.cached:
             cache = _preallocated_cache(model.config, capacity)
-            model(input_ids=tokens.unsqueeze(1).expand(-1, cached), past_key_values=cache, use_cache=True)
-            decoder.adopt(cache)
+            ids = tokens.unsqueeze(1).expand(-1, cached)
+            decoder.prefill(ids, torch.ones_like(ids), torch.arange(cached).expand_as(ids), cache)
             setups[cached] = TimedKV(cache, opts.rows, cached, opts.one_row_cache)
         results: dict[int, list[tuple[float, float]]] = {cached: [] for cached in setups}
         for _ in range(opts.repeats):

@@ -57,13 +57,15 @@ def build(arch: str) -> torch.nn.Module:
 
 def decode_logits(decoder: LeanDecoder, model: torch.nn.Module, continuation: torch.Tensor, shared: bool = False
                   ) -> list[torch.Tensor]:
-    """Prefill PROMPTS through transformers, then feed `continuation` (rows, steps) one token at a time through
-    the lean step, over a copied (or `shared`: one per prompt) KV cache; the logits after each token."""
+    """Prefill PROMPTS through the lean layers (checking the logits against transformers'), then feed
+    `continuation` (rows, steps) one token at a time through the lean step, over a copied (or `shared`: one per
+    prompt) KV cache; the logits after each token."""
     ids, mask = left_pad(PROMPTS, PAD)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = _preallocated_cache(model.config, ids.size(1) + (0 if shared else continuation.size(1)))
-    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-    decoder.adopt(cache)
+    prompt_logits = decoder.prefill(ids, mask, positions, cache)
+    expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    torch.testing.assert_close(prompt_logits, expected, rtol=1e-4, atol=1e-4)
     kv = GroupKV.from_prefill(cache, mask, 1, continuation.size(1)) if shared else CopiedKV(cache, mask)
     logits, position = [], positions[:, -1]
     for token in continuation.unbind(1):

@@ -225,7 +225,7 @@ def test_long_prompts_share_their_cache_and_sample_the_same_tokens(monkeypatch):
     prompts = [[BOS] + torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in (70, 90, 64)]
     calls = []
     original = GroupKV.attend
-    monkeypatch.setattr(GroupKV, "attend", lambda self, *a: calls.append(1) or original(self, *a))
+    monkeypatch.setattr(GroupKV, "attend", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     args = config(max_completion_length=16)
     shared = RolloutEngine(Tokenizer(), args, seed=4).generate(model, prompts, 4)
     assert calls

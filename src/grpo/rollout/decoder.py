@@ -15,8 +15,8 @@ small ops:
   x / sqrt(|x|^2 + dim eps): three ops, where `F.rms_norm` issues nine on CPU (`FoldedRMSNorm`);
 - the rows of the q and k projections are reordered so that each rotary pair (i, i + head_dim/2) is adjacent:
   the rotation is then one in-place complex multiply, where rotate-half takes five ops, and k and v are written
-  into the cache together, with one copy. The prefilled keys are reordered alike (`adopt`); attention scores
-  do not change, as q and k are reordered together.
+  into the cache together, with one copy. The prompts' prefill runs through the same layers (`prefill`), so
+  its keys are laid out alike; attention scores do not change, as q and k are reordered together.
 
 Elsewhere (on a GPU, under autocast, in bfloat16, or with a norm class of its own) the step uses the model's own
 weights, rotate-half, and `F.rms_norm` for the four models' own RMSNorm classes (bit-identical, tested).
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grpo.rollout.kv_cache import CopiedKV, GroupKV
+from grpo.rollout.kv_cache import CopiedKV, GroupKV, attention_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -194,7 +194,6 @@ class LeanDecoder:
         self.cos, self.sin = cos[0], sin[0]
         half = self.head_dim // 2
         self.rotation = torch.complex(self.cos[:, :half], self.sin[:, :half]) if folded else None
-        self.key_order = interleaved_pairs(self.head_dim, probe.device)
 
     @classmethod
     def from_model(cls, model: nn.Module, capacity: int, rows: int = 32, copy: bool | None = None
@@ -233,30 +232,49 @@ class LeanDecoder:
         lm_head_projection = Projection.fuse([lm_head], copy, rows, folded_scale(norm) if copy else None)[0]
         return cls(model, layers, lm_head_projection, final_norm, capacity, copy)
 
-    def adopt(self, cache: Any) -> None:
-        """Take over a cache that the model's own forward filled (the prefill): when folded, reorder its keys'
-        dimensions into the interleaved rotary pairs the step writes."""
-        if self.folded:
-            for layer in cache.layers:
-                layer.keys.copy_(layer.keys[..., self.key_order])
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        """The prompts' forward: writes their keys and values into `cache` (of `PreallocatedLayer`s) and returns
+        the logits (rows, vocab) after each prompt's last token. `ids`, `mask`, `positions` (rows, T),
+        left-padded."""
+        rows, length = ids.shape
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        # causal over the prompt's tokens; a padding position sees only itself, so that no row is all -inf
+        seen = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        attend = seen & (mask.bool().unsqueeze(1) | torch.eye(length, dtype=torch.bool, device=ids.device))
+        attend = attention_mask(attend.unsqueeze(1), self.embed.weight.dtype)
+
+        def attention(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            kv = kv.view(rows, length, 2 * kv_heads, head_dim).transpose(1, 2)
+            keys, values = cache.layers[i].update(kv[:, :kv_heads], kv[:, kv_heads:])
+            out = F.scaled_dot_product_attention(q.view(rows, length, heads, head_dim).transpose(1, 2), keys,
+                                                 values, attn_mask=attend, scale=self.scaling,
+                                                 enable_gqa=kv_heads != heads)
+            return out.transpose(1, 2)
+
+        x = self._layers(self.embed(ids).flatten(0, 1), positions.flatten(), attention)
+        return self.lm_head(self.norm(x.view(rows, length, -1)[:, -1]))
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, kv: CopiedKV | GroupKV) -> torch.Tensor:
         """Logits (rows, vocab) of the next token after `tokens` (rows,) at `positions` (rows,), appending their
         keys and values to `kv` (either layout of `rollout/kv_cache.py`)."""
-        rows = tokens.size(0)
-        x = self.embed(tokens)
-        if self.folded:
-            rotation: Any = self.rotation[positions].unsqueeze(1)  # (rows, 1, head_dim / 2)
-        else:
-            rotation = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (rows, 1, head_dim)
-        for i, layer in enumerate(self.layers):
-            q, new_kv = self._attention_inputs(layer, layer.input_norm(x), rotation)
-            attention = kv.attend(i, q, new_kv, self.scaling)
-            x = layer.o.residual(x, attention.view(rows, self.heads * self.head_dim))
-            gate, up = _project(layer.post_norm(x), layer.gate_up, None)
-            x = layer.down.residual(x, layer.act(gate) * up)
+        x = self._layers(self.embed(tokens), positions, partial(kv.attend, scale=self.scaling))
         kv.advance()
         return self.lm_head(self.norm(x))
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor,
+                attention: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The decoder layers over the tokens x (n, hidden) at `positions` (n,); `attention(layer, q, kv)` stores
+        the new keys and values and returns the attention output for the queries q."""
+        if self.folded:
+            rotation: Any = self.rotation[positions].unsqueeze(1)  # (n, 1, head_dim / 2)
+        else:
+            rotation = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (n, 1, head_dim)
+        for i, layer in enumerate(self.layers):
+            q, new_kv = self._attention_inputs(layer, layer.input_norm(x), rotation)
+            x = layer.o.residual(x, attention(i, q, new_kv).reshape(x.size(0), self.heads * self.head_dim))
+            gate, up = _project(layer.post_norm(x), layer.gate_up, None)
+            x = layer.down.residual(x, layer.act(gate) * up)
+        return x
 
     def _attention_inputs(self, layer: LayerWeights, h: torch.Tensor, rotation: Any
                           ) -> tuple[torch.Tensor, torch.Tensor]:

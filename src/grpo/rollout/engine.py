@@ -94,19 +94,20 @@ class RolloutEngine:
         shared = decoder is not None and use_shared_prefix(mask, g)
         # a shared prefix keeps the prompts' cache as it is; copies get room for the completions after them
         cache = _preallocated_cache(model.config, ids.size(1) + (0 if shared else self.max_new_tokens))
-        keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, **keep_last)
-        cache = out.past_key_values
-        kv: CopiedKV | GroupKV | None = None  # the lean decoder's cache
         if decoder is not None:
-            decoder.adopt(cache)
+            logits = decoder.prefill(ids, mask, positions, cache)
+        else:
+            keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True, **keep_last)
+            cache, logits = out.past_key_values, out.logits[:, -1]
+        kv: CopiedKV | GroupKV | None = None  # the lean decoder's cache
         if shared:  # each prompt's keys and values stored once, read once per step by all G of its samples
             kv = GroupKV.from_prefill(cache, mask, g, self.max_new_tokens)
         else:  # one prefill per prompt, its cache copied to its G samples
             cache.batch_repeat_interleave(g)
             kv = CopiedKV(cache, mask.repeat_interleave(g, dim=0)) if decoder is not None else None
-        logits = out.logits[:, -1].repeat_interleave(g, dim=0)
+        logits = logits.repeat_interleave(g, dim=0)
         mask = mask.repeat_interleave(g, dim=0)
         next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1
         seen = ids.repeat_interleave(g, dim=0).masked_fill(mask == 0, self.pad_id)  # for the repetition penalty

@@ -36,6 +36,14 @@ def use_shared_prefix(prompt_mask: torch.Tensor, g: int) -> bool:
             and int(lengths.max()) >= SHARED_PREFIX_MIN_TOKENS and int(lengths.min()) > 0)
 
 
+def attention_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The boolean mask `allowed` as attention's mask: additive on CPU (CPU attention would convert a boolean
+    mask in every layer), boolean elsewhere and under autocast."""
+    if allowed.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+
+
 class CopiedKV:
     """Each row's copy of its prompt's cache followed by its own completion's (a transformers cache of
     `PreallocatedLayer`s, its rows already repeated G times), and the attention mask: one attention call per
@@ -44,12 +52,7 @@ class CopiedKV:
     def __init__(self, cache: Any, prompt_mask: torch.Tensor):
         """`prompt_mask` (rows, P): 1 on prompt tokens, 0 on left padding."""
         self.cache = cache
-        mask = prompt_mask.bool().view(prompt_mask.size(0), 1, 1, -1)
-        # additive on CPU, kept from step to step: CPU attention would convert a boolean mask in every layer
-        self.additive = mask.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-        if self.additive:
-            mask = torch.zeros(mask.shape, dtype=cache.layers[0].keys.dtype).masked_fill_(~mask, float("-inf"))
-        self.mask = mask
+        self.mask = attention_mask(prompt_mask.bool().view(prompt_mask.size(0), 1, 1, -1), cache.layers[0].keys.dtype)
         self.advance()
 
     def attend(self, layer: int, q: torch.Tensor, kv: torch.Tensor, scale: float) -> torch.Tensor:
@@ -62,7 +65,7 @@ class CopiedKV:
 
     def advance(self) -> None:
         """The next token's column: attended to by its own row."""
-        self.mask = F.pad(self.mask, (0, 1), value=0.0 if self.additive else True)
+        self.mask = F.pad(self.mask, (0, 1), value=True if self.mask.dtype == torch.bool else 0.0)
 
     def keep(self, indices: torch.Tensor) -> None:
         self.cache.batch_select_indices(indices)
