@@ -81,9 +81,12 @@ class Projection:
         (no memory spent)."""
         if not copy:
             return [cls(weight, bias, "original") for weight, bias in linears]
-        weight = torch.cat([w for w, _ in linears]) if len(linears) > 1 else linears[0][0]
-        if input_scale is not None:
-            weight = weight * input_scale
+        if len(linears) > 1:
+            weight = torch.cat([w for w, _ in linears])
+            if input_scale is not None:
+                weight.mul_(input_scale)  # the concatenation is a copy already
+        else:
+            weight = linears[0][0] if input_scale is None else linears[0][0] * input_scale
         bias = None
         if any(b is not None for _, b in linears):
             bias = torch.cat([b if b is not None else w.new_zeros(w.size(0)) for w, b in linears])
