@@ -10,10 +10,10 @@ to its own completion's.
   second call, and the two are merged exactly by their log-normalisers. A prompt is stored and read once
   instead of G times, which matters because a decode step on CPU is bound by the memory traffic of its KV
   reads; the price is a handful of extra small ops per layer. The engine picks it on CPU for prompts of
-  `SHARED_PREFIX_MIN_TOKENS` or more. Measured on a 2-core CPU (G = 8, 4 prompts; time per generated token,
-  the two layouts alternating in one process), shared against copied: 0.77 and 0.90 (tiny model, 100-300-token
-  prompts, 64 and 256 new tokens), 0.81 (small model, 100-300, 64); with 8-40-token prompts 0.98 at 64 new
-  tokens (noise) and 1.07 at 256, where the completion dominates the cache.
+  `SHARED_PREFIX_MIN_TOKENS` or more. Measured on a 2-core CPU with `benchmarks/shared_prefix.py` (G = 8,
+  4 prompts; time per generated token, shared / copied): 0.75 and 0.90 for the tiny model with 100-300-token
+  prompts and 64 and 256 new tokens, 0.95 for the small model (100-300, 64); with 8-40-token prompts 1.03 and
+  1.14, where the completions dominate the cache.
 """
 
 from __future__ import annotations
