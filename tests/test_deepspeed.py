@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_distributed import _launch, assert_resumed_metrics_match
+from test_distributed import _launch, assert_resumed_metrics_match, launch_two_processes
 from test_fsdp import GATHERING_SCRIPT, assert_eval_run, assert_same_update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,9 +75,7 @@ def runs(tmp_path_factory):
     for stage in (2, 3):
         env = deepspeed_env(stage)
         assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == str(stage)
-        _launch(script, root / f"zero{stage}", 2, "updates", 4, [dict(c) for c in CASES], extra_env=env)
-        _launch(script, root / f"zero{stage}", 2, "train", 4, extra_env=env)
-        _launch(script, root / f"zero{stage}", 2, "resume", 4, extra_env=env)
+        launch_two_processes(script, root / f"zero{stage}", CASES, extra_env=env)
         _launch(script, root / f"zero{stage}", 2, "lora", 4, extra_env=env)
     _launch(script, root / "zero3", 2, "eval", 4, extra_env=deepspeed_env(3))
     return root

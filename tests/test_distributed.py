@@ -103,6 +103,14 @@ def _launch(script: Path, root: Path, processes: int, mode: str, per_device: int
     assert done.returncode == 0, done.stderr[first_error:first_error + 4000]
 
 
+def launch_two_processes(script: Path, directory: Path, cases: list[dict], extra_env: dict[str, str] | None = None
+                         ) -> None:
+    """Two processes with batch 4 each: the update `cases`, a 4-step run, and that run stopped and resumed."""
+    _launch(script, directory, 2, "updates", 4, [dict(c) for c in cases], extra_env=extra_env)
+    _launch(script, directory, 2, "train", 4, extra_env=extra_env)
+    _launch(script, directory, 2, "resume", 4, extra_env=extra_env)
+
+
 def assert_resumed_metrics_match(records: list[dict], resumed_dir: Path) -> None:
     """The resumed run logged steps 1-4 with the uninterrupted run's metrics (step times aside)."""
     resumed = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
@@ -120,9 +128,7 @@ def runs(tmp_path_factory):
     script = root / "train.py"
     script.write_text(SCRIPT)
     _launch(script, root / "one", 1, "updates", 8, [dict(c) for c in CASES])
-    _launch(script, root / "two", 2, "updates", 4, [dict(c) for c in CASES])
-    _launch(script, root / "two", 2, "train", 4)
-    _launch(script, root / "two", 2, "resume", 4)
+    launch_two_processes(script, root / "two", CASES)
     return root, script
 
 

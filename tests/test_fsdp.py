@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_distributed import SCRIPT, _launch, assert_resumed_metrics_match
+from test_distributed import SCRIPT, _launch, assert_resumed_metrics_match, launch_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,9 +83,7 @@ def runs(tmp_path_factory):
     env = fsdp_env()
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
     _launch(script, root / "one", 1, "updates", 8, [dict(c) for c in CASES])
-    _launch(script, root / "two", 2, "updates", 4, [dict(c) for c in CASES], extra_env=env)
-    _launch(script, root / "two", 2, "train", 4, extra_env=env)
-    _launch(script, root / "two", 2, "resume", 4, extra_env=env)
+    launch_two_processes(script, root / "two", CASES, extra_env=env)
     _launch(script, root / "two", 2, "eval", 4, extra_env=env)
     return root
 

@@ -101,7 +101,7 @@ class RolloutEngine:
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                         use_cache=True, **keep_last)
             cache, logits = out.past_key_values, out.logits[:, -1]
-        kv: CopiedKV | GroupKV | None = None  # the lean decoder's cache
+        kv: CopiedKV | GroupKV | None  # the lean decoder's cache
         if shared:  # each prompt's keys and values stored once, read once per step by all G of its samples
             kv = GroupKV.from_prefill(cache, mask, g, self.max_new_tokens)
         else:  # one prefill per prompt, its cache copied to its G samples
