@@ -14,6 +14,19 @@ def _isolated_cache(tmp_path_factory):
     os.environ["GRPO_CACHE"] = str(tmp_path_factory.mktemp("grpo-cache"))
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def attention(request, monkeypatch) -> str:
+    """Decode attention on CPU through the compiled kernel (rollout/decode_attention.py) or through torch's."""
+    from grpo.rollout import kv_cache
+    from grpo.rollout.decode_attention import kernel
+
+    if request.param == "torch":
+        monkeypatch.setattr(kv_cache, "available", lambda dtype, device: False)
+    elif kernel() is None:
+        pytest.skip("no C compiler to build the decode-attention kernel with")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     from grpo.embedded import build_model, build_tokenizer

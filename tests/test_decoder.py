@@ -87,7 +87,7 @@ def full_forward_logits(model: torch.nn.Module, continuation: torch.Tensor) -> t
 @pytest.mark.parametrize("layout", ["packed", "transposed", "original"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @torch.no_grad()
-def test_lean_step_logits_equal_transformers_forward(arch, layout, kv, monkeypatch):
+def test_lean_step_logits_equal_transformers_forward(arch, layout, kv, attention, monkeypatch):
     model = build(arch)
     if layout == "transposed":  # the fallback where this torch has no oneDNN
         monkeypatch.setattr(decoder_module, "_onednn_packed", lambda weight, rows: None)

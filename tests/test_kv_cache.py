@@ -20,16 +20,18 @@ def concatenated_attention(q, prompt_keys, prompt_values, prompt_mask, keys, val
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
-def test_group_attention_equals_attention_over_copied_prompt_caches(heads, kv_heads):
+def test_group_attention_equals_attention_over_copied_prompt_caches(heads, kv_heads, attention):
     torch.manual_seed(0)
     prompts, g, prompt_len, own_len, dim = 3, 4, 5, 3, 8
     prompt_kv = torch.randn(prompts, 2 * kv_heads, prompt_len, dim)
     prompt_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]])  # left padding
     kv = GroupKV([prompt_kv], prompt_mask, g, capacity=own_len)
+    assert kv.kernel == (attention == "kernel")
     rows = torch.tensor([7, 0, 11, 5, 2, 9, 4])  # a round after some rows left, in compacted order
     kv.keep(rows)
     earlier = torch.randn(len(rows), 2 * kv_heads, own_len - 1, dim)  # the completion tokens so far
-    kv._kv[0][:len(rows), :, :own_len - 1] = earlier
+    # the kernel finds a row's completion at its place; torch's attention, compacted in row order
+    kv._kv[0][rows if kv.kernel else slice(len(rows)), :, :own_len - 1] = earlier
     kv.length = own_len - 1
     q, new = torch.randn(len(rows), heads, dim), torch.randn(len(rows), 2 * kv_heads, dim)
     ours = kv.attend(0, q, new, scale=0.3)
@@ -39,7 +41,7 @@ def test_group_attention_equals_attention_over_copied_prompt_caches(heads, kv_he
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_group_kv_keeps_each_row_with_its_prompt_and_copies_only_moved_rows():
+def test_group_kv_keeps_each_row_with_its_prompt_and_copies_only_moved_rows(attention):
     prompts, g, kv_heads, dim = 2, 3, 1, 2
     kv = GroupKV([torch.zeros(prompts, 2 * kv_heads, 2, dim)], torch.ones(prompts, 2), g, capacity=4)
     for token in range(2):  # row r writes (10 r + token) as its keys and values
@@ -49,15 +51,22 @@ def test_group_kv_keeps_each_row_with_its_prompt_and_copies_only_moved_rows():
     kv.keep(torch.tensor([0, 5, 2, 4]))  # rows 1 and 3 finished: 5 fills 1's place, 4 fills 3's
     assert kv.rows.tolist() == [0, 5, 2, 4]
     assert kv.group.tolist() == [0, 1, 0, 1] and kv.slot.tolist() == [0, 2, 2, 1]
-    assert kv._kv[0][:4, 0, :2, 0].tolist() == [[0, 1], [50, 51], [20, 21], [40, 41]]
-    assert torch.equal(kv._kv[0][[0, 2]], before[[0, 2]])  # rows that stay in place are untouched
+    if attention == "kernel":  # each row's completion stays at its place: nothing is copied
+        assert torch.equal(kv._kv[0], before)
+    else:  # compacted in row order, copying only the rows that move
+        assert kv._kv[0][:4, 0, :2, 0].tolist() == [[0, 1], [50, 51], [20, 21], [40, 41]]
+        assert torch.equal(kv._kv[0][[0, 2]], before[[0, 2]])
 
 
-def test_shared_prefix_is_used_for_long_nonempty_prompts_shared_by_several_samples():
-    long = torch.ones(2, 80)
-    assert use_shared_prefix(long, g=4)
-    assert not use_shared_prefix(long, g=1)
-    assert not use_shared_prefix(torch.ones(2, 20), g=4)  # short: copying is cheaper
+def test_shared_prefix_is_used_on_cpu_with_the_kernel_and_otherwise_for_long_nonempty_prompts(attention):
+    long, short = torch.ones(2, 80), torch.ones(2, 20)
     empty = long.clone()
     empty[1] = 0
-    assert not use_shared_prefix(empty, g=4)  # an empty prompt would leave its samples nothing to attend to
+    if attention == "kernel":  # one pass over both spans: sharing always pays
+        assert all(use_shared_prefix(mask, g, torch.float32) for mask in (long, short, empty) for g in (1, 4))
+        assert not use_shared_prefix(short, 4, torch.bfloat16)  # the kernel is float32: the rule below
+    else:
+        assert use_shared_prefix(long, 4, torch.float32)
+        assert not use_shared_prefix(long, 1, torch.float32)
+        assert not use_shared_prefix(short, 4, torch.float32)  # short: copying is cheaper
+        assert not use_shared_prefix(empty, 4, torch.float32)  # would leave its samples nothing to attend to

@@ -2,7 +2,7 @@
 
 A round samples G completions of each unique prompt. transformers' `generate` would prefill every prompt G
 times and keep decoding rows that already emitted EOS. Here each unique prompt is prefilled once and its KV
-cache serves its G rows (copied to them, or, for long prompts on CPU, stored once and shared: see
+cache serves its G rows (on CPU stored once and shared by them, elsewhere copied to them: see
 `rollout/kv_cache.py`), all rows decode together with the cache, and a row that ends leaves the batch (its cache
 rows are dropped), so finished completions stop costing compute.
 """
@@ -91,7 +91,7 @@ class RolloutEngine:
         device = next(model.parameters()).device
         ids, mask = (t.to(device) for t in left_pad(prompt_ids, self.pad_id))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        shared = decoder is not None and use_shared_prefix(mask, g)
+        shared = decoder is not None and use_shared_prefix(mask, g, decoder.embed.weight.dtype)
         # a shared prefix keeps the prompts' cache as it is; copies get room for the completions after them
         cache = _preallocated_cache(model.config, ids.size(1) + (0 if shared else self.max_new_tokens))
         if decoder is not None:

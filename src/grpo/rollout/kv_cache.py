@@ -3,17 +3,21 @@
 A round decodes G completions of each prompt. Every one of them attends to the same prompt keys and values, then
 to its own completion's.
 
-- `CopiedKV`: each row holds a copy of its prompt's cache followed by its own (what `generate` does): one
-  attention call per layer over one cache.
-- `GroupKV`: each prompt's keys and values are stored once, and a group's G queries read them in one attention
-  call (the shared prefix of Hydragen, arXiv 2402.05099, and cascade attention); each row's own completion is a
-  second call, and the two are merged exactly by their log-normalisers. A prompt is stored and read once
-  instead of G times, which matters because a decode step on CPU is bound by the memory traffic of its KV
-  reads; the price is a handful of extra small ops per layer. The engine picks it on CPU for prompts of
-  `SHARED_PREFIX_MIN_TOKENS` or more. Measured on a 2-core CPU with `benchmarks/shared_prefix.py` (G = 8,
-  4 prompts; time per generated token, shared / copied): 0.75 and 0.90 for the tiny model with 100-300-token
-  prompts and 64 and 256 new tokens, 0.95 for the small model (100-300, 64); with 8-40-token prompts 1.03 and
-  1.14, where the completions dominate the cache.
+- `GroupKV`: each prompt's keys and values are stored once, shared by its G rows (the shared prefix of
+  Hydragen, arXiv 2402.05099, and cascade attention), and each row's completion in a buffer of its own. On CPU
+  in float32 one call of the compiled kernel of `rollout/decode_attention.py` per layer attends over both spans
+  and writes the step's keys and values: a prompt's cache is read by its G rows one after another and stays in
+  the CPU's cache, so a step reads about the completions' keys and values from memory, not G copies of the
+  prompts'. That is the CPU layout whenever the kernel is built. Without it, each span is a call of torch's
+  flash kernel and the two are merged exactly by their log-normalisers, which pays only for long prompts
+  (`SHARED_PREFIX_MIN_TOKENS`).
+- `CopiedKV`: each row holds a copy of its prompt's cache followed by its own (what `generate` does): one call of
+  torch's attention per layer. The layout on GPUs and on CPU without the kernel for short prompts.
+
+Measured on a 2-core CPU, tiny model, G = 8, 4 prompts (`benchmarks/decode_step.py`, one step of 32 rows with
+prompts of up to 24 tokens, 64 completion tokens in): kernel over the shared cache 2957 us a step, 194 us of
+attention a layer; torch over copies 4432 and 473. Whole rounds (`benchmarks/shared_prefix.py`, 100-300-token
+prompts, 64 new tokens), time per token: kernel 1.00, torch over copies 1.62, torch over a shared cache 1.33.
 """
 
 from __future__ import annotations
@@ -23,17 +27,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from grpo.rollout.decode_attention import MAX_DIM, available, decode_attention
+
 # torch's CPU flash-attention kernel, which returns the log-normaliser with the output (no public op does)
 CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 SHARED_PREFIX_MIN_TOKENS = 64
 
 
-def use_shared_prefix(prompt_mask: torch.Tensor, g: int) -> bool:
-    """Whether a round of the left-padded prompts of `prompt_mask` (prompts, P) decodes with `GroupKV`: on CPU,
-    for prompts long enough that sharing them pays, none of them empty."""
+def use_shared_prefix(prompt_mask: torch.Tensor, g: int, dtype: torch.dtype) -> bool:
+    """Whether a round of the left-padded prompts of `prompt_mask` (prompts, P), cached in `dtype`, decodes
+    with `GroupKV`: on CPU, always where the decode kernel takes the cache; with torch's attention, for prompts
+    long enough that sharing them pays, none of them empty."""
+    if prompt_mask.device.type != "cpu" or prompt_mask.size(1) == 0:
+        return False
+    if available(dtype, prompt_mask.device):
+        return True
     lengths = prompt_mask.sum(-1)
-    return (prompt_mask.device.type == "cpu" and CPU_FLASH is not None and g > 1
-            and int(lengths.max()) >= SHARED_PREFIX_MIN_TOKENS and int(lengths.min()) > 0)
+    return (CPU_FLASH is not None and g > 1 and int(lengths.max()) >= SHARED_PREFIX_MIN_TOKENS
+            and int(lengths.min()) > 0)
 
 
 def attention_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -42,6 +53,13 @@ def attention_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if allowed.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+
+
+def first_columns(prompt_mask: torch.Tensor) -> torch.Tensor | None:
+    """Each row's first prompt column (int32), if every row of `prompt_mask` is left padding then prompt."""
+    pads = prompt_mask.size(1) - prompt_mask.sum(-1)
+    columns = torch.arange(prompt_mask.size(1), device=prompt_mask.device)
+    return pads.to(torch.int32) if bool((prompt_mask == (columns >= pads.unsqueeze(1))).all()) else None
 
 
 class CopiedKV:
@@ -73,9 +91,9 @@ class CopiedKV:
 
 
 class GroupKV:
-    """Per layer: the prompts' keys and values, one copy per prompt, and each live row's completion keys and
-    values in a buffer sized for the whole completion. Rows that finish leave (`keep`); a row keeps its place
-    in its prompt's group, so its prompt part needs no copy at all."""
+    """Per layer: the prompts' keys and values, one copy per prompt, and each row's completion keys and values in
+    a buffer sized for the whole completion. Rows that finish leave (`keep`); a row keeps its place in its
+    prompt's group, so its prompt part needs no copy at all, nor, with the kernel, its own."""
 
     def __init__(self, prompt_kv: list[torch.Tensor], prompt_mask: torch.Tensor, g: int, capacity: int):
         """`prompt_kv`: per layer, the keys then the values of the left-padded prompts' prefill, (prompts,
@@ -83,6 +101,9 @@ class GroupKV:
         sample r % g of prompt r // g; `capacity`: the most completion tokens a row can reach."""
         prompts, two_kv_heads, _, dim = prompt_kv[0].shape
         self.g, self.kv_heads, self.prompt_kv = g, two_kv_heads // 2, prompt_kv
+        self.prompt_start = first_columns(prompt_mask)
+        self.kernel = (self.prompt_start is not None and dim <= MAX_DIM
+                       and available(prompt_kv[0].dtype, prompt_kv[0].device))
         self.prompt_bias = torch.zeros(prompt_mask.shape, dtype=prompt_kv[0].dtype, device=prompt_mask.device
                                        ).masked_fill_(prompt_mask == 0, float("-inf")).view(prompts, 1, 1, -1)
         self._kv = [kv.new_empty((prompts * g, two_kv_heads, capacity, dim)) for kv in prompt_kv]
@@ -105,12 +126,16 @@ class GroupKV:
 
             out_r = softmax([q_r K_p(r)^T, q_r K_r^T] * scale + [b_p(r), 0]) [V_p(r); V_r]
 
-        (p(r): the row's prompt, b: 0 on prompt tokens, -inf on padding), computed as two attentions merged by
-        their log-normalisers l = logsumexp(scores):
+        (p(r): the row's prompt, b: 0 on prompt tokens, -inf on padding). The kernel computes this in one pass
+        over both spans (and writes kv); torch's flash kernel takes two calls, merged by their log-normalisers
+        l = logsumexp(scores):
 
             out_r = o_p + (o_r - o_p) / (1 + e^(l_p - l_r)) = lerp(o_r, o_p, sigmoid(l_p - l_r))
 
-        A kv head's queries (grouped-query attention) go side by side as extra query positions."""
+        with a kv head's queries (grouped-query attention) side by side as extra query positions."""
+        if self.kernel:  # each row's completion stays at its place: `rows`
+            return decode_attention(q, self.prompt_kv[layer], self.prompt_start, self._kv[layer], self.length + 1,
+                                    self.rows, self.g, scale, new=kv)
         rows, heads, dim = q.shape
         kv_heads, end = self.kv_heads, self.length + 1
         per_kv = heads // kv_heads
@@ -135,9 +160,10 @@ class GroupKV:
         self.length += 1
 
     def keep(self, indices: torch.Tensor) -> None:
-        """Keep live rows `indices`, in that order: only the rows that change place are copied."""
+        """Keep live rows `indices`, in that order. The kernel finds each row's completion at its place; torch's
+        attention reads the live rows' completions as one block, so the rows that move in it are copied."""
         moved = (indices != torch.arange(indices.numel(), device=indices.device)).nonzero().squeeze(1)
-        if moved.numel() and self.length:
+        if not self.kernel and moved.numel() and self.length:
             for buffer in self._kv:
                 buffer[moved, :, :self.length] = buffer[indices[moved], :, :self.length]
         self.rows = self.rows[indices]
