@@ -104,3 +104,12 @@ def test_without_a_working_compiler_torch_attention_is_used(tmp_path, monkeypatc
     monkeypatch.setenv("GRPO_CPU_KERNELS", "0")
     monkeypatch.delenv("CC")
     assert module.kernel.__wrapped__() is None
+
+
+def test_each_build_step_falls_back_to_its_next_command(tmp_path):
+    """-march=native, then generic code; glibc's vector maths, then none: the first that works is kept."""
+    marker = tmp_path / "ran"
+    module._run_first([["false"], ["touch", str(marker)], ["false"]])
+    assert marker.exists()
+    with pytest.raises(subprocess.CalledProcessError):
+        module._run_first([["false"], ["false"]])

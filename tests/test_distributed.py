@@ -99,8 +99,8 @@ def _launch(script: Path, root: Path, processes: int, mode: str, per_device: int
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra_env or {})
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    first_error = done.stderr.find("Traceback")
-    assert done.returncode == 0, done.stderr[first_error:first_error + 4000]
+    first_error = done.stderr.find("Traceback")  # a child's, or the launcher's; a crash (a signal) prints none
+    assert done.returncode == 0, done.stderr[first_error:first_error + 4000] + "\n...\n" + done.stderr[-3000:]
 
 
 def launch_two_processes(script: Path, directory: Path, cases: list[dict], extra_env: dict[str, str] | None = None

@@ -37,7 +37,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
 MAX_DIM = 512  # the kernel's accumulator size (decode_attention.c)
-COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c99"]
+COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC", "-std=c99"]
+ARCH_FLAGS = [["-march=native"], []]  # a compiler that cannot target the host's own CPU builds generic code
 LINK_FLAGS = [["-shared", "-fopenmp", "-lmvec", "-lm"], ["-shared", "-fopenmp", "-lm"]]  # without glibc's libmvec
 logger = logging.getLogger(__name__)
 
@@ -103,26 +104,25 @@ def build() -> Path:
     if compiler is None:
         raise OSError("no C compiler: install gcc or set $CC")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(COMPILE_FLAGS), _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, str(COMPILE_FLAGS + ARCH_FLAGS + LINK_FLAGS),
+                                    _cpu_flags()]).encode())
     target = _cache_dir() / f"decode_attention-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         objects, library = Path(scratch, "kernel.o"), Path(scratch, "kernel.so")
-        _run([compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(objects)])
-        for index, flags in enumerate(LINK_FLAGS):
-            try:
-                _run([compiler, str(objects), "-o", str(library), *flags])
-                break
-            except subprocess.CalledProcessError:
-                if index == len(LINK_FLAGS) - 1:
-                    raise
+        _run_first([[compiler, *COMPILE_FLAGS, *arch, "-c", str(SOURCE), "-o", str(objects)] for arch in ARCH_FLAGS])
+        _run_first([[compiler, str(objects), "-o", str(library), *flags] for flags in LINK_FLAGS])
         os.replace(library, target)  # atomic: processes building at once each leave a whole library
     return target
 
 
-def _run(command: list[str]) -> None:
-    subprocess.run(command, check=True, capture_output=True)
+def _run_first(commands: list[list[str]]) -> None:
+    """Run the first of `commands` that succeeds; if none does, raise the last one's error."""
+    for command in commands[:-1]:
+        if subprocess.run(command, capture_output=True).returncode == 0:
+            return
+    subprocess.run(commands[-1], check=True, capture_output=True)
 
 
 def _cache_dir() -> Path:

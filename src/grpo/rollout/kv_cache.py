@@ -162,9 +162,10 @@ class GroupKV:
     def keep(self, indices: torch.Tensor) -> None:
         """Keep live rows `indices`, in that order. The kernel finds each row's completion at its place; torch's
         attention reads the live rows' completions as one block, so the rows that move in it are copied."""
-        moved = (indices != torch.arange(indices.numel(), device=indices.device)).nonzero().squeeze(1)
-        if not self.kernel and moved.numel() and self.length:
+        if not self.kernel and self.length:
+            moved = (indices != torch.arange(indices.numel(), device=indices.device)).nonzero().squeeze(1)
             for buffer in self._kv:
-                buffer[moved, :, :self.length] = buffer[indices[moved], :, :self.length]
+                if moved.numel():
+                    buffer[moved, :, :self.length] = buffer[indices[moved], :, :self.length]
         self.rows = self.rows[indices]
         self._refresh()
