@@ -57,7 +57,8 @@ def test_kernel_equals_attention_worked_out_in_float64(heads, kv_heads, dim, pro
     before[places, :, length - 1] = new
     assert torch.equal(own_kv, before)
     expected = reference(q, prompt_kv, prompt_start, own_kv, length, places, g, 0.2)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    # float32 sums over up to 640 positions of values up to ~8: about 1e-5 of rounding
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=5e-5)
     # without a new token the cache is read as it is: the same answer
     torch.testing.assert_close(decode_attention(q, prompt_kv, prompt_start, own_kv, length, places, g, 0.2), out,
                                rtol=0, atol=0)
