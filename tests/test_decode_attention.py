@@ -68,6 +68,23 @@ def test_kernel_equals_attention_worked_out_in_float64(heads, kv_heads, dim, pro
 
 
 @needs_kernel
+def test_the_answer_does_not_depend_on_the_number_of_threads():
+    """Each (row, kv head) is summed by one thread in one order, so rollouts are reproducible on any machine."""
+    torch.manual_seed(0)
+    q, prompt_kv, own_kv = torch.randn(7, 4, 32), torch.randn(2, 4, 30, 32), torch.randn(8, 4, 50, 32)
+    start, places = torch.tensor([3, 0], dtype=torch.int32), torch.tensor([0, 7, 2, 5, 4, 1, 6])
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            outs.append(decode_attention(q, prompt_kv, start, own_kv, 50, places, 4, 0.3))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_kernel
 def test_loading_the_kernel_keeps_denormal_numbers():
     """Linked with -ffast-math, gcc adds start-up code that sets flush-to-zero for the whole process."""
     kernel()
