@@ -94,6 +94,9 @@ def test_lean_step_logits_equal_transformers_forward(arch, layout, kv, attention
     decoder = LeanDecoder.from_model(model, capacity=32, rows=len(PROMPTS), copy=layout != "original")
     assert decoder is not None and decoder.lm_head.layout == layout
     assert decoder.folded == (layout != "original")  # norms folded in, rotary pairs interleaved
+    if layout == "packed":  # but small projections into the residual stream are left to BLAS
+        assert decoder.layers[0].qkv[0].layout == "packed"
+        assert decoder.layers[0].o.layout == decoder.layers[0].down.layout == "transposed"
     continuation = torch.randint(3, VOCAB, (len(PROMPTS), 5), generator=torch.Generator().manual_seed(1))
     ours = torch.stack(decode_logits(decoder, model, continuation, shared=kv == "shared"), dim=1)
     torch.testing.assert_close(ours, full_forward_logits(model, continuation), rtol=1e-4, atol=1e-4)

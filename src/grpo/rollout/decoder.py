@@ -10,7 +10,8 @@ On CPU (float32) the weights are copied once per round, and the copies are laid 
 operations as possible, since there each small op costs several microseconds and a tiny model's step is mostly
 small ops:
 - the fused weights are in oneDNN's blocked layout, which multiplies the few rows of a decode step several times
-  faster than BLAS on the plain weights (see `_onednn_packed`);
+  faster than BLAS on the plain weights (see `_onednn_packed`), but for small projections added to the residual
+  stream, where BLAS adds for free (`SMALL_RESIDUAL_WEIGHT`);
 - each RMSNorm's weight (and sqrt(dim)) is folded into the projection that reads its output, so a norm is
   x / sqrt(|x|^2 + dim eps): three ops, where `F.rms_norm` issues nine on CPU (`FoldedRMSNorm`);
 - the rows of the q and k projections are reordered so that each rotary pair (i, i + head_dim/2) is adjacent:
@@ -74,11 +75,12 @@ class Projection:
         return x + self(inputs)
 
     @classmethod
-    def fuse(cls, linears: list[Linear], copy: bool, rows: int, input_scale: torch.Tensor | None = None
-             ) -> list[Projection]:
+    def fuse(cls, linears: list[Linear], copy: bool, rows: int, input_scale: torch.Tensor | None = None,
+             residual: bool = False) -> list[Projection]:
         """One projection for all of `linears` when `copy` (laid out for decoding about `rows` rows, the
         weight's columns multiplied by `input_scale` if given), else one per linear on the original tensors
-        (no memory spent)."""
+        (no memory spent). `residual`: its output is added to the residual stream (`residual`), which BLAS
+        does faster for a small weight (`SMALL_RESIDUAL_WEIGHT`)."""
         if not copy:
             return [cls(weight, bias, "original") for weight, bias in linears]
         if len(linears) > 1:
@@ -90,10 +92,18 @@ class Projection:
         bias = None
         if any(b is not None for _, b in linears):
             bias = torch.cat([b if b is not None else w.new_zeros(w.size(0)) for w, b in linears])
-        packed = _onednn_packed(weight, rows)
+        packed = None if residual and weight.numel() <= SMALL_RESIDUAL_WEIGHT else _onednn_packed(weight, rows)
         if packed is not None:
             return [cls(packed, bias, "packed")]
         return [cls(weight.t().contiguous(), bias, "transposed")]
+
+
+# A projection added to the residual stream with a weight this small (elements) is left to BLAS: addmm adds for
+# free, where oneDNN's fused addition costs more than its multiply saves. Measured on a 2-core CPU, one decode
+# step of the tiny benchmark model (192 x 192 and 512 x 192 o and down projections): 5-7% faster; with the small
+# model's 1024 x 384 down projection BLAS was 4% slower (a scratch comparison of the two layouts in one process,
+# the step of benchmarks/decode_step.py).
+SMALL_RESIDUAL_WEIGHT = 128 * 1024
 
 
 def _onednn_packed(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -349,9 +359,9 @@ def _layer_weights(layer: nn.Module, fold: bool, rows: int) -> LayerWeights | No
             q_norm, k_norm = partial(_norm, q_norm), partial(_norm, k_norm)
     return LayerWeights(
         input_norm=input_norm, qkv=Projection.fuse([q, k, v], fold, rows, input_scale), q_norm=q_norm,
-        k_norm=k_norm, o=Projection.fuse([o], fold, rows)[0], post_norm=post_norm,
-        gate_up=Projection.fuse([gate, up], fold, rows, post_scale), down=Projection.fuse([down], fold, rows)[0],
-        act=mlp.act_fn)
+        k_norm=k_norm, o=Projection.fuse([o], fold, rows, residual=True)[0], post_norm=post_norm,
+        gate_up=Projection.fuse([gate, up], fold, rows, post_scale),
+        down=Projection.fuse([down], fold, rows, residual=True)[0], act=mlp.act_fn)
 
 
 def _reorder_heads(linear: Linear, order: torch.Tensor) -> Linear:
