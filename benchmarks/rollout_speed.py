@@ -58,8 +58,10 @@ def main() -> None:
             backends = {"hf": TransformersGenerator(IdTokenizer(), args),
                         "grpo": RolloutEngine(IdTokenizer(), args, seed=0)}
             torch.manual_seed(0)
-            for backend in backends.values():  # warm-up
-                backend.generate(model, prompt_ids[:1], 2)
+            # warm-up, a whole round each: one-time costs (oneDNN generating code for new shapes, building the
+            # decode kernel) are not timed
+            for backend in backends.values():
+                backend.generate(model, prompt_ids, opts.num_generations)
             rates: dict[str, list[float]] = {name: [] for name in backends}
             lengths: dict[str, list[float]] = {name: [] for name in backends}  # same model: should agree
             for _ in range(opts.repeats):

@@ -12,6 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     os.environ["GRPO_CACHE"] = str(tmp_path_factory.mktemp("grpo-cache"))
+    from grpo.rollout.decode_attention import build, kernel
+
+    if kernel() is not None:  # built once here, so that the processes the tests launch find it in the cache
+        build()
 
 
 @pytest.fixture(params=["kernel", "torch"])

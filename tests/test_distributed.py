@@ -160,3 +160,24 @@ def test_two_process_run_writes_once_and_resumes_exactly(runs):
     assert {p.name for p in (whole / "checkpoint-4").glob("*_?.pt")} == {
         "rng_state_0.pt", "rng_state_1.pt", "round_0.pt", "round_1.pt"}  # each process's own state
     assert_resumed_metrics_match(records, split)
+
+
+FIRST_RUN_SCRIPT = """
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+dist.init_process_group("gloo")
+from grpo.embedded import tiny_model_path
+AutoModelForCausalLM.from_pretrained(tiny_model_path())  # each process finds a whole checkpoint
+"""
+
+
+def test_each_process_of_a_first_run_gets_the_whole_embedded_model(tmp_path):
+    """With an empty cache every process builds the embedded model; transformers' save_pretrained writes nothing
+    on a rank other than 0, so such a rank must not publish what it built."""
+    script = tmp_path / "first_run.py"
+    script.write_text(FIRST_RUN_SCRIPT)
+    env = {**os.environ, "GRPO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["tiny-v1"]  # no staging left behind

@@ -8,6 +8,8 @@ the same `from_pretrained` path a hub id or a user's directory takes.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -64,6 +66,13 @@ def tiny_model_path() -> str:
     """Directory of the embedded model, built on first use. Safe when several processes race to build it."""
     target = cache_dir() / f"tiny-{_VERSION}"
     if (target / "config.json").exists():
+        return str(target)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        # transformers' save_pretrained writes nothing on a rank other than 0: build in a process of its own
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                                "MASTER_PORT")}
+        subprocess.run([sys.executable, "-c", "from grpo.embedded.model import tiny_model_path; tiny_model_path()"],
+                       env=env, check=True, capture_output=True)
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=target.parent))

@@ -15,9 +15,9 @@ to its own completion's.
   torch's attention per layer. The layout on GPUs and on CPU without the kernel for short prompts.
 
 Measured on a 2-core CPU, tiny model, G = 8, 4 prompts (`benchmarks/decode_step.py`, one step of 32 rows with
-prompts of up to 24 tokens, 64 completion tokens in): kernel over the shared cache 2957 us a step, 194 us of
-attention a layer; torch over copies 4432 and 473. Whole rounds (`benchmarks/shared_prefix.py`, 100-300-token
-prompts, 64 new tokens), time per token: kernel 1.00, torch over copies 1.62, torch over a shared cache 1.33.
+prompts of up to 24 tokens, 64 completion tokens in): kernel over the shared cache 2849 us a step, 164 us of
+attention a layer; torch over copies 3784 and 365. Whole rounds (`benchmarks/shared_prefix.py`, 100-300-token
+prompts, 64 new tokens), time per token: kernel 1.00, torch over copies 1.63, torch over a shared cache 1.20.
 """
 
 from __future__ import annotations
