@@ -44,6 +44,7 @@ def test_group_attention_equals_attention_over_copied_prompt_caches(heads, kv_he
 def test_group_kv_keeps_each_row_with_its_prompt_and_copies_only_moved_rows(attention):
     prompts, g, kv_heads, dim = 2, 3, 1, 2
     kv = GroupKV([torch.zeros(prompts, 2 * kv_heads, 2, dim)], torch.ones(prompts, 2), g, capacity=4)
+    kv._kv[0].zero_()  # allocated empty: stray NaNs in the unwritten positions would fail torch.equal below
     for token in range(2):  # row r writes (10 r + token) as its keys and values
         kv._kv[0][:6, :, kv.length] = (torch.arange(6.0) * 10 + token).view(6, 1, 1)
         kv.advance()

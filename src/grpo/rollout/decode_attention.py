@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from grpo.embedded.model import cache_dir
+
 SOURCE = Path(__file__).with_name("decode_attention.c")
 MAX_DIM = 512  # the kernel's accumulator size (decode_attention.c)
 COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC", "-std=c99"]
@@ -126,7 +128,7 @@ def _run_first(commands: list[list[str]]) -> None:
 
 
 def _cache_dir() -> Path:
-    base = Path(os.environ.get("GRPO_CACHE", Path.home() / ".cache" / "grpo")) / "kernels"
+    base = cache_dir() / "kernels"
     try:
         base.mkdir(parents=True, exist_ok=True)
         return base

@@ -104,8 +104,10 @@ class GroupKV:
         self.prompt_start = first_columns(prompt_mask)
         self.kernel = (self.prompt_start is not None and dim <= MAX_DIM
                        and available(prompt_kv[0].dtype, prompt_kv[0].device))
-        self.prompt_bias = torch.zeros(prompt_mask.shape, dtype=prompt_kv[0].dtype, device=prompt_mask.device
-                                       ).masked_fill_(prompt_mask == 0, float("-inf")).view(prompts, 1, 1, -1)
+        self.prompt_bias = None  # for torch's flash kernel: 0 on prompt tokens, -inf on padding
+        if not self.kernel:
+            self.prompt_bias = torch.zeros(prompt_mask.shape, dtype=prompt_kv[0].dtype, device=prompt_mask.device
+                                           ).masked_fill_(prompt_mask == 0, float("-inf")).view(prompts, 1, 1, -1)
         self._kv = [kv.new_empty((prompts * g, two_kv_heads, capacity, dim)) for kv in prompt_kv]
         self.length = 0  # completion tokens written
         self.rows = torch.arange(prompts * g, device=prompt_mask.device)  # each live row's place in the round
