@@ -60,7 +60,7 @@ def main() -> None:
           + ", ".join(f"{name} {us:.1f} ({us / medians['kernel']:.2f})" for name, us in medians.items()))
 
 
-def no_kernel(dtype: torch.dtype, device: torch.device) -> bool:
+def no_kernel(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
     return False
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def attention(request, monkeypatch) -> str:
     from grpo.rollout.decode_attention import kernel
 
     if request.param == "torch":
-        monkeypatch.setattr(kv_cache, "available", lambda dtype, device: False)
+        monkeypatch.setattr(kv_cache, "available", lambda dtype, device, head_dim: False)
     elif kernel() is None:
         pytest.skip("no C compiler to build the decode-attention kernel with")
     return request.param

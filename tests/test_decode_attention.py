@@ -94,11 +94,12 @@ def test_loading_the_kernel_keeps_denormal_numbers():
 
 def test_the_kernel_takes_float32_caches_on_cpu_outside_autocast():
     cpu = torch.device("cpu")
-    assert available(torch.float32, cpu) == (kernel() is not None)
-    assert not available(torch.bfloat16, cpu)
-    assert not available(torch.float32, torch.device("cuda"))
+    assert available(torch.float32, cpu, 128) == (kernel() is not None)
+    assert not available(torch.bfloat16, cpu, 128)
+    assert not available(torch.float32, torch.device("cuda"), 128)
+    assert not available(torch.float32, cpu, 1024)  # past the kernel's accumulator
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not available(torch.float32, cpu)
+        assert not available(torch.float32, cpu, 128)
 
 
 @needs_kernel

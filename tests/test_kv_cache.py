@@ -64,10 +64,11 @@ def test_shared_prefix_is_used_on_cpu_with_the_kernel_and_otherwise_for_long_non
     empty = long.clone()
     empty[1] = 0
     if attention == "kernel":  # one pass over both spans: sharing always pays
-        assert all(use_shared_prefix(mask, g, torch.float32) for mask in (long, short, empty) for g in (1, 4))
-        assert not use_shared_prefix(short, 4, torch.bfloat16)  # the kernel is float32: the rule below
+        assert all(use_shared_prefix(mask, g, torch.float32, 64) for mask in (long, short, empty) for g in (1, 4))
+        assert not use_shared_prefix(short, 4, torch.bfloat16, 64)  # the kernel is float32: the rule below
+        assert not use_shared_prefix(short, 4, torch.float32, 1024)  # nor past the kernel's head dim
     else:
-        assert use_shared_prefix(long, 4, torch.float32)
-        assert not use_shared_prefix(long, 1, torch.float32)
-        assert not use_shared_prefix(short, 4, torch.float32)  # short: copying is cheaper
-        assert not use_shared_prefix(empty, 4, torch.float32)  # would leave its samples nothing to attend to
+        assert use_shared_prefix(long, 4, torch.float32, 64)
+        assert not use_shared_prefix(long, 1, torch.float32, 64)
+        assert not use_shared_prefix(short, 4, torch.float32, 64)  # short: copying is cheaper
+        assert not use_shared_prefix(empty, 4, torch.float32, 64)  # would leave its samples nothing to attend to

@@ -68,11 +68,11 @@ def decode_attention(q: torch.Tensor, prompt_kv: torch.Tensor, prompt_start: tor
     return out
 
 
-def available(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the kernel is built and takes caches of `dtype` on `device`: float32 on CPU, not under autocast
-    (which computes the keys in bfloat16); head dims up to MAX_DIM."""
+def available(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
+    """Whether the kernel is built and takes caches of `dtype` on `device` with heads of `head_dim`: float32 on
+    CPU, not under autocast (which computes the keys in bfloat16), head dims up to MAX_DIM."""
     return (dtype == torch.float32 and device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-            and kernel() is not None)
+            and head_dim <= MAX_DIM and kernel() is not None)
 
 
 @functools.cache

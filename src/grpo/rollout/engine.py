@@ -91,7 +91,7 @@ class RolloutEngine:
         device = next(model.parameters()).device
         ids, mask = (t.to(device) for t in left_pad(prompt_ids, self.pad_id))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        shared = decoder is not None and use_shared_prefix(mask, g, decoder.embed.weight.dtype)
+        shared = decoder is not None and use_shared_prefix(mask, g, decoder.embed.weight.dtype, decoder.head_dim)
         # a shared prefix keeps the prompts' cache as it is; copies get room for the completions after them
         cache = _preallocated_cache(model.config, ids.size(1) + (0 if shared else self.max_new_tokens))
         if decoder is not None:

@@ -27,20 +27,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from grpo.rollout.decode_attention import MAX_DIM, available, decode_attention
+from grpo.rollout.decode_attention import available, decode_attention
 
 # torch's CPU flash-attention kernel, which returns the log-normaliser with the output (no public op does)
 CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 SHARED_PREFIX_MIN_TOKENS = 64
 
 
-def use_shared_prefix(prompt_mask: torch.Tensor, g: int, dtype: torch.dtype) -> bool:
-    """Whether a round of the left-padded prompts of `prompt_mask` (prompts, P), cached in `dtype`, decodes
-    with `GroupKV`: on CPU, always where the decode kernel takes the cache; with torch's attention, for prompts
-    long enough that sharing them pays, none of them empty."""
+def use_shared_prefix(prompt_mask: torch.Tensor, g: int, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether a round of the left-padded prompts of `prompt_mask` (prompts, P), cached in `dtype` with heads of
+    `head_dim`, decodes with `GroupKV`: on CPU, always where the decode kernel takes the cache (the same test
+    `GroupKV` makes); with torch's attention, for prompts long enough that sharing them pays, none of them
+    empty."""
     if prompt_mask.device.type != "cpu" or prompt_mask.size(1) == 0:
         return False
-    if available(dtype, prompt_mask.device):
+    if available(dtype, prompt_mask.device, head_dim):
         return True
     lengths = prompt_mask.sum(-1)
     return (CPU_FLASH is not None and g > 1 and int(lengths.max()) >= SHARED_PREFIX_MIN_TOKENS
@@ -102,8 +103,7 @@ class GroupKV:
         prompts, two_kv_heads, _, dim = prompt_kv[0].shape
         self.g, self.kv_heads, self.prompt_kv = g, two_kv_heads // 2, prompt_kv
         self.prompt_start = first_columns(prompt_mask)
-        self.kernel = (self.prompt_start is not None and dim <= MAX_DIM
-                       and available(prompt_kv[0].dtype, prompt_kv[0].device))
+        self.kernel = self.prompt_start is not None and available(prompt_kv[0].dtype, prompt_kv[0].device, dim)
         self.prompt_bias = None  # for torch's flash kernel: 0 on prompt tokens, -inf on padding
         if not self.kernel:
             self.prompt_bias = torch.zeros(prompt_mask.shape, dtype=prompt_kv[0].dtype, device=prompt_mask.device
