@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 SCRIPT = textwrap.dedent('''
-    import json, sys
+    import atexit, json, os, sys
     import torch
     from grpo import GRPOConfig, GRPOTrainer
     from grpo.embedded import TASKS
@@ -63,7 +63,13 @@ SCRIPT = textwrap.dedent('''
                               train_dataset=TASKS["length"][0](16, seed=1), generator=generator)
         trainer.train(resume_from_checkpoint=True if resume else None)
 
+    def report_process_group():  # registered before the trainer's exit handler, so it runs after that one
+        os.makedirs(root, exist_ok=True)
+        with open(f"{root}/exit-{mode}-{os.environ.get('RANK', 0)}.txt", "w") as report:
+            report.write("alive" if torch.distributed.is_initialized() else "destroyed")
+
     root, mode, per_device = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    atexit.register(report_process_group)
     if mode == "updates":
         for case in json.loads(sys.argv[4]):
             run(f"{root}/{case.pop('name')}", PromptSeededGenerator(), per_device_train_batch_size=per_device,
@@ -162,12 +168,45 @@ def test_two_process_run_writes_once_and_resumes_exactly(runs):
     assert_resumed_metrics_match(records, split)
 
 
+def test_each_process_destroys_its_process_group_when_the_run_ends(runs):
+    """A process that exits with its gloo group alive can abort after a complete run (SIGABRT, about 1 launch in
+    60 here): the trainer destroys the group at exit (`distributed.destroy_process_group_at_exit`)."""
+    root, _ = runs
+    for mode in ("updates", "train", "resume"):
+        for rank in (0, 1):
+            assert (root / "two" / f"exit-{mode}-{rank}.txt").read_text() == "destroyed", (mode, rank)
+
+
+EXIT_SCRIPT = textwrap.dedent('''
+    import atexit, sys
+    import torch
+    from grpo.distributed import destroy_process_group_at_exit
+    atexit.register(lambda: print("alive" if torch.distributed.is_initialized() else "destroyed"))  # runs last
+    torch.distributed.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=0, world_size=1)
+    destroy_process_group_at_exit()
+    if sys.argv[2] == "raise":
+        raise RuntimeError("the run failed")
+''')
+
+
+@pytest.mark.parametrize("ending, group", [("return", "destroyed"), ("raise", "alive")])
+def test_process_group_is_destroyed_at_a_clean_exit_only(tmp_path, ending, group):
+    """After an uncaught exception other processes may still be inside a collective: the group is left alone."""
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "store"), ending], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == (0 if ending == "return" else 1), done.stderr[-3000:]
+    assert done.stdout.strip() == group
+
+
 FIRST_RUN_SCRIPT = """
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 dist.init_process_group("gloo")
 from grpo.embedded import tiny_model_path
 AutoModelForCausalLM.from_pretrained(tiny_model_path())  # each process finds a whole checkpoint
+dist.destroy_process_group()
 """
 
 

@@ -120,6 +120,7 @@ class GRPOTrainer:
         self.accelerator = Accelerator(**accelerator_kwargs(args))
         distributed.enable_fsdp_on_cpu(self.accelerator)  # Accelerate itself turns FSDP on for GPUs only
         self.processes = Processes(self.accelerator)
+        distributed.destroy_process_group_at_exit()  # gloo can abort a finished run's exit otherwise
         check_distributed_support(self.accelerator, args, peft=peft_config is not None)
         self.device = self.accelerator.device
         set_seed(args.seed)
