@@ -17,6 +17,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from grpo.paths import cache_dir
+
 EMBEDDED_MODEL_ID = "grpo:tiny"
 _VERSION = "v1"  # bump when the recipe below changes, so stale caches are rebuilt
 
@@ -56,10 +58,6 @@ def build_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GRPO_CACHE", Path.home() / ".cache" / "grpo"))
 
 
 def tiny_model_path() -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from grpo.embedded.model import cache_dir
+from grpo.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
 MAX_DIM = 512  # the kernel's accumulator size (decode_attention.c)
