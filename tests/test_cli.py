@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from grpo.cli import build_parser, main, run_demo
+from grpo.cli import build_parser, main
+from grpo.demo import run_demo
 
 
 def test_demo_length_task_clearly_improves_reward(tmp_path):

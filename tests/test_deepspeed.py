@@ -36,7 +36,7 @@ def run_lora(output_dir, per_device):
                       beta=0.1, gradient_accumulation_steps=2)
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     GRPOTrainer(model="grpo:tiny", reward_funcs=reward_len, args=args, peft_config=lora,
-                train_dataset=TASKS["length"][0](16, seed=1), generator=PromptSeededGenerator()).train()
+                train_dataset=TASKS["length"].make(16, seed=1), generator=PromptSeededGenerator()).train()
 '''
 SCRIPT = NO_SHM_BUILD + (GATHERING_SCRIPT.replace("\nroot, mode, per_device = ", LORA + "\nroot, mode, per_device = ")
                          .replace('elif mode == "resume":', 'elif mode == "lora":\n    run_lora(f"{root}/lora", '

@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from grpo.embedded.model import _VERSION
+
 SCRIPT = textwrap.dedent('''
     import atexit, json, os, sys
     import torch
@@ -60,7 +62,7 @@ SCRIPT = textwrap.dedent('''
         else:
             model = "grpo:tiny"
         trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=args, optimizers=optimizers,
-                              train_dataset=TASKS["length"][0](16, seed=1), generator=generator)
+                              train_dataset=TASKS["length"].make(16, seed=1), generator=generator)
         trainer.train(resume_from_checkpoint=True if resume else None)
 
     def report_process_group():  # registered before the trainer's exit handler, so it runs after that one
@@ -219,4 +221,4 @@ def test_each_process_of_a_first_run_gets_the_whole_embedded_model(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["tiny-v1"]  # no staging left behind
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"tiny-{_VERSION}"]  # no staging left behind

@@ -44,8 +44,12 @@ def run_with_eval(output_dir):
                       logging_steps=1, gradient_checkpointing=False, disable_tqdm=True, seed=5, save_strategy="no",
                       per_device_train_batch_size=4, eval_strategy="steps", eval_steps=1,
                       per_device_eval_batch_size=4, beta=0.1, sync_ref_model=True, ref_model_sync_steps=1)
-    trainer = GRPOTrainer(model="grpo:tiny", reward_funcs=reward_len, args=args,
-                          train_dataset=TASKS["length"][0](16, seed=1), eval_dataset=TASKS["length"][0](4, seed=2))
+
+    def reward_vowels(completions, **kwargs):  # 12 visible characters every time: a length reward has no spread
+        return [float(sum(c in "aeiou" for c in text)) for text in completions]
+
+    trainer = GRPOTrainer(model="grpo:tiny", reward_funcs=reward_vowels, args=args,
+                          train_dataset=TASKS["length"].make(16, seed=1), eval_dataset=TASKS["length"].make(4, seed=2))
     trainer.train()
 '''
 

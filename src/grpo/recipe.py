@@ -26,6 +26,7 @@ BUILTIN_REWARDS = {
     "length": builtin.length_reward, "accuracy": builtin.accuracy_reward,
     "math_accuracy": reasoning.math_accuracy_reward, "strict_format": reasoning.strict_format_reward,
     "soft_format": reasoning.soft_format_reward, "code_execution": sandbox.code_execution_reward,
+    "problem": builtin.problem_reward, "tag_count": reasoning.tag_count_reward,
 }
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -137,7 +138,7 @@ def load_prompts(spec: Any) -> Any:
         task = path.removeprefix("grpo:")
         if task not in TASKS:
             raise ValueError(f"unknown built-in task '{task}'; the built-in tasks are {sorted(TASKS)}.")
-        dataset = TASKS[task][0](spec.pop("num_prompts", 256))
+        dataset = TASKS[task].make(spec.pop("num_prompts", 256), seed=spec.pop("seed", 0), split=split)
     elif Path(path).suffix in DATA_FILE_BUILDERS:
         if not Path(path).exists():
             raise FileNotFoundError(f"dataset file '{path}' does not exist.")

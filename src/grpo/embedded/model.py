@@ -7,9 +7,6 @@ the same `from_pretrained` path a hub id or a user's directory takes.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,10 +14,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from grpo.paths import cache_dir
+from grpo.paths import build_in_own_process, cache_dir, is_secondary_rank
 
 EMBEDDED_MODEL_ID = "grpo:tiny"
-_VERSION = "v1"  # bump when the recipe below changes, so stale caches are rebuilt
+_VERSION = "v2"  # bump when the recipe below changes, so stale caches are rebuilt
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHARACTERS = [chr(i) for i in range(32, 127)] + ["\n"]
@@ -49,7 +46,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    """A 4-layer Llama, hidden size 128: about 0.6M parameters, seeded random initialisation."""
+    """A 4-layer Llama, hidden size 128: about 0.6M parameters, seeded random initialisation; its generation
+    config never samples a special token other than EOS."""
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
@@ -57,7 +55,11 @@ def build_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config)
+    # Completions are decoded without special tokens, so a sampled <pad> or <unk> would be an invisible
+    # character: a length reward could be met with text nobody sees. Every backend honours suppress_tokens.
+    model.generation_config.suppress_tokens = [i for i, t in enumerate(SPECIAL_TOKENS) if t != "</s>"]
+    return model
 
 
 def tiny_model_path() -> str:
@@ -65,12 +67,8 @@ def tiny_model_path() -> str:
     target = cache_dir() / f"tiny-{_VERSION}"
     if (target / "config.json").exists():
         return str(target)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
-        # transformers' save_pretrained writes nothing on a rank other than 0: build in a process of its own
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                                "MASTER_PORT")}
-        subprocess.run([sys.executable, "-c", "from grpo.embedded.model import tiny_model_path; tiny_model_path()"],
-                       env=env, check=True, capture_output=True)
+    if is_secondary_rank():
+        build_in_own_process("from grpo.embedded.model import tiny_model_path; tiny_model_path()")
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=target.parent))

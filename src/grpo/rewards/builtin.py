@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def completion_text(completion: str | list[dict[str, Any]]) -> str:
@@ -33,6 +34,23 @@ def accuracy_reward(completions: list[Any], answer: list[str], **kwargs: Any) ->
             continue
         found = _NUMBER.search(completion_text(completion))
         rewards.append(1.0 if found and _same_number(found.group(), str(expected)) else 0.0)
+    return rewards
+
+
+def problem_reward(completions: list[Any], answers: list[Any], **kwargs: Any) -> list[float | None]:
+    """The course's verifiable reward for problems with an `answers` column: 1.0 when the completion's final
+    answer equals it, else 0.0. The final answer is the last number inside the last <answer>...</answer> if
+    there is one, else the last number of the completion (a worked answer ends with its result). Rows whose
+    answer is None are not applicable and return None."""
+    rewards: list[float | None] = []
+    for completion, expected in zip(completions, answers):
+        if expected is None:
+            rewards.append(None)
+            continue
+        text = completion_text(completion)
+        tagged = ANSWER_TAG.findall(text)
+        numbers = _NUMBER.findall(tagged[-1] if tagged else text)
+        rewards.append(1.0 if numbers and _same_number(numbers[-1], str(expected)) else 0.0)
     return rewards
 
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from grpo.rewards.builtin import completion_text
+from grpo.rewards.builtin import ANSWER_TAG, completion_text
 
 # The course's patterns: the strict one wants the exact layout with newlines, the soft one only the tag order.
 STRICT_FORMAT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>\n?$", re.DOTALL)
 SOFT_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def strict_format_reward(completions: list[Any], **kwargs: Any) -> list[float]:
@@ -23,6 +22,16 @@ def strict_format_reward(completions: list[Any], **kwargs: Any) -> list[float]:
 def soft_format_reward(completions: list[Any], **kwargs: Any) -> list[float]:
     """1.0 when a <think>...</think> block is followed by an <answer>...</answer> block anywhere, else 0.0."""
     return [1.0 if SOFT_FORMAT.search(completion_text(c)) else 0.0 for c in completions]
+
+
+THINK_ANSWER_TAGS = ("<think>\n", "\n</think>\n", "\n<answer>\n", "\n</answer>")
+
+
+def tag_count_reward(completions: list[Any], **kwargs: Any) -> list[float]:
+    """Partial credit on the way to the strict layout: 0.25 for each of "<think>\\n", "\\n</think>\\n",
+    "\\n<answer>\\n" and "\\n</answer>" that occurs exactly once. A small model that never writes the whole
+    layout unprompted still gets a graded signal from each tag it does write (the format rewards are 0 for it)."""
+    return [0.25 * sum(completion_text(c).count(tag) == 1 for tag in THINK_ANSWER_TAGS) for c in completions]
 
 
 def extract_final_answer(text: str) -> str | None:

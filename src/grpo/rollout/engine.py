@@ -36,6 +36,7 @@ class RolloutEngine:
         self.eos_ids = eos_token_ids(tokenizer, args.generation_kwargs)
         self.max_new_tokens = (args.generation_kwargs or {}).get("max_new_tokens", args.max_completion_length)
         self.params = SamplingParams.from_config(args)
+        self.suppress_tokens = (args.generation_kwargs or {}).get("suppress_tokens")
         self.max_batch_rows = max_batch_rows
         self.generator = torch.Generator().manual_seed(seed)
         self.lean = lean
@@ -118,9 +119,10 @@ class RolloutEngine:
         lengths = torch.full((rows,), self.max_new_tokens, dtype=torch.long, device=device)
         active = torch.arange(rows, device=device)  # the original row of each row still decoding
         eos = torch.tensor(self.eos_ids, device=device)
+        suppressed = self._suppressed_ids(model, device)
 
         for step in range(self.max_new_tokens):
-            processed = process_logits(logits, self.params, seen if penalize else None)
+            processed = process_logits(logits, self.params, seen if penalize else None, suppressed)
             new_tokens, new_logps = sample_tokens(processed, self.params, self._generator_for(device))
             tokens[active, step] = new_tokens
             logps[active, step] = new_logps
@@ -151,6 +153,14 @@ class RolloutEngine:
             next_position = next_position + 1
         used = int(lengths.max())
         return tokens[:, :used].cpu(), lengths.cpu(), logps[:, :used].cpu()
+
+    def _suppressed_ids(self, model: Any, device: torch.device) -> torch.Tensor | None:
+        """Token ids never to sample: generation_kwargs' `suppress_tokens`, else the model's generation config's
+        (as `generate` does: the embedded model suppresses its padding, unknown and BOS tokens this way)."""
+        ids = self.suppress_tokens
+        if ids is None:
+            ids = getattr(getattr(model, "generation_config", None), "suppress_tokens", None)
+        return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
     def _generator_for(self, device: torch.device) -> torch.Generator | None:
         # Sampling on the CPU generator keeps runs reproducible across devices only on CPU; on CUDA a device

@@ -72,12 +72,15 @@ def min_p_filter(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, seen_ids: torch.Tensor | None = None
-                   ) -> torch.Tensor:
-    """The sampling distribution's logits (float32): every transform of `params` applied in transformers' order."""
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen_ids: torch.Tensor | None = None,
+                   suppressed_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The sampling distribution's logits (float32): every transform of `params` applied in transformers' order;
+    `suppressed_ids` (the generation config's `suppress_tokens`) can never be sampled, greedy included."""
     logits = logits.float()
     if seen_ids is not None:
         logits = apply_repetition_penalty(logits, seen_ids, params.repetition_penalty)
+    if suppressed_ids is not None:
+        logits = logits.index_fill(1, suppressed_ids, float("-inf"))
     if params.greedy:
         return logits
     if params.temperature != 1.0:
