@@ -5,17 +5,16 @@ A reward function is called as f(prompts=..., completions=..., completion_ids=..
 returns one value per completion: a number, or None for "not applicable" (skipped in the weighted sum; a
 completion with no applicable reward gets advantage 0). Async functions run concurrently. A string is a
 reward model (a sequence-classification checkpoint); a `PreTrainedModel` is one already loaded.
-TRL silently broadcasts a wrong-length return; here it is an error that names the function.
+TRL silently broadcasts a wrong-length return; here it is an error that names the function. How the functions
+are called (time limit, error policy, worker processes) is grpo.rewards.runner's business.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import math
 import numbers
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,70 +89,6 @@ def _is_pretrained_model(obj: Any) -> bool:
     return isinstance(obj, PreTrainedModel)
 
 
-def compute_rewards(
-    reward_funcs: list[RewardFunction],
-    prompts: list[Any],
-    completions: list[Any],
-    completion_ids: list[list[int]],
-    columns: dict[str, list[Any]],
-    trainer_state: Any = None,
-) -> torch.Tensor:
-    """Call every reward function once on the whole round. Returns (N, F) float32, NaN where None."""
-    kwargs = dict(columns, prompts=prompts, completions=completions, completion_ids=completion_ids,
-                  trainer_state=trainer_state)
-    results: dict[int, Any] = {}
-    async_jobs = []
-    for i, reward in enumerate(reward_funcs):
-        if reward.is_async:
-            async_jobs.append((i, reward))
-        else:
-            results[i] = _call(reward, kwargs, completions)
-    if async_jobs:
-        outputs = _run_async([_call_async(reward, kwargs, completions) for _, reward in async_jobs])
-        results.update({i: out for (i, _), out in zip(async_jobs, outputs)})
-    per_func = [validate_rewards(reward.name, results[i], len(completions)) for i, reward in enumerate(reward_funcs)]
-    return torch.tensor(per_func, dtype=torch.float32).T.reshape(len(completions), len(reward_funcs))
-
-
-def _call(reward: RewardFunction, kwargs: dict[str, Any], completions: list[Any]) -> Any:
-    try:
-        return reward.func(**kwargs)
-    except Exception as e:
-        raise _reward_error(reward, e, completions, _first_failing(reward, kwargs, len(completions))) from e
-
-
-def _first_failing(reward: RewardFunction, kwargs: dict[str, Any], n: int, most: int = 64) -> int | None:
-    """Index of the first completion the function fails on when called on it alone, so the error can show it."""
-    for i in range(min(n, most)):
-        one = {k: v[i:i + 1] if isinstance(v, list) and len(v) == n else v for k, v in kwargs.items()}
-        try:
-            reward.func(**one)
-        except Exception:
-            return i
-    return None
-
-
-async def _call_async(reward: RewardFunction, kwargs: dict[str, Any], completions: list[Any]) -> Any:
-    try:
-        return await reward.func(**kwargs)
-    except Exception as e:
-        raise _reward_error(reward, e, completions) from e
-
-
-def _reward_error(reward: RewardFunction, error: Exception, completions: list[Any],
-                  failing: int | None = None) -> RuntimeError:
-    if failing is not None:
-        shown = f"it fails on completion {failing}: {repr(completions[failing])[:200]}"
-    else:
-        shown = f"the first: {repr(completions[0])[:200]}" if completions else "none"
-    return RuntimeError(
-        f"reward function '{reward.name}' raised {type(error).__name__}: {error}. It was called with "
-        f"{len(completions)} completions ({shown}) and keyword arguments prompts, completions, "
-        "completion_ids, trainer_state and one per dataset column; accept **kwargs for the ones you don't use, "
-        "and return None for a completion the function cannot score."
-    )
-
-
 def validate_rewards(name: str, values: Any, expected: int) -> list[float]:
     """Check one function's output: a sequence of `expected` numbers or None. None becomes NaN."""
     if isinstance(values, torch.Tensor):
@@ -187,27 +122,6 @@ def validate_rewards(name: str, values: Any, expected: int) -> list[float]:
             )
         out.append(float(value))
     return out
-
-
-_loop: asyncio.AbstractEventLoop | None = None
-_loop_lock = threading.Lock()
-
-
-def _run_async(coroutines: list[Any]) -> list[Any]:
-    """Run coroutines concurrently on a private event loop in a daemon thread.
-
-    A private loop works from scripts and from notebooks, whose own loop is already running.
-    """
-    global _loop
-    with _loop_lock:
-        if _loop is None:
-            _loop = asyncio.new_event_loop()
-            threading.Thread(target=_loop.run_forever, daemon=True, name="grpo-rewards").start()
-
-    async def gather() -> list[Any]:
-        return list(await asyncio.gather(*coroutines))
-
-    return asyncio.run_coroutine_threadsafe(gather(), _loop).result()
 
 
 class RewardModel:
