@@ -4,9 +4,10 @@ A reward function is called as f(prompts=..., completions=..., completion_ids=..
 **columns) where every extra dataset column arrives as a keyword argument aligned with the completions. It
 returns one value per completion: a number, or None for "not applicable" (skipped in the weighted sum; a
 completion with no applicable reward gets advantage 0). Async functions run concurrently. A string is a
-reward model (a sequence-classification checkpoint); a `PreTrainedModel` is one already loaded.
-TRL silently broadcasts a wrong-length return; here it is an error that names the function. How the functions
-are called (time limit, error policy, worker processes) is grpo.rewards.runner's business.
+reward model (a sequence-classification checkpoint); a `PreTrainedModel` is one already loaded; an http(s)://
+URL is a reward server (grpo.rewards.remote). TRL silently broadcasts a wrong-length return; here it is an error
+that names the function. How the functions are called (time limit, error policy, worker processes) is
+grpo.rewards.runner's business.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from grpo.rewards.remote import RemoteReward, is_reward_url
 
 RewardFunc = Callable[..., Any]
 
@@ -59,12 +62,15 @@ def prepare_reward_funcs(
     prepared = []
     for i, func in enumerate(funcs):
         tokenizer = reward_processing_classes[i] if reward_processing_classes else None
-        if isinstance(func, str) or _is_pretrained_model(func):
+        if is_reward_url(func):
+            func = RemoteReward(func)
+        elif isinstance(func, str) or _is_pretrained_model(func):
             func = RewardModel(func, tokenizer, model_init_kwargs)
         elif not callable(func):
             raise TypeError(
                 f"reward_funcs[{i}] is a {type(func).__name__}; expected a callable "
-                "f(completions, **kwargs) -> list[float], a reward model path, or a PreTrainedModel."
+                "f(completions, **kwargs) -> list[float], a reward model path, a PreTrainedModel or a reward "
+                "server's http(s):// URL."
             )
         prepared.append(RewardFunction(reward_func_name(func), func, _is_coroutine_function(func)))
     taken: set[str] = set()
