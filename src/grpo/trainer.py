@@ -44,7 +44,7 @@ from grpo.checkpoint import (
     save_checkpoint,
 )
 from grpo.config import GRPOConfig
-from grpo.data import PromptSource, check_lengths, check_prompt_lengths, context_length, tokenize_prompts
+from grpo.data import PromptSource, check_prompt_ids, check_prompt_lengths, context_length, tokenize_prompts
 from grpo.distributed import Processes, accelerator_kwargs, check_distributed_support
 from grpo.evaluate import evaluate
 from grpo.guard import NonFiniteGuard, is_finite_step
@@ -293,8 +293,8 @@ class GRPOTrainer:
         prompts = [row["prompt"] for row in rows]
         prompt_ids = tokenize_prompts(self.processing_class, prompts, args.chat_template_kwargs)
         # train() checked a Dataset's prompts up front; an IterableDataset's are checked here, round by round
-        check_lengths([len(ids) for ids in prompt_ids], args.max_completion_length,
-                      context_length(self._unwrapped_model().config))
+        check_prompt_ids(prompts, prompt_ids, self.processing_class, args.max_completion_length,
+                         context_length(self._unwrapped_model().config))
         self.model.eval()
         with distributed.full_weights(self.policy_logps), self._autocast():
             generation = self.generator.generate(self._unwrapped_model(), prompt_ids, g)
