@@ -12,6 +12,7 @@ import ctypes
 import json
 import math
 import os
+import signal
 import time
 
 import pytest
@@ -148,6 +149,16 @@ def test_a_call_in_a_helper_thread_keeps_the_callers_grad_mode():
     with torch.no_grad():
         rewards, _ = score([grad_mode], {"timeout": 10})
     assert rewards[:, 0].tolist() == [0.0] * 8
+
+
+def test_signal_based_code_in_a_helper_thread_gets_the_way_out():
+    def uses_sigalrm(completions, **kwargs):
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        return [0.0] * len(completions)
+
+    with pytest.raises(RuntimeError, match="'uses_sigalrm' raised ValueError: signal only works in main thread.* "
+                       "set reward_num_workers >= 1"):
+        score([uses_sigalrm], {"timeout": 10})
 
 
 # --- the error policy --------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def describe(name: str, outcome: CallOutcome, completions: list[Any], start: int
     else:
         shown = f"the first: {repr(completions[start])[:200]}" if rows else "none"
     fix = CONTRACT_REMINDER
-    if where == "thread" and "signal only works in main thread" in outcome.error:
+    if where == "thread" and "signal" in outcome.error and "thread" in outcome.error:
         fix += (" With reward_timeout set, an in-process call runs in a helper thread, where signal-based code (such "
                 "as math-verify's own time limits) cannot run: set reward_num_workers >= 1 to run it in the main "
                 "thread of a worker process.")
