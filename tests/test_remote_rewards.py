@@ -54,6 +54,14 @@ def score(reward, columns=None, completions=COMPLETIONS):
     return compute_rewards(prepared, PROMPTS, completions, [[1]] * len(completions), columns or {})
 
 
+def fails_soon(reward, match: str) -> None:
+    """Scoring with `reward` raises a RuntimeError matching `match`, within HANG_GUARD_S (a hang guard)."""
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=match):
+        score(reward)
+    assert time.monotonic() - started < HANG_GUARD_S
+
+
 def length_or_none(completions, answer=None, **kwargs):
     return [None if a is None else float(len(c)) for c, a in zip(completions, answer or [0] * len(completions))]
 
@@ -93,11 +101,8 @@ def _free_port() -> int:
 
 def test_a_server_that_is_down_is_retried_then_named():
     url = f"http://127.0.0.1:{_free_port()}/score"
-    started = time.monotonic()
-    with pytest.raises(RuntimeError, match=f"the reward server at {url} cannot be reached .*Connection refused.* "
-                       r"\(3 attempts\)\. Is it running\? `grpo serve-reward"):
-        score(RemoteReward(url, max_retries=2, backoff=0.01))
-    assert time.monotonic() - started < HANG_GUARD_S
+    fails_soon(RemoteReward(url, max_retries=2, backoff=0.01), f"the reward server at {url} cannot be reached "
+               r".*Connection refused.* \(3 attempts\)\. Is it running\? `grpo serve-reward")
 
 
 def test_a_slow_server_times_out():
@@ -106,11 +111,8 @@ def test_a_slow_server_times_out():
         return [0.0] * len(completions)
 
     with serving(slow) as (url, _):
-        started = time.monotonic()
-        with pytest.raises(RuntimeError, match=f"the reward server at {url} gave no answer within "
-                           r"request_timeout=0.3 s"):
-            score(RemoteReward(url, request_timeout=0.3, max_retries=0))
-        assert time.monotonic() - started < HANG_GUARD_S
+        fails_soon(RemoteReward(url, request_timeout=0.3, max_retries=0),
+                   f"the reward server at {url} gave no answer within request_timeout=0.3 s")
 
 
 def test_http_500_is_retried_then_an_error_with_the_status_and_the_servers_message():
@@ -118,9 +120,8 @@ def test_http_500_is_retried_then_an_error_with_the_status_and_the_servers_messa
         raise KeyError("solution")
 
     with serving(broken) as (url, requests):
-        with pytest.raises(RuntimeError, match=f"the reward server at {url} answered HTTP 500 .* \\(3 attempts\\): "
-                           ".*reward function 'recorded' raised KeyError: 'solution'"):
-            score(RemoteReward(url, max_retries=2, backoff=0.01))
+        fails_soon(RemoteReward(url, max_retries=2, backoff=0.01), f"the reward server at {url} answered HTTP 500 "
+                   ".* \\(3 attempts\\): .*reward function 'recorded' raised KeyError: 'solution'")
     assert len(requests) == 3
 
 
@@ -140,9 +141,7 @@ def test_a_server_that_fails_once_is_retried_to_success():
 
 def test_a_wrong_number_of_rewards_names_the_url():
     with serving(lambda completions, **kwargs: [0.0] * (len(completions) - 1)) as (url, requests):
-        with pytest.raises(RuntimeError, match=f"the reward server at {url} returned 3 rewards for 4 completions; "
-                           "it must return one"):
-            score(url)
+        fails_soon(url, f"the reward server at {url} returned 3 rewards for 4 completions; it must return one")
     assert len(requests) == 1  # not retried, and no request per completion to find the failing one
 
 
@@ -161,8 +160,7 @@ def test_a_client_error_is_not_retried():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/nope"
     try:
-        with pytest.raises(RuntimeError, match=f"the reward server at {url} answered HTTP 404 no such reward"):
-            score(RemoteReward(url, backoff=0.01))
+        fails_soon(RemoteReward(url, backoff=0.01), f"the reward server at {url} answered HTTP 404 no such reward")
     finally:
         server.shutdown()
         server.server_close()
