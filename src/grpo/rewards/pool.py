@@ -18,8 +18,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import select
 import signal
 import sys
+import threading
 import time
 import weakref
 from collections import deque
@@ -48,7 +50,7 @@ class Task:
 
 
 def check_picklable(name: str, func: Any) -> None:
-    """Refuse, before the run starts, a function that a spawned worker process could not receive."""
+    """Refuse, before the run starts, a function that a worker process could not receive."""
     fix = ("Define it at the top level of a module (a lambda or a function defined inside another one cannot be "
            "sent to a worker process), or set GRPOConfig.reward_num_workers=0 to score in the trainer's process.")
     try:
@@ -60,7 +62,7 @@ def check_picklable(name: str, func: Any) -> None:
     if getattr(target, "__module__", None) == "__main__" and not getattr(main, "__file__", None):
         raise TypeError(
             f"reward function '{name}' is defined in an interactive session (a notebook or the REPL), which a "
-            f"spawned worker process cannot import. Move it to a .py module and import it from there, or set "
+            f"worker process cannot import. Move it to a .py module and import it from there, or set "
             "GRPOConfig.reward_num_workers=0."
         )
 
@@ -68,7 +70,8 @@ def check_picklable(name: str, func: Any) -> None:
 class _Worker:
     def __init__(self, context: Any):
         self.conn, child_conn = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child_conn,), daemon=True, name="grpo-reward-worker")
+        self.process = context.Process(target=_serve, args=(child_conn, os.getpid()), daemon=True,
+                                       name="grpo-reward-worker")
         self.process.start()
         child_conn.close()  # the child holds its end; ours closing lets it see EOF when the pool goes
         self.task: int | None = None  # index of the task it runs
@@ -94,7 +97,7 @@ class _Worker:
 
 
 class WorkerPool:
-    """`size` spawned worker processes that run `Task`s and send back `CallOutcome`s in order."""
+    """`size` worker processes that run `Task`s and send back their `CallOutcome`s, in the tasks' order."""
 
     def __init__(self, size: int, say: Callable[[str], None] = print, start_method: str | None = None):
         self.context = multiprocessing.get_context(start_method or START_METHOD)
@@ -203,6 +206,33 @@ def _died(worker: _Worker) -> CallOutcome:
     return CallOutcome(failure="died", error=f"its worker process died ({how}) during the call")
 
 
+def _exit_with_trainer(trainer_pid: int) -> None:
+    """Exit when the trainer does, even in the middle of a call stuck in a loop (an idle worker exits anyway, as
+    its pipe closes). Not PR_SET_PDEATHSIG: a forkserver worker's parent is the server, which each worker keeps
+    alive. A daemon thread waits on a pidfd (Linux) or checks every second."""
+
+    def watch() -> None:
+        try:
+            pidfd = os.pidfd_open(trainer_pid)
+            select.select([pidfd], [], [])  # readable once the trainer has exited
+        except (AttributeError, OSError):  # no pidfd here: poll
+            while _is_running(trainer_pid):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="grpo-reward-worker-watch").start()
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _shut_down(workers: list[_Worker]) -> None:
     for worker in workers:
         worker.conn.close()  # an idle worker sees EOF and exits
@@ -213,9 +243,10 @@ def _shut_down(workers: list[_Worker]) -> None:
             worker.process.join(5)
 
 
-def _serve(conn: Connection) -> None:
+def _serve(conn: Connection, trainer_pid: int) -> None:
     """A worker's loop: receive a task, say it started, run it, send the outcome; until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the trainer handles it
+    _exit_with_trainer(trainer_pid)
     while True:
         try:
             func, kwargs, rows = conn.recv()

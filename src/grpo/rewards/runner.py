@@ -2,8 +2,8 @@
 
 Where each function runs: async functions concurrently on a private event loop; reward models in the trainer's
 process; other synchronous functions in the trainer's process too, or, with `num_workers` > 0, in worker
-processes, each function's completions cut into that many chunks of whole groups. The three kinds overlap: the
-coroutines are started first, then the pool runs, then the in-process calls.
+processes, each function's completions cut into that many chunks of whole groups. The coroutines are started
+first and run while the pool works and then the in-process calls run, one after another.
 
 A failed call (an exception, a timeout, a dead worker, or a return value `validate_rewards` refuses) stops the run
 with an error that names the function under `on_error="raise"`; under `on_error="none"` its completions score None
