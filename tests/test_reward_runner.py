@@ -13,7 +13,11 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,6 +262,37 @@ def test_a_worker_gets_trainer_state_without_its_log_history():
     rewards, _ = score([reward_sees_state], {"num_workers": 1}, trainer_state=state)
     assert rewards[:, 0].tolist() == [5.0] * 8
     assert len(state.log_history) == 3
+
+
+def test_a_worker_does_not_outlive_a_killed_trainer(tmp_path):
+    script = tmp_path / "trainer.py"
+    script.write_text(textwrap.dedent('''
+        from grpo.rewards import RewardRunner, prepare_reward_funcs
+        from test_reward_runner import reward_sleeps
+
+        if __name__ == "__main__":
+            runner = RewardRunner(prepare_reward_funcs([reward_sleeps]), num_workers=1)
+            print(runner.pool.workers[0].process.pid, flush=True)
+            runner.score(["p"], ["c"], [[1]], {})  # the worker sleeps 60 s in this call
+    '''))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    worker = int(trainer.stdout.readline())
+    time.sleep(2)  # the call has begun
+    trainer.kill()
+    trainer.wait()
+    deadline = time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < deadline and _alive(worker):
+        time.sleep(0.2)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.parametrize("make", [lambda: (lambda completions, **kw: [0.0] * len(completions)), lambda: _local()])
