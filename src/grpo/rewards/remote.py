@@ -84,12 +84,14 @@ class RemoteReward:
             except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
                 if attempt == self.max_retries:
                     reason = getattr(e, "reason", e)
-                    what = (f"gave no answer within request_timeout={self.request_timeout:g} s"
-                            if isinstance(reason, TimeoutError) else f"cannot be reached ({reason})")
-                    raise RuntimeError(
-                        f"the reward server at {self.url} {what}{_attempts(attempt)}. Is it running? `grpo "
-                        "serve-reward module:function --port PORT` serves a reward function."
-                    ) from e
+                    if isinstance(reason, TimeoutError):
+                        problem = f"gave no answer within request_timeout={self.request_timeout:g} s"
+                        fix = "Make it faster, or give RemoteReward(url, request_timeout=...) a longer one."
+                    else:
+                        problem = f"cannot be reached ({reason})"
+                        fix = ("Is it running? `grpo serve-reward module:function --port PORT` serves a reward "
+                               "function.")
+                    raise RuntimeError(f"the reward server at {self.url} {problem}{_attempts(attempt)}. {fix}") from e
             time.sleep(self.backoff * 2**attempt)
             attempt += 1
 
