@@ -1,4 +1,4 @@
-"""The bad-input catalogue (docs/bad_input.md): each mistake is rejected with an error that names the problem and
+"""The bad-input catalogue (docs/robustness.md): each mistake is rejected with an error that names the problem and
 the fix, before the expensive work it would otherwise spoil.
 
 Each case gives the stage by which it must be caught:
@@ -10,7 +10,10 @@ Each case gives the stage by which it must be caught:
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from datasets import Dataset, IterableDataset
 
 import grpo.trainer as trainer_module
 from grpo import GRPOConfig, GRPOTrainer
+from grpo.rewards import RemoteReward
 from grpo.rollout import RolloutEngine
 
 STAGES = ("config", "load", "generate", "first_round")
@@ -59,6 +63,25 @@ def _raising_reward(completions, answer, **kwargs):
 
 def _stream():
     yield from PROMPTS
+
+
+def _stream_with_a_pad_prompt():
+    yield from PROMPTS[:3] + [{"prompt": "<pad>"}] + PROMPTS[3:]
+
+
+def _hanging_reward(completions, **kwargs):
+    time.sleep(30)  # abandoned in its thread after reward_timeout
+    return [0.0] * len(completions)
+
+
+def _exiting_reward(completions, **kwargs):
+    os._exit(5)
+
+
+def _unreachable_server_url() -> str:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/score"
 
 
 def _earlier_run(tmp: Path, **overrides: Any) -> None:
@@ -110,12 +133,28 @@ CATALOGUE = [
          "removed it", "filter long prompts"),
     Case("use_vllm without vLLM", "config", lambda t: GRPOConfig(use_vllm=True), ValueError,
          "vLLM is not installed", "set use_vllm=False"),
+    Case("unknown reward_error policy", "config", lambda t: GRPOConfig(reward_error="skip"), ValueError,
+         "reward_error='skip' is not one of", r"\['raise', 'none'\]"),
+    Case("reward_timeout of zero", "config", lambda t: GRPOConfig(reward_timeout=0), ValueError,
+         "reward_timeout must be None", "a number of seconds > 0"),
     Case("dataset without a prompt column", "load", lambda t: train(t, dataset=[{"question": "hi"}] * 8), ValueError,
          r"has no 'prompt' column \(its columns: \['question'\]\)", "rename_column\\('question', 'prompt'\\)"),
     Case("empty dataset", "load", lambda t: train(t, dataset=Dataset.from_dict({"prompt": []})), ValueError,
          "train_dataset is empty", "at least one row"),
     Case("prompt of the wrong type", "load", lambda t: train(t, dataset=PROMPTS + [{"prompt": 7}]), TypeError,
          r"train_dataset\[8\]: the prompt is a int", "must be a string or a non-empty list of messages"),
+    Case("empty prompt", "load", lambda t: train(t, dataset=PROMPTS + [{"prompt": ""}]), ValueError,
+         r"train_dataset\[8\]: the prompt is empty", r"dataset.filter\(lambda row: row\['prompt'\].strip\(\)\)"),
+    Case("prompt of special tokens only", "generate", lambda t: train(t, dataset=PROMPTS + [{"prompt": "<pad>"}]),
+         ValueError, r"train_dataset\[8\] \('<pad>'\) tokenizes to only special tokens \['<s>', '<pad>'\]",
+         "Drop such rows before training"),
+    Case("prompt of special tokens only in an IterableDataset", "generate",
+         lambda t: train(t, dataset=IterableDataset.from_generator(_stream_with_a_pad_prompt)), ValueError,
+         r"prompt \d of the round \('<pad>'\) tokenizes to only special tokens", "Drop such rows before training"),
+    Case("reward function a worker process cannot import", "load",
+         lambda t: train(t, rewards=lambda completions, **kw: [0.0] * len(completions),
+                         config=args(t, reward_num_workers=1)), TypeError,
+         "'<lambda>' cannot be sent to a reward worker process", "or set GRPOConfig.reward_num_workers=0"),
     Case("dataset of the wrong type", "load", lambda t: train(t, dataset={"prompt": ["a"]}), TypeError,
          "train_dataset is a dict", "pass a datasets.Dataset"),
     Case("dataset smaller than one round", "load", lambda t: train(t, dataset=PROMPTS[:1]), ValueError,
@@ -154,6 +193,16 @@ CATALOGUE = [
                                                               {"prompt": "b", "answer": "n/a"}]), RuntimeError,
          "'_raising_reward' raised ValueError: could not convert string to float: 'n/a'.*it fails on completion [04]:",
          "return None for a completion"),
+    Case("reward function that hangs", "first_round",
+         lambda t: train(t, rewards=_hanging_reward, config=args(t, reward_timeout=0.5)), TimeoutError,
+         "'_hanging_reward' was stopped after .* no result within reward_timeout=0.5 s",
+         "raise GRPOConfig.reward_timeout, or set reward_error='none'"),
+    Case("reward function that kills its worker process", "first_round",
+         lambda t: train(t, rewards=_exiting_reward, config=args(t, reward_num_workers=1)), RuntimeError,
+         r"'_exiting_reward' failed in a worker process .* died \(exit code 5\)", "reward_num_workers=0"),
+    Case("reward server that is down", "first_round",
+         lambda t: train(t, rewards=RemoteReward(_unreachable_server_url(), max_retries=0)), RuntimeError,
+         "the reward server at http://127.0.0.1:.* cannot be reached", "grpo serve-reward"),
     Case("reward function returning the wrong length", "first_round",
          lambda t: train(t, rewards=_broken_reward(lambda c: [0.0] * (len(c) - 1))), ValueError,
          "returned 7 values for 8 completions", "exactly one value per completion"),
@@ -211,3 +260,19 @@ def test_bad_input_is_rejected_early_with_problem_and_fix(case: Case, tmp_path, 
         assert expensive_work["generate"] == 1
         run = tmp_path / "run"
         assert not list(run.glob("checkpoint-*")) and (run / "metrics.jsonl").read_text() == ""
+
+
+def test_a_prompt_that_tokenizes_to_nothing_names_its_row():
+    """A tokenizer that adds no BOS turns an empty prompt into no tokens at all: generation would fail deep inside
+    with "cannot reshape tensor of 0 elements" (or quietly continue a row of padding)."""
+    from grpo.data import check_prompt_ids
+    from grpo.embedded import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_bos_token = False
+    prompts = ["Say 1 thing.", ""]  # an IterableDataset's later rows reach here unchecked
+    ids = [tokenizer(p).input_ids for p in prompts]
+    assert ids[1] == []
+    with pytest.raises(ValueError, match=r"prompt 1 of the round \(''\) tokenizes to no tokens; generation needs at "
+                       "least one ordinary token"):
+        check_prompt_ids(prompts, ids, tokenizer, max_completion_length=8, limit=None)

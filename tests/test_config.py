@@ -275,3 +275,13 @@ def test_to_dict_holds_the_derived_geometry():
     assert data["generation_batch_size"] == 4
     assert data["steps_per_generation"] == 1
     assert data["epsilon_high"] == 0.2
+
+
+def test_reward_settings_default_to_trls_behaviour_and_are_validated():
+    config = GRPOConfig()
+    assert (config.reward_timeout, config.reward_error, config.reward_num_workers) == (None, "raise", 0)
+    assert GRPOConfig(reward_timeout=2.5, reward_error="none", reward_num_workers=4).reward_timeout == 2.5
+    for bad in (dict(reward_num_workers=-1), dict(reward_num_workers=1.5), dict(reward_timeout=-1),
+                dict(reward_error="ignore")):
+        with pytest.raises(ValueError, match="GRPOConfig.reward_"):
+            GRPOConfig(**bad)

@@ -74,3 +74,13 @@ def test_math_accuracy_reward_checks_values_not_strings():
 ])
 def test_math_accuracy_on_tricky_answers(completion, reference, expected):
     assert math_accuracy_reward([completion], solution=[reference]) == [expected]
+
+
+def test_math_accuracy_runs_under_reward_timeout_in_a_helper_thread():
+    """math-verify's own time limits need the main thread; under reward_timeout an in-process call has another."""
+    from grpo.rewards import RewardRunner, prepare_reward_funcs
+
+    runner = RewardRunner(prepare_reward_funcs([math_accuracy_reward]), timeout=60)
+    completions = ["<answer>1/2</answer>", "\\boxed{3}", "no answer"]
+    rewards, _ = runner.score(["q"] * 3, completions, [[1]] * 3, {"solution": ["0.5", "3", "2"]})
+    assert rewards[:, 0].tolist() == [1.0, 1.0, 0.0]

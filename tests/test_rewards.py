@@ -11,13 +11,8 @@ import pytest
 import torch
 
 from grpo.rewards.builtin import accuracy_reward, completion_text, length_reward
-from grpo.rewards.contract import (
-    RewardFunction,
-    RewardModel,
-    compute_rewards,
-    prepare_reward_funcs,
-    validate_rewards,
-)
+from grpo.rewards.contract import RewardFunction, RewardModel, prepare_reward_funcs, validate_rewards
+from grpo.rewards.runner import compute_rewards
 
 PROMPTS = ["What is 3 + 4?", "What is 2 + 2?", "Say hi.", "Count to three."]
 COMPLETIONS = ["7", "The answer is 4", "hi", "1 2 3"]

@@ -47,6 +47,7 @@ RESUMABLE_CHANGES = frozenset({
     "per_device_eval_batch_size", "num_generations_eval", "generation_max_batch_rows",
     "max_consecutive_nonfinite_steps",
     "max_tokens_per_micro_batch",  # memory only: the update does not depend on how a step is cut
+    "reward_timeout", "reward_num_workers", "reward_error",  # how rewards are called: a crash's fix is a resume
     "model",  # the path may move; the model itself is compared by its parameter names and shapes
 })
 

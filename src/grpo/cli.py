@@ -1,4 +1,5 @@
-"""Command line: `grpo demo` shows GRPO learning on the embedded model; `grpo train` runs a YAML recipe."""
+"""Command line: `grpo demo` shows GRPO learning on the embedded model; `grpo train` runs a YAML recipe;
+`grpo serve-reward` puts a reward function behind HTTP."""
 
 from __future__ import annotations
 
@@ -79,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
     report.add_argument("--output", help="HTML file to write (default: RUN_DIR/report.html)")
+    serve = commands.add_parser(
+        "serve-reward", help="serve a reward function over HTTP, for reward_funcs=['http://host:port/']",
+        description="Run a reward function in a process of its own, behind HTTP: the trainer POSTs "
+        '{"prompts": [...], "completions": [...], <column>: [...]} and reads {"rewards": [...]} back. Put a heavy '
+        "verifier or a reward model here and give the trainer the URL as a reward function.",
+        epilog="example: grpo serve-reward my_pkg.rewards:verify --port 8000, then reward_funcs: "
+        "['http://127.0.0.1:8000/']",
+    )
+    serve.add_argument("function", help="a built-in reward name (e.g. math_accuracy) or 'package.module:function'")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on, 0 for any free one (default: 8000)")
     return parser
 
 
@@ -168,6 +180,12 @@ def _plot(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _serve_reward(args: argparse.Namespace) -> None:
+    from grpo.rewards.server import serve_reward
+
+    serve_reward(args.function, args.host, args.port)
+
+
 def _report(args: argparse.Namespace) -> None:
     from grpo.report import write_report
 
@@ -182,6 +200,7 @@ COMMANDS = {
     "eval": lambda args, extra: run_eval(args, parse_overrides(extra, "eval")),
     "plot": lambda args, extra: _plot(args),
     "report": lambda args, extra: _report(args),
+    "serve-reward": lambda args, extra: _serve_reward(args),
 }
 
 

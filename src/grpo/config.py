@@ -21,6 +21,7 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 CLIPPED_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "luspo")  # the loss types `delta` applies to
 SCALE_REWARDS = ("group", "batch", "none")
+REWARD_ERROR_POLICIES = ("raise", "none")
 GENERATION_BACKENDS = ("engine", "transformers")
 # generation_kwargs the built-in engine understands; the transformers backend takes any GenerationConfig name.
 ENGINE_GENERATION_KWARGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample",
@@ -242,6 +243,21 @@ class GRPOConfig:
     normalised over the round; scale_rewards is ignored)."""
     reward_weights: list[float] | None = None
     """One weight per reward function for their weighted sum (None: all 1.0)."""
+    reward_timeout: float | None = None
+    """Seconds one reward-function call may run (not in TRL; None: no limit). A call past it is stopped and
+    reported with the function's name: in a worker process (reward_num_workers > 0) the process is killed and
+    replaced; in the trainer's process the call is abandoned in a background thread, where it may keep running;
+    an async function is cancelled. What follows is reward_error's choice."""
+    reward_error: str = "raise"
+    """What a failed reward call does (not in TRL): "raise" stops the run with the function, its error and the
+    failing completion; "none" scores that call's completions None (not applicable), prints the error and logs
+    rewards/<func>/errors, the completions of the round it failed on, so a long run survives a flaky verifier. A
+    failure is an exception, a timeout, a worker process that died, or a return value the contract refuses."""
+    reward_num_workers: int = 0
+    """Worker processes for synchronous reward functions (not in TRL; 0: they run in the trainer's process). Each
+    function's completions are split into this many chunks of whole groups, scored in parallel and put back in
+    order; async functions and reward models stay in the trainer's process. Functions must be picklable: defined
+    at a module's top level, not lambdas or local functions."""
     mask_truncated_completions: bool = False
     """DAPO overlong filtering: completions that hit max_completion_length without EOS are left out of the loss
     (and of the loss normaliser)."""
@@ -280,6 +296,7 @@ class GRPOConfig:
         _check_choice("generation_backend", self.generation_backend, GENERATION_BACKENDS)
         _check_choice("eval_strategy", self.eval_strategy, ("no", "steps"))
         _check_choice("save_strategy", self.save_strategy, ("no", "steps"))
+        _check_choice("reward_error", self.reward_error, REWARD_ERROR_POLICIES)
         if self.num_generations_eval is None:
             self.num_generations_eval = self.num_generations
         if self.eval_steps is None:
@@ -331,6 +348,16 @@ class GRPOConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"GRPOConfig.{name} must be None or a positive integer, got {value!r}.")
+        if not isinstance(self.reward_num_workers, int) or self.reward_num_workers < 0:
+            raise ValueError(
+                f"GRPOConfig.reward_num_workers must be an integer >= 0 (0 scores in the trainer's process), got "
+                f"{self.reward_num_workers!r}."
+            )
+        if self.reward_timeout is not None and not self.reward_timeout > 0:
+            raise ValueError(
+                f"GRPOConfig.reward_timeout must be None (no limit) or a number of seconds > 0, got "
+                f"{self.reward_timeout!r}."
+            )
         if self.temperature <= 0:
             raise ValueError(f"GRPOConfig.temperature must be > 0, got {self.temperature}.")
         if not 0 < self.top_p <= 1:
@@ -499,5 +526,6 @@ def _reject_unknown_fields(cls: type, kwargs: dict[str, Any]) -> None:
 
 
 __all__ = [
-    "GRPOConfig", "IMPORTANCE_SAMPLING_LEVELS", "LOSS_TYPES", "MULTI_OBJECTIVE_AGGREGATIONS", "SCALE_REWARDS",
+    "GRPOConfig", "IMPORTANCE_SAMPLING_LEVELS", "LOSS_TYPES", "MULTI_OBJECTIVE_AGGREGATIONS", "REWARD_ERROR_POLICIES",
+    "SCALE_REWARDS",
 ]

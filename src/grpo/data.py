@@ -14,12 +14,17 @@ from typing import Any
 from datasets import Dataset, IterableDataset
 from pyarrow import ArrowException
 
+DROP_EMPTY = ("Drop such rows before training, e.g. dataset.filter(lambda row: row['prompt'].strip()), or give "
+              "them text.")
+
 
 def is_conversational(prompt: Any) -> bool:
     return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
 
 
 def check_prompt(prompt: Any, where: str) -> None:
+    if prompt == "":
+        raise ValueError(f"{where}: the prompt is empty; generation needs text to continue from. {DROP_EMPTY}")
     if isinstance(prompt, str) or (is_conversational(prompt) and prompt):
         return
     raise TypeError(
@@ -135,6 +140,21 @@ def context_length(model_config: Any) -> int | None:
     return None
 
 
+def check_prompt_ids(prompts: list[Any], prompt_ids: list[list[int]], tokenizer: Any, max_completion_length: int,
+                     limit: int | None, where: str = "prompt {i} of the round") -> None:
+    """Before generation: every prompt has an ordinary token to continue from (an empty prompt, or one of special
+    tokens only, such as "<pad>", makes an empty or meaningless row) and fits the context. `where` names row i."""
+    special = set(tokenizer.all_special_ids)
+    for i, ids in enumerate(prompt_ids):
+        if all(token in special for token in ids):
+            what = f"only special tokens {tokenizer.convert_ids_to_tokens(ids)}" if ids else "no tokens"
+            raise ValueError(
+                f"{where.format(i=i)} ({repr(prompts[i])[:80]}) tokenizes to {what}; generation needs at least one "
+                f"ordinary token to continue from. {DROP_EMPTY}"
+            )
+    check_lengths([len(ids) for ids in prompt_ids], max_completion_length, limit)
+
+
 def check_lengths(prompt_lengths: list[int], max_completion_length: int, limit: int | None) -> None:
     """A prompt plus a full-length completion must fit the model's context, or generation fails mid-round."""
     if limit is None:
@@ -151,11 +171,10 @@ def check_lengths(prompt_lengths: list[int], max_completion_length: int, limit: 
 
 def check_prompt_lengths(source: PromptSource, tokenizer: Any, model_config: Any, max_completion_length: int,
                          chat_template_kwargs: dict[str, Any] | None = None, max_rows: int = 50_000) -> None:
-    """Check every prompt of a Dataset against the context before training starts (an IterableDataset, or one
-    of more than `max_rows` rows, is checked round by round instead)."""
-    limit = context_length(model_config)
-    if limit is None or source.is_iterable or len(source) > max_rows:
+    """Check every prompt of a Dataset before training starts: it has ordinary tokens and fits the context (an
+    IterableDataset, or one of more than `max_rows` rows, is checked round by round instead)."""
+    if source.is_iterable or len(source) > max_rows:
         return
     prompts = source.dataset["prompt"]
-    check_lengths([len(ids) for ids in tokenize_prompts(tokenizer, prompts, chat_template_kwargs)],
-                  max_completion_length, limit)
+    check_prompt_ids(prompts, tokenize_prompts(tokenizer, prompts, chat_template_kwargs), tokenizer,
+                     max_completion_length, context_length(model_config), where="train_dataset[{i}]")

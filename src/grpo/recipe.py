@@ -3,7 +3,7 @@
     model: grpo:tiny                       # hub id, local directory, or grpo:tiny
     dataset: grpo:length                   # a built-in task, a local .json/.jsonl/.csv/.parquet file, or a hub id
     # dataset: {path: data.jsonl, split: train, columns: {question: prompt}}
-    reward_funcs: [length]                 # built-in names or "package.module:function"
+    reward_funcs: [length]                 # built-in names, "package.module:function" or a reward server's URL
     # reward_funcs: [{name: accuracy, weight: 1.0}, {name: my_pkg.rewards:format_reward, weight: 0.2}]
     learning_rate: 2.0e-3                  # ...and any other GRPOConfig field
 """
@@ -20,6 +20,7 @@ import yaml
 from grpo.config import GRPOConfig, did_you_mean
 from grpo.embedded import TASKS
 from grpo.rewards import builtin, reasoning, sandbox
+from grpo.rewards.remote import is_reward_url
 
 RUN_KEYS = ("model", "dataset", "reward_funcs")
 BUILTIN_REWARDS = {
@@ -107,18 +108,19 @@ def resolve_rewards(spec: Any) -> tuple[list[Any], list[float] | None]:
             weighted = weighted or "weight" in entry
         else:
             name, weight = entry, 1.0
-        funcs.append(_reward_by_name(str(name)))
+        funcs.append(reward_by_name(str(name)))
         weights.append(float(weight))
     return funcs, (weights if weighted else None)
 
 
-def _reward_by_name(name: str) -> Any:
-    if name in BUILTIN_REWARDS:
-        return BUILTIN_REWARDS[name]
+def reward_by_name(name: str) -> Any:
+    """A built-in reward's name, an import path "package.module:function", or an http(s):// reward server URL."""
+    if name in BUILTIN_REWARDS or is_reward_url(name):
+        return BUILTIN_REWARDS.get(name, name)  # a URL stays a string: prepare_reward_funcs makes it a RemoteReward
     if ":" not in name:
         raise ValueError(
-            f"unknown reward '{name}': use a built-in ({', '.join(BUILTIN_REWARDS)}) or an import path "
-            "'package.module:function'."
+            f"unknown reward '{name}': use a built-in ({', '.join(BUILTIN_REWARDS)}), an import path "
+            "'package.module:function' or a reward server's URL 'http://host:port/path'."
         )
     module_name, _, attribute = name.partition(":")
     try:

@@ -44,7 +44,7 @@ from grpo.checkpoint import (
     save_checkpoint,
 )
 from grpo.config import GRPOConfig
-from grpo.data import PromptSource, check_lengths, check_prompt_lengths, context_length, tokenize_prompts
+from grpo.data import PromptSource, check_prompt_ids, check_prompt_lengths, context_length, tokenize_prompts
 from grpo.distributed import Processes, accelerator_kwargs, check_distributed_support
 from grpo.evaluate import evaluate
 from grpo.guard import NonFiniteGuard, is_finite_step
@@ -58,7 +58,7 @@ from grpo.models import (
     reference_model,
     wrap_peft,
 )
-from grpo.rewards import compute_rewards, prepare_reward_funcs
+from grpo.rewards import RewardRunner, prepare_reward_funcs
 from grpo.rollout import Generator, Rollout, default_generator
 
 
@@ -107,6 +107,7 @@ class GRPOTrainer:
                 f"num_generations {args.num_generations}). Add prompts or lower the batch size."
             )
         self.reward_funcs = prepare_reward_funcs(reward_funcs, reward_processing_classes, args.model_init_kwargs)
+        self.reward_runner = RewardRunner.from_config(self.reward_funcs, args)  # worker processes start here
         weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
             raise ValueError(
@@ -292,8 +293,8 @@ class GRPOTrainer:
         prompts = [row["prompt"] for row in rows]
         prompt_ids = tokenize_prompts(self.processing_class, prompts, args.chat_template_kwargs)
         # train() checked a Dataset's prompts up front; an IterableDataset's are checked here, round by round
-        check_lengths([len(ids) for ids in prompt_ids], args.max_completion_length,
-                      context_length(self._unwrapped_model().config))
+        check_prompt_ids(prompts, prompt_ids, self.processing_class, args.max_completion_length,
+                         context_length(self._unwrapped_model().config))
         self.model.eval()
         with distributed.full_weights(self.policy_logps), self._autocast():
             generation = self.generator.generate(self._unwrapped_model(), prompt_ids, g)
@@ -306,8 +307,8 @@ class GRPOTrainer:
         }
         completion_ids = [ids[mask.bool()].tolist() for ids, mask in
                           zip(generation.completion_ids, generation.completion_mask)]
-        rewards_per_func = compute_rewards(self.reward_funcs, repeated_prompts, completions, completion_ids,
-                                           columns, trainer_state=self.state)
+        rewards_per_func, reward_errors = self.reward_runner.score(repeated_prompts, completions, completion_ids,
+                                                                   columns, trainer_state=self.state, group_size=g)
         # A training round is global: advantages and metrics see every process's rows, as one process would.
         spread = self.processes if for_loss else Processes.alone()
         all_rewards_per_func = spread.gather(rewards_per_func)
@@ -335,6 +336,7 @@ class GRPOTrainer:
         lengths = spread.gather(rollout.completion_mask.sum(1).float())
         metrics = round_metrics([r.name for r in self.reward_funcs], all_rewards_per_func, rewards, group_std,
                                 lengths, spread.gather(rollout.is_eos.long()).bool())
+        metrics.update(spread.sum(reward_errors) if reward_errors else {})  # reward_error="none": failed rows
         return rollout, {"num_tokens": float(self.state.num_input_tokens_seen), **metrics}
 
     # ---- one optimizer step --------------------------------------------------------------------------------

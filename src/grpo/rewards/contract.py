@@ -4,23 +4,25 @@ A reward function is called as f(prompts=..., completions=..., completion_ids=..
 **columns) where every extra dataset column arrives as a keyword argument aligned with the completions. It
 returns one value per completion: a number, or None for "not applicable" (skipped in the weighted sum; a
 completion with no applicable reward gets advantage 0). Async functions run concurrently. A string is a
-reward model (a sequence-classification checkpoint); a `PreTrainedModel` is one already loaded.
-TRL silently broadcasts a wrong-length return; here it is an error that names the function.
+reward model (a sequence-classification checkpoint); a `PreTrainedModel` is one already loaded; an http(s)://
+URL is a reward server (grpo.rewards.remote). TRL silently broadcasts a wrong-length return; here it is an error
+that names the function. How the functions are called (time limit, error policy, worker processes) is
+grpo.rewards.runner's business.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import math
 import numbers
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from grpo.rewards.remote import RemoteReward, is_reward_url
 
 RewardFunc = Callable[..., Any]
 
@@ -60,12 +62,15 @@ def prepare_reward_funcs(
     prepared = []
     for i, func in enumerate(funcs):
         tokenizer = reward_processing_classes[i] if reward_processing_classes else None
-        if isinstance(func, str) or _is_pretrained_model(func):
+        if is_reward_url(func):
+            func = RemoteReward(func)
+        elif isinstance(func, str) or _is_pretrained_model(func):
             func = RewardModel(func, tokenizer, model_init_kwargs)
         elif not callable(func):
             raise TypeError(
                 f"reward_funcs[{i}] is a {type(func).__name__}; expected a callable "
-                "f(completions, **kwargs) -> list[float], a reward model path, or a PreTrainedModel."
+                "f(completions, **kwargs) -> list[float], a reward model path, a PreTrainedModel or a reward "
+                "server's http(s):// URL."
             )
         prepared.append(RewardFunction(reward_func_name(func), func, _is_coroutine_function(func)))
     taken: set[str] = set()
@@ -88,70 +93,6 @@ def _is_pretrained_model(obj: Any) -> bool:
     from transformers import PreTrainedModel
 
     return isinstance(obj, PreTrainedModel)
-
-
-def compute_rewards(
-    reward_funcs: list[RewardFunction],
-    prompts: list[Any],
-    completions: list[Any],
-    completion_ids: list[list[int]],
-    columns: dict[str, list[Any]],
-    trainer_state: Any = None,
-) -> torch.Tensor:
-    """Call every reward function once on the whole round. Returns (N, F) float32, NaN where None."""
-    kwargs = dict(columns, prompts=prompts, completions=completions, completion_ids=completion_ids,
-                  trainer_state=trainer_state)
-    results: dict[int, Any] = {}
-    async_jobs = []
-    for i, reward in enumerate(reward_funcs):
-        if reward.is_async:
-            async_jobs.append((i, reward))
-        else:
-            results[i] = _call(reward, kwargs, completions)
-    if async_jobs:
-        outputs = _run_async([_call_async(reward, kwargs, completions) for _, reward in async_jobs])
-        results.update({i: out for (i, _), out in zip(async_jobs, outputs)})
-    per_func = [validate_rewards(reward.name, results[i], len(completions)) for i, reward in enumerate(reward_funcs)]
-    return torch.tensor(per_func, dtype=torch.float32).T.reshape(len(completions), len(reward_funcs))
-
-
-def _call(reward: RewardFunction, kwargs: dict[str, Any], completions: list[Any]) -> Any:
-    try:
-        return reward.func(**kwargs)
-    except Exception as e:
-        raise _reward_error(reward, e, completions, _first_failing(reward, kwargs, len(completions))) from e
-
-
-def _first_failing(reward: RewardFunction, kwargs: dict[str, Any], n: int, most: int = 64) -> int | None:
-    """Index of the first completion the function fails on when called on it alone, so the error can show it."""
-    for i in range(min(n, most)):
-        one = {k: v[i:i + 1] if isinstance(v, list) and len(v) == n else v for k, v in kwargs.items()}
-        try:
-            reward.func(**one)
-        except Exception:
-            return i
-    return None
-
-
-async def _call_async(reward: RewardFunction, kwargs: dict[str, Any], completions: list[Any]) -> Any:
-    try:
-        return await reward.func(**kwargs)
-    except Exception as e:
-        raise _reward_error(reward, e, completions) from e
-
-
-def _reward_error(reward: RewardFunction, error: Exception, completions: list[Any],
-                  failing: int | None = None) -> RuntimeError:
-    if failing is not None:
-        shown = f"it fails on completion {failing}: {repr(completions[failing])[:200]}"
-    else:
-        shown = f"the first: {repr(completions[0])[:200]}" if completions else "none"
-    return RuntimeError(
-        f"reward function '{reward.name}' raised {type(error).__name__}: {error}. It was called with "
-        f"{len(completions)} completions ({shown}) and keyword arguments prompts, completions, "
-        "completion_ids, trainer_state and one per dataset column; accept **kwargs for the ones you don't use, "
-        "and return None for a completion the function cannot score."
-    )
 
 
 def validate_rewards(name: str, values: Any, expected: int) -> list[float]:
@@ -187,27 +128,6 @@ def validate_rewards(name: str, values: Any, expected: int) -> list[float]:
             )
         out.append(float(value))
     return out
-
-
-_loop: asyncio.AbstractEventLoop | None = None
-_loop_lock = threading.Lock()
-
-
-def _run_async(coroutines: list[Any]) -> list[Any]:
-    """Run coroutines concurrently on a private event loop in a daemon thread.
-
-    A private loop works from scripts and from notebooks, whose own loop is already running.
-    """
-    global _loop
-    with _loop_lock:
-        if _loop is None:
-            _loop = asyncio.new_event_loop()
-            threading.Thread(target=_loop.run_forever, daemon=True, name="grpo-rewards").start()
-
-    async def gather() -> list[Any]:
-        return list(await asyncio.gather(*coroutines))
-
-    return asyncio.run_coroutine_threadsafe(gather(), _loop).result()
 
 
 class RewardModel:

@@ -5,6 +5,7 @@ and soft) and a math accuracy reward that checks the final answer with `math-ver
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any
 
 from grpo.rewards.builtin import ANSWER_TAG, completion_text
@@ -66,13 +67,18 @@ def math_accuracy_reward(completions: list[Any], solution: list[Any] | None = No
     references = solution if solution is not None else answer
     if references is None:
         raise ValueError("math_accuracy_reward needs a 'solution' or 'answer' column in the dataset.")
+    # math-verify's own time limits use SIGALRM, which only the main thread may set; elsewhere (an in-process call
+    # under GRPOConfig.reward_timeout runs in a helper thread) they are off and reward_timeout is the limit
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    parse_limit = {} if in_main_thread else {"parsing_timeout": None}
+    verify_limit = {} if in_main_thread else {"timeout_seconds": None}
     rewards: list[float | None] = []
     for completion, reference in zip(completions, references):
         reference = str(reference)
         # math-verify reads LaTeX only inside delimiters: wrap a bare reference that uses LaTeX commands (words
         # wrapped in $...$ would parse as a product of symbols, so plain text stays unparsable -> None)
         bare_latex = "\\" in reference and "$" not in reference and "\\boxed" not in reference
-        gold = parse(f"${reference}$") if bare_latex else parse(reference)
+        gold = parse(f"${reference}$", **parse_limit) if bare_latex else parse(reference, **parse_limit)
         if not gold:
             rewards.append(None)
             continue
@@ -80,6 +86,6 @@ def math_accuracy_reward(completions: list[Any], solution: list[Any] | None = No
         if predicted is None:
             rewards.append(0.0)
             continue
-        answer = parse(f"\\boxed{{{predicted}}}") or parse(predicted)
-        rewards.append(1.0 if verify(gold, answer) else 0.0)
+        answer = parse(f"\\boxed{{{predicted}}}", **parse_limit) or parse(predicted, **parse_limit)
+        rewards.append(1.0 if verify(gold, answer, **verify_limit) else 0.0)
     return rewards
