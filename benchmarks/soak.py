@@ -71,7 +71,7 @@ def run(output_dir: Path, steps: int, opts: argparse.Namespace, resume: Path | N
                       gradient_checkpointing=False, disable_tqdm=True, seed=opts.seed,
                       reward_num_workers=opts.reward_workers, overwrite_output_dir=resume is None)
     trainer = SampledTrainer(model="grpo:tiny", reward_funcs=reward_length, args=args,
-                             train_dataset=TASKS["length"][0](256, seed=opts.seed))
+                             train_dataset=TASKS["length"].make(256, seed=opts.seed))
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.reward_runner.close()

@@ -217,7 +217,7 @@ def test_training_with_a_reward_server(tmp_path):
                       disable_tqdm=True, save_strategy="no")
     with serving(reward_len) as (url, requests):
         trainer = GRPOTrainer(model="grpo:tiny", reward_funcs=[url], args=args,
-                              train_dataset=TASKS["length"][0](16, seed=1))
+                              train_dataset=TASKS["length"].make(16, seed=1))
         trainer.train()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(requests) == 2 and all(len(r["completions"]) == 8 for r in requests)

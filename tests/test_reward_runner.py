@@ -339,7 +339,7 @@ def _train(tmp_path, name, reward_funcs, **overrides):
                       max_completion_length=12, max_steps=3, logging_steps=1, learning_rate=2e-3, seed=3,
                       gradient_checkpointing=False, disable_tqdm=True, save_strategy="no", **overrides)
     trainer = GRPOTrainer(model="grpo:tiny", reward_funcs=reward_funcs, args=args,
-                          train_dataset=TASKS["length"][0](16, seed=1))
+                          train_dataset=TASKS["length"].make(16, seed=1))
     trainer.train()
     trainer.reward_runner.close()
     return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
