@@ -97,3 +97,13 @@ def test_help_is_complete(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     assert "--config" in text and "--field value" in text and "run.yaml" in text
+
+
+@pytest.mark.parametrize("example", sorted((EXAMPLES / "smollm2").glob("*.yaml")), ids=lambda p: p.name)
+def test_real_model_recipes_are_valid(example, tmp_path):
+    """Every setting, dataset and reward of the SmolLM2 recipes resolves; one short step on the tiny model (the
+    real model's own training is covered by tests/test_real_model.py)."""
+    assert load_recipe(str(example), {})["model"] == "smollm2-135m-instruct"
+    assert main(["train", "--config", str(example), "--model", "grpo:tiny", "--max_steps", "1",
+                 "--max_completion_length", "8", "--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true"]) == 0
+    assert (tmp_path / "run" / "metrics.jsonl").exists()

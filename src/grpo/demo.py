@@ -15,6 +15,7 @@ from grpo.metrics import format_completions_table
 from grpo.rewards import completion_text
 
 DEMO_TASKS = ("length", "arithmetic", "format")
+HELD_OUT_PROMPTS = 8  # the reward before and after is measured on 8 prompts of the task's eval split
 # (chat model?, demo task) -> (built-in task, settings)
 DEMOS: dict[tuple[bool, str], tuple[str, dict[str, Any]]] = {
     # the random-init tiny model needs a far higher learning rate than TRL's 1e-6 default; cosine: at a
@@ -63,7 +64,8 @@ def run_demo(task: str = "length", max_steps: int | None = None, output_dir: str
                       **{"lr_scheduler_type": "constant", **settings})
     trainer = GRPOTrainer(model=model, reward_funcs=built_in.reward_funcs, args=args,
                           train_dataset=built_in.make(256, seed=seed))
-    held_out = list(built_in.make(args.prompts_per_generation * 2, seed=seed, split="eval"))
+    rounds = max(1, HELD_OUT_PROMPTS // args.prompts_per_generation)
+    held_out = list(built_in.make(args.prompts_per_generation * rounds, seed=seed, split="eval"))
 
     def measure(label: str) -> float:
         rewards, first_round = [], None
