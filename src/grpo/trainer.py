@@ -7,6 +7,7 @@ optimizer step; the math they call lives in `grpo.algorithm`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -23,15 +24,15 @@ from transformers import PreTrainedModel, get_scheduler, set_seed
 from grpo import distributed, zero
 from grpo.algorithm import (
     MULTI_OBJECTIVE_AGGREGATIONS,
-    OBJECTIVES,
+    LossSettings,
+    LossStats,
     ObjectiveParams,
     StepCounts,
     all_equal_groups,
     combine_rewards,
     entropy_threshold,
-    kl_k3,
+    micro_batch_loss,
     mix_into,
-    policy_loss,
 )
 from grpo.batching import plan_steps, split_to_counts
 from grpo.checkpoint import (
@@ -354,58 +355,35 @@ class GRPOTrainer:
             num_tokens=int(processes.sum({"tokens": local_tokens})["tokens"]),
             max_completion_length=args.max_completion_length,
         )
-        objective = OBJECTIVES[args.loss_type]
-        params = ObjectiveParams(args.epsilon, args.epsilon_high, args.delta, args.sapo_temperature_pos,
-                                 args.sapo_temperature_neg)
+        settings = LossSettings(args.loss_type, args.importance_sampling_level,
+                                ObjectiveParams(args.epsilon, args.epsilon_high, args.delta, args.sapo_temperature_pos,
+                                                args.sapo_temperature_neg),
+                                beta=args.beta, entropy_coef=args.entropy_coef)
         entropy_masks = self._high_entropy_masks(rollout, micro_batches) if args.top_entropy_quantile < 1 else None
-        totals = dict.fromkeys(("loss", "policy_loss", "entropy", "kl", "low", "high", "cispo"), 0.0)
+        totals = LossStats()
         self.policy_logps.train()  # the model and any DDP wrapper around it
         for i, rows in enumerate(micro_batches):
             batch = rollout.select(rows)
-            mask = self._loss_mask(batch).to(self.device)
             with self._autocast():
                 logps, entropy = self.policy_logps(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                                    batch.completion_mask, args.temperature, with_entropy=True,
                                                    entropy_grad=args.entropy_coef > 0)
-            old_logps = batch.old_logps.to(self.device) if batch.old_logps is not None else logps.detach()
-            result = policy_loss(args.loss_type, args.importance_sampling_level, logps, old_logps,
-                                 batch.advantages.to(self.device), mask, params)
-            per_token_loss = result.per_token_loss
-            if entropy_masks is not None:  # the KL term stays on every token, as in TRL
-                per_token_loss = per_token_loss * entropy_masks[i].to(self.device)
-            if args.beta > 0:
-                kl = kl_k3(logps, batch.ref_logps.to(self.device))
-                per_token_loss = per_token_loss + args.beta * kl
-                totals["kl"] += (kl.detach() * mask).sum().item()
-            loss = objective.aggregate(per_token_loss, mask, counts)
-            entropy_sum = (entropy * mask).sum()
-            totals["policy_loss"] += loss.item()
-            if args.entropy_coef > 0:  # a token mean over the step, like the dapo normaliser: split-invariant
-                loss = loss - args.entropy_coef * entropy_sum / max(counts.num_tokens, 1)
-            last = i == len(micro_batches) - 1
-            self._backward(loss * processes.count, last)  # DDP averages; the step's loss is their sum
-            totals["loss"] += loss.item()
-            totals["entropy"] += entropy_sum.item()
-            totals["low"] += (result.is_low_clipped.float() * mask).sum().item()
-            totals["high"] += (result.is_high_clipped.float() * mask).sum().item()
-            if result.is_cispo_clipped is not None:
-                totals["cispo"] += (result.is_cispo_clipped.float() * mask).sum().item()
-        totals = processes.sum(totals)
-        metrics = {"loss": totals["loss"], "grad_norm": self._optimizer_step(totals["loss"])}
+            loss, stats = micro_batch_loss(
+                logps, entropy, self._on_device(batch.old_logps), self._on_device(batch.ref_logps),
+                batch.advantages.to(self.device), self._loss_mask(batch).to(self.device), counts, settings,
+                entropy_mask=None if entropy_masks is None else entropy_masks[i].to(self.device),
+            )
+            # DDP averages gradients over processes; the step's loss is their sum
+            self._backward(loss * processes.count, last=i == len(micro_batches) - 1)
+            totals += stats
+        totals = LossStats(**processes.sum(dataclasses.asdict(totals)))
+        metrics = {"loss": totals.loss, "grad_norm": self._optimizer_step(totals.loss)}
         self.lr_scheduler.step()  # the schedule follows global_step, skipped steps included
-        tokens = max(counts.num_tokens, 1)
-        metrics.update({"learning_rate": self.lr_scheduler.get_last_lr()[0], "entropy": totals["entropy"] / tokens})
-        if args.entropy_coef > 0:  # TRL logs the loss before the bonus only when the bonus is on
-            metrics["policy_loss"] = totals["policy_loss"]
-        if args.loss_type == "cispo":
-            metrics["cispo_clip_ratio"] = totals["cispo"] / tokens
-        elif args.loss_type != "sapo":  # TRL logs clip ratios for the clipped losses only
-            low, high = totals["low"] / tokens, totals["high"] / tokens
-            metrics.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
-                            "clip_ratio/region_mean": low + high})
-        if args.beta > 0:
-            metrics["kl"] = totals["kl"] / tokens
-        return metrics
+        metrics["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
+        return metrics | totals.step_metrics(counts.num_tokens, settings)
+
+    def _on_device(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(self.device)
 
     def _loss_mask(self, batch: Rollout) -> torch.Tensor:
         """The completion mask, less truncated completions when mask_truncated_completions (DAPO overlong
