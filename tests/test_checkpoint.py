@@ -145,12 +145,12 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path, mon
     real_write = checkpoint_module._write_contents
     calls = []
 
-    def write_then_crash(trainer, position, window, out):
+    def write_then_crash(out, objects, *rest):
         calls.append(out)
         if len(calls) == 2:  # the second save dies half-way: model written, the rest not
-            trainer._unwrapped_model().save_pretrained(out)
+            objects.model.save_pretrained(out)
             raise OSError("disk full")
-        real_write(trainer, position, window, out)
+        real_write(out, objects, *rest)
 
     monkeypatch.setattr(checkpoint_module, "_write_contents", write_then_crash)
     with pytest.raises(OSError, match="disk full"):

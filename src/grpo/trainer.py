@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from grpo.algorithm import (
 )
 from grpo.batching import plan_steps, split_to_counts
 from grpo.checkpoint import (
-    RunPosition,
+    TrainingObjects,
     check_resumable,
     checkpoints,
     load_checkpoint,
@@ -61,17 +61,7 @@ from grpo.models import (
 )
 from grpo.rewards import RewardRunner, prepare_reward_funcs
 from grpo.rollout import Generator, Rollout, default_generator
-
-
-@dataclass
-class TrainerState:
-    """Progress of a run, as in transformers: `global_step` counts optimizer steps."""
-
-    global_step: int = 0
-    max_steps: int = 0
-    epoch: float = 0.0
-    num_input_tokens_seen: int = 0
-    log_history: list[dict[str, Any]] = field(default_factory=list)
+from grpo.run_state import RunPosition, TrainerState
 
 
 class GRPOTrainer:
@@ -183,7 +173,8 @@ class GRPOTrainer:
         self.policy_logps = distributed.shard_policy(self.accelerator, self.policy_logps, self.optimizer)  # FSDP only
         position, window_values = RunPosition(), {}
         if checkpoint is not None:
-            position, window_values = load_checkpoint(self, checkpoint)
+            position, window_values = load_checkpoint(checkpoint, self._training_objects(), self.state,
+                                                      self.processes)
         run_dir, resolved = self._prepare_run_dir()
         main = self.processes.is_main  # only the main process writes and prints
         self.log = log = RunLog(run_dir, args, resolved, self.state.log_history, self.state.global_step, main)
@@ -236,7 +227,9 @@ class GRPOTrainer:
                         if main:
                             self._log_evaluation()
                 if args.save_strategy == "steps" and (step % args.save_steps == 0 or last_step) and guard.healthy:
-                    save_checkpoint(self, position, log.window.values)
+                    save_checkpoint(self._training_objects(), self.state, position, log.window.values, config,
+                                    output_dir=args.output_dir, save_total_limit=args.save_total_limit,
+                                    processes=self.processes)
         finally:
             bar.close()
             log.close()
@@ -439,8 +432,11 @@ class GRPOTrainer:
         args = self.args
         if self._eval_rows is None:
             self._eval_rows = list(self.eval_source.dataset)
-        results = evaluate(self, self._eval_rows, ks=[1], pass_threshold=1.0, num_generations=args.num_generations_eval,
-                           prompts_per_batch=args.per_device_eval_batch_size // args.num_generations_eval)
+        score = partial(self.generate_and_score, for_loss=False)  # the main process alone: no collectives
+        g = args.num_generations_eval
+        results = evaluate(score, self._eval_rows, ks=[1], pass_threshold=1.0, num_generations=g,
+                           reward_names=[r.name for r in self.reward_funcs], reward_weights=self.reward_weights,
+                           prompts_per_batch=args.per_device_eval_batch_size // g)
         record = {"step": self.state.global_step, "eval_reward": results["mean_reward"],
                   **{f"eval_{k}": v for k, v in results.items() if k.startswith(("rewards/", "pass@"))}}
         self.log.write(record)
@@ -490,6 +486,14 @@ class GRPOTrainer:
         if not self.use_bf16:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _training_objects(self) -> TrainingObjects:
+        """What a checkpoint writes and a resume restores."""
+        return TrainingObjects(
+            model=self._unwrapped_model(), trained=self.policy_logps, optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler, tokenizer=self.processing_class, shuffle=self._shuffle,
+            sampler=self.generator, ref_model=self.ref_model if self.args.sync_ref_model else None,
+        )
 
     def _unwrapped_model(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
