@@ -177,8 +177,8 @@ def test_the_engine_decodes_llama_family_models_with_the_lean_step(monkeypatch):
         pad_token_id, eos_token_id = PAD, EOS
 
     model = build("qwen3")
-    lean = RolloutEngine(Tokenizer(), args).generate(model, PROMPTS, 2)
+    lean = RolloutEngine(Tokenizer(), args.sampling_params).generate(model, PROMPTS, 2)
     assert steps
-    plain = RolloutEngine(Tokenizer(), args, lean=False).generate(model, PROMPTS, 2)
+    plain = RolloutEngine(Tokenizer(), args.sampling_params, lean=False).generate(model, PROMPTS, 2)
     assert torch.equal(lean.completion_ids, plain.completion_ids)
     torch.testing.assert_close(lean.sampling_logps, plain.sampling_logps, rtol=1e-4, atol=1e-5)

@@ -27,10 +27,10 @@ class Generator(Protocol):
     def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation: ...
 
 
-def eos_token_ids(tokenizer: Any, generation_kwargs: dict[str, Any] | None) -> list[int]:
-    """The ids that end a completion: generation_kwargs' eos_token_id (it overrides, as in TRL) or the
-    tokenizer's, as a list."""
-    eos = (generation_kwargs or {}).get("eos_token_id", tokenizer.eos_token_id)
+def eos_token_ids(tokenizer: Any, eos_token_id: int | list[int] | None) -> list[int]:
+    """The ids that end a completion, as a list: `eos_token_id` (from generation_kwargs, it overrides as in TRL)
+    or the tokenizer's."""
+    eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 

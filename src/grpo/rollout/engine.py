@@ -15,11 +15,12 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from grpo.config import SamplingParams
 from grpo.models import accepts_logits_to_keep
 from grpo.rollout.base import Generation, eos_token_ids, left_pad, pad_and_cat
 from grpo.rollout.decoder import LeanDecoder
 from grpo.rollout.kv_cache import CopiedKV, GroupKV, use_shared_prefix
-from grpo.rollout.sampling import SamplingParams, process_logits, sample_tokens
+from grpo.rollout.sampling import process_logits, sample_tokens
 
 
 class RolloutEngine:
@@ -30,13 +31,12 @@ class RolloutEngine:
     with `LeanDecoder` (`lean=False`: always through transformers' forward).
     """
 
-    def __init__(self, tokenizer: Any, args: Any, max_batch_rows: int | None = None, seed: int = 0,
+    def __init__(self, tokenizer: Any, params: SamplingParams, max_batch_rows: int | None = None, seed: int = 0,
                  lean: bool = True):
         self.pad_id = tokenizer.pad_token_id
-        self.eos_ids = eos_token_ids(tokenizer, args.generation_kwargs)
-        self.max_new_tokens = (args.generation_kwargs or {}).get("max_new_tokens", args.max_completion_length)
-        self.params = SamplingParams.from_config(args)
-        self.suppress_tokens = (args.generation_kwargs or {}).get("suppress_tokens")
+        self.eos_ids = eos_token_ids(tokenizer, params.eos_token_id)
+        self.max_new_tokens = params.max_new_tokens
+        self.params = params
         self.max_batch_rows = max_batch_rows
         self.generator = torch.Generator().manual_seed(seed)
         self.lean = lean
@@ -157,7 +157,7 @@ class RolloutEngine:
     def _suppressed_ids(self, model: Any, device: torch.device) -> torch.Tensor | None:
         """Token ids never to sample: generation_kwargs' `suppress_tokens`, else the model's generation config's
         (as `generate` does: the embedded model suppresses its padding, unknown and BOS tokens this way)."""
-        ids = self.suppress_tokens
+        ids = self.params.suppress_tokens
         if ids is None:
             ids = getattr(getattr(model, "generation_config", None), "suppress_tokens", None)
         return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
