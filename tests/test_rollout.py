@@ -82,13 +82,55 @@ def test_rows_stop_at_eos_and_masks_are_right():
             assert length == 24  # only rows that hit max_completion_length lack an EOS
 
 
-def test_sampling_logps_equal_a_separate_forward_pass():
+class SamplingRecorder:
+    """Records, from the engine's own calls, the distribution each decode step sampled from and how the rows still
+    decoding were reordered when some finished, so that `logps` can tell each sampled token's log-probability."""
+
+    def __init__(self, monkeypatch):
+        from grpo.rollout import engine
+
+        self.events = []
+        sample, keep = engine.sample_tokens, engine.fill_from_the_end
+
+        def recording_sample(processed, params, generator):
+            tokens = sample(processed, params, generator)
+            self.events.append(("step", processed.log_softmax(-1), tokens))
+            return tokens
+
+        def recording_keep(finished):
+            order = keep(finished)
+            self.events.append(("keep", order))
+            return order
+
+        monkeypatch.setattr(engine, "sample_tokens", recording_sample)
+        monkeypatch.setattr(engine, "fill_from_the_end", recording_keep)
+
+    def logps(self, generation) -> torch.Tensor:
+        """(rows, completion length) log-probs of the sampled tokens under the sampling distribution (0 after a
+        completion's end), for a generation made in one chunk; the record starts afresh."""
+        logps = torch.zeros(generation.completion_ids.shape)
+        active, step = torch.arange(len(logps)), 0  # the original row of each row still decoding
+        for event in self.events:
+            if event[0] == "keep":
+                active = active[event[1]]
+            else:
+                logps[active, step] = event[1].gather(1, event[2].unsqueeze(1)).squeeze(1)
+                step += 1
+        self.events = []
+        return logps
+
+
+def test_sampled_tokens_have_the_log_probs_of_a_separate_forward_pass(monkeypatch):
+    """The KV-cached decode with rows leaving the batch samples from the model's own distribution."""
     model = make_model("qwen2")
+    recorder = SamplingRecorder(monkeypatch)
     out = RolloutEngine(Tokenizer(), config(temperature=0.7).sampling_params, seed=2).generate(model, PROMPTS, 4)
+    sampled = recorder.logps(out)
     logps, _ = completion_logps(model, out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask,
                                 temperature=0.7)
     mask = out.completion_mask.bool()
-    torch.testing.assert_close(out.sampling_logps[mask], logps[mask], atol=1e-4, rtol=1e-4)
+    assert out.completion_mask.sum(1).min() < out.completion_mask.sum(1).max()  # rows left the batch early
+    torch.testing.assert_close(sampled[mask], logps[mask], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("settings", [dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8), dict(min_p=0.2)])
@@ -243,10 +285,12 @@ def test_long_prompts_share_their_cache_and_sample_the_same_tokens(monkeypatch):
     original = GroupKV.attend
     monkeypatch.setattr(GroupKV, "attend", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     args = config(max_completion_length=16)
+    recorder = SamplingRecorder(monkeypatch)
     shared = RolloutEngine(Tokenizer(), args.sampling_params, seed=4).generate(model, prompts, 4)
+    shared_logps = recorder.logps(shared)
     assert calls
     plain = RolloutEngine(Tokenizer(), args.sampling_params, seed=4, lean=False).generate(model, prompts, 4)
     lengths = shared.completion_mask.sum(1)
     assert lengths.min() < lengths.max()
     assert torch.equal(shared.completion_ids, plain.completion_ids)
-    torch.testing.assert_close(shared.sampling_logps, plain.sampling_logps, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(shared_logps, recorder.logps(plain), rtol=1e-4, atol=1e-5)

@@ -293,11 +293,19 @@ def load_checkpoint(checkpoint: Path, objects: TrainingObjects, state: TrainerSt
     for name in ("global_step", "epoch", "num_input_tokens_seen", "log_history"):
         setattr(state, name, saved[name])
     saved_round = torch.load(checkpoint / _per_process("round", processes), weights_only=True)
-    rollout = Rollout(**saved_round["rollout"]) if saved_round["rollout"] is not None else None
     position = RunPosition(rounds_consumed=saved["rounds_consumed"], epoch=saved["round_epoch"],
-                           round_reward=saved["round_reward"], rollout=rollout, plan=saved_round["plan"],
-                           next_step=saved["next_step"])
+                           round_reward=saved["round_reward"], rollout=_saved_rollout(saved_round["rollout"]),
+                           plan=saved_round["plan"], next_step=saved["next_step"])
     return position, saved["logging_window"]
+
+
+def _saved_rollout(fields: dict[str, Any] | None) -> Rollout | None:
+    """The round in progress from round.pt. Fields a Rollout no longer has are ignored: older checkpoints hold
+    `sampling_logps`, which nothing read."""
+    if fields is None:
+        return None
+    known = {f.name for f in dataclasses.fields(Rollout)}
+    return Rollout(**{name: value for name, value in fields.items() if name in known})
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:

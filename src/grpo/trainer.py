@@ -313,7 +313,6 @@ class GRPOTrainer:
             prompt_ids=generation.prompt_ids, prompt_mask=generation.prompt_mask,
             completion_ids=generation.completion_ids, completion_mask=generation.completion_mask,
             is_eos=generation.is_eos, advantages=spread.own_rows(advantages), rewards_per_func=rewards_per_func,
-            sampling_logps=generation.sampling_logps,
             prompts=repeated_prompts, completions=completions,
         )
         chunk = args.per_device_train_batch_size

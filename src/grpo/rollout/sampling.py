@@ -66,17 +66,15 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen_ids: torch
 
 
 def sample_tokens(processed: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from softmax(processed) (argmax when greedy) and its log-probability.
+                  ) -> torch.Tensor:
+    """One token per row from softmax(processed) (argmax when greedy).
 
     Sampling inverts the CDF with one uniform draw per row: the first v with cumsum(p)_v > u. It is exact, and
     far cheaper than `torch.multinomial` or a Gumbel race, which draw a random number per vocabulary entry.
     """
     probs = torch.softmax(processed, dim=-1)
     if params.greedy:
-        tokens = probs.argmax(dim=-1)
-    else:
-        cdf = probs.cumsum(dim=-1)
-        u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device) * cdf[:, -1:]
-        tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.size(1) - 1)
-    return tokens, probs.gather(1, tokens.unsqueeze(1)).squeeze(1).log()
+        return probs.argmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.size(1) - 1)
