@@ -55,8 +55,8 @@ def main() -> None:
         for max_new in opts.lengths:
             args = GRPOConfig(num_generations=opts.num_generations, per_device_train_batch_size=opts.num_generations,
                               max_completion_length=max_new)
-            backends = {"hf": TransformersGenerator(IdTokenizer(), args),
-                        "grpo": RolloutEngine(IdTokenizer(), args, seed=0)}
+            backends = {"hf": TransformersGenerator(IdTokenizer(), args.sampling_params),
+                        "grpo": RolloutEngine(IdTokenizer(), args.sampling_params, seed=0)}
             torch.manual_seed(0)
             # warm-up, a whole round each: one-time costs (oneDNN generating code for new shapes, building the
             # decode kernel) are not timed

@@ -42,7 +42,7 @@ def main() -> None:
                          max_len=opts.prompt_len[1])
     args = GRPOConfig(num_generations=opts.num_generations, per_device_train_batch_size=opts.num_generations,
                       max_completion_length=opts.max_new)
-    engine = RolloutEngine(IdTokenizer(), args, seed=0)
+    engine = RolloutEngine(IdTokenizer(), args.sampling_params, seed=0)
     engine.generate(model, prompt_ids[:1], 2)  # warm-up
     if kernel() is None:
         sys.exit("the decode-attention kernel could not be built here (see rollout/decode_attention.py)")

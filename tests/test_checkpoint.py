@@ -141,16 +141,27 @@ def test_resume_in_process_continues_exactly(tmp_path, use_peft):
                          _records(tmp_path / "split" / "metrics.jsonl"))
 
 
+def test_a_round_saved_with_sampling_logps_still_loads():
+    """Checkpoints written before Rollout.sampling_logps was removed hold it in round.pt: it is ignored."""
+    ones = torch.ones(2, 3, dtype=torch.long)
+    fields = dict(prompt_ids=ones, prompt_mask=ones, completion_ids=ones * 5, completion_mask=ones,
+                  is_eos=torch.ones(2), advantages=torch.tensor([1.0, -1.0]), rewards_per_func=torch.ones(2, 1),
+                  old_logps=None, ref_logps=None, prompts=["a", "b"], completions=["x", "y"])
+    rollout = checkpoint_module._saved_rollout({**fields, "sampling_logps": torch.zeros(2, 3)})
+    assert all(getattr(rollout, name) is value for name, value in fields.items())
+    assert checkpoint_module._saved_rollout(None) is None
+
+
 def test_crash_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     real_write = checkpoint_module._write_contents
     calls = []
 
-    def write_then_crash(trainer, position, window, out):
+    def write_then_crash(out, objects, *rest):
         calls.append(out)
         if len(calls) == 2:  # the second save dies half-way: model written, the rest not
-            trainer._unwrapped_model().save_pretrained(out)
+            objects.model.save_pretrained(out)
             raise OSError("disk full")
-        real_write(trainer, position, window, out)
+        real_write(out, objects, *rest)
 
     monkeypatch.setattr(checkpoint_module, "_write_contents", write_then_crash)
     with pytest.raises(OSError, match="disk full"):

@@ -24,6 +24,7 @@ from grpo.rollout.base import left_pad
 from grpo.rollout.decoder import STANDARD_RMS_NORMS, FoldedRMSNorm, LeanDecoder, _norm, interleaved_pairs
 from grpo.rollout.engine import _preallocated_cache
 from grpo.rollout.kv_cache import CopiedKV, GroupKV
+from test_rollout import SamplingRecorder
 
 VOCAB, PAD, BOS, EOS = 96, 0, 1, 2
 COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
@@ -177,8 +178,10 @@ def test_the_engine_decodes_llama_family_models_with_the_lean_step(monkeypatch):
         pad_token_id, eos_token_id = PAD, EOS
 
     model = build("qwen3")
-    lean = RolloutEngine(Tokenizer(), args).generate(model, PROMPTS, 2)
+    recorder = SamplingRecorder(monkeypatch)
+    lean = RolloutEngine(Tokenizer(), args.sampling_params).generate(model, PROMPTS, 2)
+    lean_logps = recorder.logps(lean)
     assert steps
-    plain = RolloutEngine(Tokenizer(), args, lean=False).generate(model, PROMPTS, 2)
+    plain = RolloutEngine(Tokenizer(), args.sampling_params, lean=False).generate(model, PROMPTS, 2)
     assert torch.equal(lean.completion_ids, plain.completion_ids)
-    torch.testing.assert_close(lean.sampling_logps, plain.sampling_logps, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lean_logps, recorder.logps(plain), rtol=1e-4, atol=1e-5)

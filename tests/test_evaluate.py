@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,10 @@ def test_eval_numbers_on_a_fixed_tiny_set(tmp_path, tiny_model_dir):
     args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=4,
                       max_completion_length=4, gradient_checkpointing=False, disable_tqdm=True)
     trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=from_column, args=args, train_dataset=rows)
-    results = evaluate(trainer, rows, ks=[1, 2, 4], pass_threshold=1.0, prompts_per_batch=3)
+    score = partial(trainer.generate_and_score, for_loss=False)
+    results = evaluate(score, rows, ks=[1, 2, 4], pass_threshold=1.0, num_generations=4,
+                       reward_names=[r.name for r in trainer.reward_funcs], reward_weights=trainer.reward_weights,
+                       prompts_per_batch=3)
     assert results["mean_reward"] == 0.75 and results["rewards/from_column/mean"] == 0.75
     assert results["pass@1"] == results["pass@2"] == results["pass@4"] == 0.75  # all or none of a group pass
     assert results["num_prompts"] == 4 and results["num_generations"] == 4

@@ -9,7 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import grpo.logprobs as logprobs
-from grpo.logprobs import completion_logps, completion_logps_in_chunks, lm_body_and_head
+from grpo.logprobs import completion_logps, completion_logps_in_chunks
+from grpo.models import lm_body_and_head
 
 VOCAB, TEMPERATURE = 300, 0.7
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

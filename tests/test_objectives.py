@@ -5,6 +5,7 @@ optimizer step is split into micro-batches."""
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from grpo.algorithm import (
     LOSS_AGGREGATORS,
     MULTI_OBJECTIVE_AGGREGATIONS,
     OBJECTIVES,
+    LossSettings,
+    LossStats,
     ObjectiveParams,
     StepCounts,
     all_equal_groups,
@@ -24,6 +27,7 @@ from grpo.algorithm import (
     dapo_loss,
     entropy_threshold,
     luspo_loss,
+    micro_batch_loss,
     mix_into,
     normalize_then_sum,
     policy_loss,
@@ -223,6 +227,87 @@ def test_every_aggregator_is_split_invariant(loss_type):
     for split in (1, 2, 3):
         parts = aggregate(per_token[:split], mask[:split], step) + aggregate(per_token[split:], mask[split:], step)
         assert parts.item() == pytest.approx(whole, abs=1e-12)
+
+
+# --- the whole loss of a micro-batch: policy loss, KL, entropy mask and bonus, step counts ------------------------
+
+K3 = 1 - LN2  # k3 at d = logp_ref - logp = ln 2: exp(d) - d - 1 = 2 - ln 2 - 1
+# the entropies of the active tokens 0.5, 1.0 | 1.5 (sum 3); padding holds wild values that must never matter
+ENTROPY = [[0.5, 1.0, 9.0], [1.5, 9.0, 9.0]]
+ENTROPY_MASK = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)  # drops token (0, 1)
+
+
+def whole_loss(loss_type="dapo", ratios=ACTIVE, rows=slice(None), step=STEP, entropy_mask=ENTROPY_MASK, beta=0.1,
+               entropy_coef=0.2, on_policy=False):
+    """micro_batch_loss of `rows` of the fixture batch; returns (loss, stats, d loss / d logp, d loss / d H)."""
+    logps, old = batch(ratios)
+    ref = torch.tensor(LOGPS, dtype=torch.float64) + LN2
+    entropy = torch.tensor(ENTROPY, dtype=torch.float64, requires_grad=True)
+    settings = LossSettings(loss_type, "token", ObjectiveParams(), beta=beta, entropy_coef=entropy_coef)
+    loss, stats = micro_batch_loss(logps[rows], entropy[rows], None if on_policy else old[rows], ref[rows],
+                                   ADVANTAGES[rows], MASK[rows], step, settings,
+                                   None if entropy_mask is None else entropy_mask[rows])
+    grad_logps, grad_entropy = torch.autograd.grad(loss, (logps, entropy), allow_unused=True,
+                                                   materialize_grads=True)
+    return loss.item(), stats, grad_logps * MASK, grad_entropy * MASK
+
+
+def test_micro_batch_loss_hand_values():
+    # clipped policy losses -1.2, -1.1 | 0.8 (ACTIVE above); the entropy mask drops -1.1; k3 = 1 - ln 2 on every token
+    # (the mask does not touch the KL), beta 0.1: -1.2 + 0.1 K3, 0.1 K3 | 0.8 + 0.1 K3, sum -0.4 + 0.3 K3, dapo / 3
+    # entropy bonus: 0.2 x (0.5 + 1.0 + 1.5) / 3 tokens = 0.2
+    policy = (-0.4 + 0.3 * K3) / 3
+    loss, stats, grad_logps, grad_entropy = whole_loss()
+    assert loss == pytest.approx(policy - 0.2)
+    assert asdict(stats) == pytest.approx(asdict(LossStats(loss=policy - 0.2, policy_loss=policy, entropy=3.0,
+                                                           kl=3 * K3, low_clipped=1, high_clipped=1)))
+    # both policy terms with a gradient are clipped or masked; d k3 / d logp = 1 - exp(d) = -1, times beta / 3
+    assert active_grads(grad_logps) == pytest.approx([-0.1 / 3] * 3)
+    assert active_grads(grad_entropy) == pytest.approx([-0.2 / 3] * 3)  # -c / (tokens of the step)
+    # without the entropy mask token (0, 1) keeps its loss -1.1 and its gradient -w A / 3 = -1.1 / 3
+    loss, stats, grad_logps, _ = whole_loss(entropy_mask=None)
+    assert stats.policy_loss == pytest.approx((-1.5 + 0.3 * K3) / 3)
+    assert active_grads(grad_logps) == pytest.approx([-0.1 / 3, -1.2 / 3, -0.1 / 3])
+    # beta 0 and no bonus: the policy loss alone, no KL and no entropy gradient; the entropy is still reported
+    loss, stats, _, grad_entropy = whole_loss(beta=0.0, entropy_coef=0.0)
+    assert loss == pytest.approx(-0.4 / 3) and stats.kl == 0.0 and stats.entropy == 3.0
+    assert not grad_entropy.any()
+    # on-policy (no old log-probs): w = 1, losses -A: -1, -1 (masked) | 1, no clipping
+    loss, stats, _, _ = whole_loss(beta=0.0, entropy_coef=0.0, on_policy=True)
+    assert loss == pytest.approx(0.0) and stats.low_clipped == stats.high_clipped == 0
+
+
+def test_micro_batch_loss_counts_the_whole_step():
+    # grpo: sequence means (-1.2 + 0.1 K3 + 0.1 K3) / 2 and 0.8 + 0.1 K3, averaged over the 2 sequences of the step
+    # = 0.1 + 0.1 K3; the entropy bonus is a token mean over the step in every loss type: 0.2 x 3 / 3
+    whole, whole_stats, _, _ = whole_loss("grpo")
+    assert whole == pytest.approx(0.1 + 0.1 * K3 - 0.2)
+    # each row as a micro-batch of that step: row 0 (-0.6 + 0.1 K3) / 2 - 0.2 x 1.5 / 3, row 1 (0.8 + 0.1 K3) / 2 -
+    # 0.2 x 1.5 / 3; they add up to the whole, and so do their stats
+    first, first_stats, _, _ = whole_loss("grpo", rows=slice(0, 1))
+    second, second_stats, _, _ = whole_loss("grpo", rows=slice(1, 2))
+    assert first == pytest.approx((-0.6 + 0.1 * K3) / 2 - 0.1)
+    assert second == pytest.approx((0.8 + 0.1 * K3) / 2 - 0.1)
+    assert first + second == pytest.approx(whole)
+    assert asdict(first_stats + second_stats) == pytest.approx(asdict(whole_stats))
+    # row 0 in a step twice as large (4 sequences, 6 tokens): every term is halved
+    bigger = StepCounts(num_sequences=4, num_tokens=6, max_completion_length=3)
+    assert whole_loss("grpo", rows=slice(0, 1), step=bigger)[0] == pytest.approx(first / 2)
+
+
+def test_step_metrics_hand_values_and_names():
+    _, stats, _, _ = whole_loss()  # 3 tokens: entropy 3, KL 3 K3, one token clipped each way
+    settings = LossSettings("dapo", "token", ObjectiveParams(), beta=0.1, entropy_coef=0.2)
+    metrics = stats.step_metrics(3, settings)
+    assert list(metrics) == ["entropy", "policy_loss", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                             "clip_ratio/region_mean", "kl"]
+    assert metrics == pytest.approx({"entropy": 1.0, "policy_loss": stats.policy_loss, "clip_ratio/low_mean": 1 / 3,
+                                     "clip_ratio/high_mean": 1 / 3, "clip_ratio/region_mean": 2 / 3, "kl": K3})
+    # no bonus, no KL: neither is logged; cispo logs its own ratio, sapo none
+    assert list(stats.step_metrics(3, LossSettings("cispo", "token", ObjectiveParams()))) == [
+        "entropy", "cispo_clip_ratio"]
+    assert list(stats.step_metrics(3, LossSettings("sapo", "token", ObjectiveParams()))) == ["entropy"]
+    assert LossStats().step_metrics(0, settings)["entropy"] == 0.0  # an empty step divides by 1, not 0
 
 
 # --- advantages, dynamic-sampling groups, entropy quantile, reference mixing -----------------------------------
@@ -520,10 +605,11 @@ def test_dynamic_sampling_bound_then_fills_with_dropped_groups(tmp_path, tiny_mo
 
 
 def test_num_iterations_two_stores_old_logps_once_and_moves_the_ratio(tmp_path, tiny_model_dir, monkeypatch):
+    import grpo.algorithm as algorithm_module
     import grpo.trainer as trainer_module
 
     old_logp_passes, ratio_moves = [], []
-    chunks, loss = trainer_module.completion_logps_in_chunks, trainer_module.policy_loss
+    chunks, loss = trainer_module.completion_logps_in_chunks, algorithm_module.policy_loss
 
     def counting_chunks(*args, **kwargs):
         old_logp_passes.append(1)
@@ -534,7 +620,7 @@ def test_num_iterations_two_stores_old_logps_once_and_moves_the_ratio(tmp_path, 
         return loss(loss_type, level, logps, old_logps, advantages, mask, params)
 
     monkeypatch.setattr(trainer_module, "completion_logps_in_chunks", counting_chunks)
-    monkeypatch.setattr(trainer_module, "policy_loss", recording_loss)
+    monkeypatch.setattr(algorithm_module, "policy_loss", recording_loss)
     trainer = sgd_trainer(tmp_path, tiny_model_dir, num_iterations=2, max_steps=2, learning_rate=1.0)
     trainer.train()
     assert len(old_logp_passes) == 1  # one round, two optimizer steps: pi_old computed once (beta = 0: no ref)

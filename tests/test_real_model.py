@@ -64,7 +64,7 @@ def test_engine_greedy_tokens_equal_transformers_generate(smollm2):
     model, tokenizer = smollm2
     prompt_ids = chat_prompt_ids(tokenizer)
     args = GRPOConfig(output_dir="unused", max_completion_length=24, generation_kwargs={"do_sample": False})
-    generation = RolloutEngine(tokenizer, args).generate(model, prompt_ids, num_generations=2)
+    generation = RolloutEngine(tokenizer, args.sampling_params).generate(model, prompt_ids, num_generations=2)
     for i, ids in enumerate(prompt_ids):
         expected = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
                                   pad_token_id=tokenizer.pad_token_id)[0, len(ids):]

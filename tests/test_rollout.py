@@ -16,7 +16,6 @@ from grpo import GRPOConfig
 from grpo.logprobs import completion_logps
 from grpo.rollout import RolloutEngine, TransformersGenerator
 from grpo.rollout.sampling import (
-    SamplingParams,
     apply_repetition_penalty,
     min_p_filter,
     process_logits,
@@ -56,8 +55,8 @@ def config(**kwargs) -> GRPOConfig:
 def test_greedy_matches_transformers_generate(arch):
     model = make_model(arch)
     args = config(generation_kwargs={"do_sample": False})
-    ours = RolloutEngine(Tokenizer(), args).generate(model, PROMPTS, 4)
-    reference = TransformersGenerator(Tokenizer(), args).generate(model, PROMPTS, 4)
+    ours = RolloutEngine(Tokenizer(), args.sampling_params).generate(model, PROMPTS, 4)
+    reference = TransformersGenerator(Tokenizer(), args.sampling_params).generate(model, PROMPTS, 4)
     width = reference.completion_mask.sum(1).max()
     assert ours.completion_ids.size(1) == width
     torch.testing.assert_close(ours.completion_ids, reference.completion_ids[:, :width], rtol=0, atol=0)
@@ -70,7 +69,7 @@ def test_greedy_matches_transformers_generate(arch):
 
 def test_rows_stop_at_eos_and_masks_are_right():
     model = make_model("llama")
-    out = RolloutEngine(Tokenizer(), config(), seed=1).generate(model, PROMPTS, 4)
+    out = RolloutEngine(Tokenizer(), config().sampling_params, seed=1).generate(model, PROMPTS, 4)
     lengths = out.completion_mask.sum(1)
     assert out.is_eos.any() and (~out.is_eos).any()
     for row, length in enumerate(lengths.tolist()):
@@ -83,13 +82,55 @@ def test_rows_stop_at_eos_and_masks_are_right():
             assert length == 24  # only rows that hit max_completion_length lack an EOS
 
 
-def test_sampling_logps_equal_a_separate_forward_pass():
+class SamplingRecorder:
+    """Records, from the engine's own calls, the distribution each decode step sampled from and how the rows still
+    decoding were reordered when some finished, so that `logps` can tell each sampled token's log-probability."""
+
+    def __init__(self, monkeypatch):
+        from grpo.rollout import engine
+
+        self.events = []
+        sample, keep = engine.sample_tokens, engine.fill_from_the_end
+
+        def recording_sample(processed, params, generator):
+            tokens = sample(processed, params, generator)
+            self.events.append(("step", processed.log_softmax(-1), tokens))
+            return tokens
+
+        def recording_keep(finished):
+            order = keep(finished)
+            self.events.append(("keep", order))
+            return order
+
+        monkeypatch.setattr(engine, "sample_tokens", recording_sample)
+        monkeypatch.setattr(engine, "fill_from_the_end", recording_keep)
+
+    def logps(self, generation) -> torch.Tensor:
+        """(rows, completion length) log-probs of the sampled tokens under the sampling distribution (0 after a
+        completion's end), for a generation made in one chunk; the record starts afresh."""
+        logps = torch.zeros(generation.completion_ids.shape)
+        active, step = torch.arange(len(logps)), 0  # the original row of each row still decoding
+        for event in self.events:
+            if event[0] == "keep":
+                active = active[event[1]]
+            else:
+                logps[active, step] = event[1].gather(1, event[2].unsqueeze(1)).squeeze(1)
+                step += 1
+        self.events = []
+        return logps
+
+
+def test_sampled_tokens_have_the_log_probs_of_a_separate_forward_pass(monkeypatch):
+    """The KV-cached decode with rows leaving the batch samples from the model's own distribution."""
     model = make_model("qwen2")
-    out = RolloutEngine(Tokenizer(), config(temperature=0.7), seed=2).generate(model, PROMPTS, 4)
+    recorder = SamplingRecorder(monkeypatch)
+    out = RolloutEngine(Tokenizer(), config(temperature=0.7).sampling_params, seed=2).generate(model, PROMPTS, 4)
+    sampled = recorder.logps(out)
     logps, _ = completion_logps(model, out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask,
                                 temperature=0.7)
     mask = out.completion_mask.bool()
-    torch.testing.assert_close(out.sampling_logps[mask], logps[mask], atol=1e-4, rtol=1e-4)
+    assert out.completion_mask.sum(1).min() < out.completion_mask.sum(1).max()  # rows left the batch early
+    torch.testing.assert_close(sampled[mask], logps[mask], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("settings", [dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8), dict(min_p=0.2)])
@@ -98,11 +139,11 @@ def test_first_tokens_follow_the_model_distribution(settings):
     model = make_model("llama", eos_scale=1.0)
     args = config(max_completion_length=1, **settings)
     samples = 6000
-    out = RolloutEngine(Tokenizer(), args, seed=3).generate(model, [PROMPTS[0]], samples)
+    out = RolloutEngine(Tokenizer(), args.sampling_params, seed=3).generate(model, [PROMPTS[0]], samples)
     counts = torch.bincount(out.completion_ids[:, 0], minlength=VOCAB).double()
     with torch.no_grad():
         logits = model(torch.tensor([PROMPTS[0]])).logits[0, -1]
-    probs = process_logits(logits.unsqueeze(0), SamplingParams.from_config(args)).softmax(-1)[0].double()
+    probs = process_logits(logits.unsqueeze(0), args.sampling_params).softmax(-1)[0].double()
     assert counts[probs == 0].sum() == 0  # filtered tokens are never sampled
     support = probs > 0
     expected = probs[support] * samples
@@ -114,9 +155,9 @@ def test_first_tokens_follow_the_model_distribution(settings):
 
 def test_same_seed_same_rollout_and_different_seed_differs():
     model = make_model("llama")
-    first = RolloutEngine(Tokenizer(), config(), seed=5).generate(model, PROMPTS, 4)
-    again = RolloutEngine(Tokenizer(), config(), seed=5).generate(model, PROMPTS, 4)
-    other = RolloutEngine(Tokenizer(), config(), seed=6).generate(model, PROMPTS, 4)
+    first = RolloutEngine(Tokenizer(), config().sampling_params, seed=5).generate(model, PROMPTS, 4)
+    again = RolloutEngine(Tokenizer(), config().sampling_params, seed=5).generate(model, PROMPTS, 4)
+    other = RolloutEngine(Tokenizer(), config().sampling_params, seed=6).generate(model, PROMPTS, 4)
     assert torch.equal(first.completion_ids, again.completion_ids)
     assert not torch.equal(first.completion_ids[:, :5], other.completion_ids[:, :5])
 
@@ -124,15 +165,15 @@ def test_same_seed_same_rollout_and_different_seed_differs():
 def test_chunked_generation_gives_the_same_greedy_rows():
     model = make_model("qwen2")
     args = config(generation_kwargs={"do_sample": False})
-    whole = RolloutEngine(Tokenizer(), args).generate(model, PROMPTS, 4)
-    chunked = RolloutEngine(Tokenizer(), args, max_batch_rows=4).generate(model, PROMPTS, 4)
+    whole = RolloutEngine(Tokenizer(), args.sampling_params).generate(model, PROMPTS, 4)
+    chunked = RolloutEngine(Tokenizer(), args.sampling_params, max_batch_rows=4).generate(model, PROMPTS, 4)
     assert torch.equal(whole.completion_ids, chunked.completion_ids)
     assert torch.equal(whole.prompt_ids, chunked.prompt_ids)
 
 
 def test_out_of_memory_halves_the_chunk_and_retries(monkeypatch):
     model = make_model("llama")
-    engine = RolloutEngine(Tokenizer(), config(generation_kwargs={"do_sample": False}))
+    engine = RolloutEngine(Tokenizer(), config(generation_kwargs={"do_sample": False}).sampling_params)
     real = engine._generate_chunk
     chunk_sizes = []
 
@@ -145,7 +186,8 @@ def test_out_of_memory_halves_the_chunk_and_retries(monkeypatch):
     monkeypatch.setattr(engine, "_generate_chunk", tight_memory)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     out = engine.generate(model, PROMPTS, 4)
-    expected = RolloutEngine(Tokenizer(), config(generation_kwargs={"do_sample": False})).generate(model, PROMPTS, 4)
+    greedy = config(generation_kwargs={"do_sample": False}).sampling_params
+    expected = RolloutEngine(Tokenizer(), greedy).generate(model, PROMPTS, 4)
     assert chunk_sizes[:3] == [4, 2, 1]
     assert torch.equal(out.completion_ids, expected.completion_ids)
 
@@ -162,11 +204,27 @@ def test_filters_match_transformers_processors():
 
 
 def test_generation_kwargs_override_and_unsupported_keys():
-    params = SamplingParams.from_config(config(temperature=0.9, generation_kwargs={"temperature": 0.5, "top_k": 3}))
+    params = config(temperature=0.9, generation_kwargs={"temperature": 0.5, "top_k": 3}).sampling_params
     assert params.temperature == 0.5 and params.top_k == 3
     with pytest.raises(ValueError, match="generation_backend='transformers'"):
         config(generation_kwargs={"num_beams": 2})
     config(generation_kwargs={"num_beams": 2}, generation_backend="transformers")  # accepted there
+
+
+def test_both_backends_take_the_same_sampling_settings():
+    """One SamplingParams from the config: the engine samples with it, transformers generate gets it as kwargs,
+    and generation_kwargs the engine does not know pass through to generate."""
+    args = config(temperature=0.9, top_p=0.8, generation_kwargs={"top_k": 3, "max_new_tokens": 5, "num_beams": 2},
+                  generation_backend="transformers")
+    params = args.sampling_params
+    assert (params.temperature, params.top_p, params.top_k, params.max_new_tokens) == (0.9, 0.8, 3, 5)
+    assert params.other_generation_kwargs == {"num_beams": 2}
+    assert RolloutEngine(Tokenizer(), params).params is params
+    kwargs = TransformersGenerator(Tokenizer(), params).generate_kwargs
+    assert kwargs == dict(do_sample=True, max_new_tokens=5, temperature=0.9, top_p=0.8, top_k=3, min_p=None,
+                          repetition_penalty=1.0, pad_token_id=PAD, eos_token_id=[EOS], use_cache=True, num_beams=2)
+    defaults = TransformersGenerator(Tokenizer(), config().sampling_params).generate_kwargs
+    assert defaults["top_k"] is None and defaults["max_new_tokens"] == 24 and "suppress_tokens" not in defaults
 
 
 def test_an_architecture_without_rotary_embeddings_gpt2_matches_generate():
@@ -178,8 +236,8 @@ def test_an_architecture_without_rotary_embeddings_gpt2_matches_generate():
     with torch.no_grad():
         model.lm_head.weight[EOS] *= 6.0  # tied to the input embedding here, which is fine for generation
     args = config(generation_kwargs={"do_sample": False})
-    ours = RolloutEngine(Tokenizer(), args).generate(model, PROMPTS, 2)
-    reference = TransformersGenerator(Tokenizer(), args).generate(model, PROMPTS, 2)
+    ours = RolloutEngine(Tokenizer(), args.sampling_params).generate(model, PROMPTS, 2)
+    reference = TransformersGenerator(Tokenizer(), args.sampling_params).generate(model, PROMPTS, 2)
     width = ours.completion_ids.size(1)
     assert torch.equal(ours.completion_ids, reference.completion_ids[:, :width])
     assert torch.equal(ours.completion_mask, reference.completion_mask[:, :width])
@@ -227,10 +285,12 @@ def test_long_prompts_share_their_cache_and_sample_the_same_tokens(monkeypatch):
     original = GroupKV.attend
     monkeypatch.setattr(GroupKV, "attend", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     args = config(max_completion_length=16)
-    shared = RolloutEngine(Tokenizer(), args, seed=4).generate(model, prompts, 4)
+    recorder = SamplingRecorder(monkeypatch)
+    shared = RolloutEngine(Tokenizer(), args.sampling_params, seed=4).generate(model, prompts, 4)
+    shared_logps = recorder.logps(shared)
     assert calls
-    plain = RolloutEngine(Tokenizer(), args, seed=4, lean=False).generate(model, prompts, 4)
+    plain = RolloutEngine(Tokenizer(), args.sampling_params, seed=4, lean=False).generate(model, prompts, 4)
     lengths = shared.completion_mask.sum(1)
     assert lengths.min() < lengths.max()
     assert torch.equal(shared.completion_ids, plain.completion_ids)
-    torch.testing.assert_close(shared.sampling_logps, plain.sampling_logps, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(shared_logps, recorder.logps(plain), rtol=1e-4, atol=1e-5)

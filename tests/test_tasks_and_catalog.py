@@ -77,7 +77,7 @@ def test_the_tiny_model_never_samples_its_special_tokens(backend):
         model.lm_head.weight[suppressed] += model.model.embed_tokens.weight.mean(0) * 50
     args = GRPOConfig(output_dir="unused", max_completion_length=16, temperature=1.0)
     prompts = [tokenizer("Write about the sea:").input_ids, tokenizer("1+2=").input_ids]
-    generation = backend(tokenizer, args).generate(model, prompts, num_generations=8)
+    generation = backend(tokenizer, args.sampling_params).generate(model, prompts, num_generations=8)
     sampled = generation.completion_ids[generation.completion_mask.bool()]
     assert sampled.numel() > 0 and not torch.isin(sampled, torch.tensor(suppressed)).any()
 
@@ -86,7 +86,8 @@ def test_generation_kwargs_suppress_tokens_override_the_models():
     model, tokenizer = load_causal_lm(EMBEDDED_MODEL_ID), load_tokenizer(EMBEDDED_MODEL_ID)
     banned = tokenizer.convert_tokens_to_ids(list("aeiou "))
     args = GRPOConfig(output_dir="unused", max_completion_length=16, generation_kwargs={"suppress_tokens": banned})
-    generation = RolloutEngine(tokenizer, args).generate(model, [tokenizer("Write:").input_ids], num_generations=8)
+    engine = RolloutEngine(tokenizer, args.sampling_params)
+    generation = engine.generate(model, [tokenizer("Write:").input_ids], num_generations=8)
     sampled = generation.completion_ids[generation.completion_mask.bool()]
     assert not torch.isin(sampled, torch.tensor(banned)).any()
 

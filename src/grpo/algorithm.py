@@ -7,7 +7,7 @@ F reward functions, m the completion mask (1 on real tokens), A the advantage, w
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -369,6 +369,106 @@ def policy_loss(
     """The per-token loss of `loss_type` at `importance_sampling_level` ("token" or "sequence", GSPO)."""
     log_weights = IMPORTANCE_SAMPLING_LEVELS[importance_sampling_level](logps, old_logps, mask)
     return OBJECTIVES[loss_type].policy_loss(log_weights, logps, advantages, params)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What the loss reads from GRPOConfig besides the data: the objective and the weights of its extra terms."""
+
+    loss_type: str  # the per-token loss and its aggregation (OBJECTIVES)
+    importance_sampling_level: str  # "token" or "sequence" (IMPORTANCE_SAMPLING_LEVELS)
+    params: ObjectiveParams
+    beta: float = 0.0  # KL coefficient
+    entropy_coef: float = 0.0  # entropy bonus coefficient
+
+
+@dataclass
+class LossStats:
+    """What a micro-batch's loss reports, summed over its tokens in the mask m; `a + b` adds two micro-batches'.
+
+    `loss` is the value backpropagated, `policy_loss` the same before the entropy bonus.
+    """
+
+    loss: float = 0.0
+    policy_loss: float = 0.0
+    entropy: float = 0.0  # sum_t m_t H_t
+    kl: float = 0.0  # sum_t m_t k3_t (0 when beta = 0)
+    low_clipped: float = 0.0  # tokens with w < 1 - eps_low and A < 0
+    high_clipped: float = 0.0  # tokens with w > 1 + eps_high and A > 0
+    cispo_clipped: float = 0.0  # cispo: tokens whose weight was capped
+
+    def __add__(self, other: LossStats) -> LossStats:
+        return LossStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def step_metrics(self, num_tokens: int, settings: LossSettings) -> dict[str, float]:
+        """TRL's logged names for a whole step's stats: token means over the step's `num_tokens`, clip ratios for
+        the loss types that clip, `policy_loss` only when the entropy bonus is on, `kl` only when beta > 0."""
+        tokens = max(num_tokens, 1)
+        metrics = {"entropy": self.entropy / tokens}
+        if settings.entropy_coef > 0:
+            metrics["policy_loss"] = self.policy_loss
+        if settings.loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = self.cispo_clipped / tokens
+        elif settings.loss_type != "sapo":
+            low, high = self.low_clipped / tokens, self.high_clipped / tokens
+            metrics.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
+                            "clip_ratio/region_mean": low + high})
+        if settings.beta > 0:
+            metrics["kl"] = self.kl / tokens
+        return metrics
+
+
+def micro_batch_loss(
+    logps: torch.Tensor,
+    entropy: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    step: StepCounts,
+    settings: LossSettings,
+    entropy_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, LossStats]:
+    """A micro-batch's share of the loss of its optimizer step S, and its statistics:
+
+        L = agg_S( e_t l_t + beta k3_t, m ) - c sum_t m_t H_t / sum_{S} m
+
+    l_t is the per-token loss of `loss_type` at `importance_sampling_level`, from w = exp(logp - logp_old)
+    (old_logps None: on-policy, logp_old = logp.detach(), so w = 1); e the entropy mask (1 on the tokens at or
+    above the step's entropy quantile, all ones without one; the KL term stays on every token, as in TRL);
+    k3 = exp(d) - d - 1 with d = logp_ref - logp (`kl_k3`); agg_S the loss type's aggregation, normalised by
+    the counts of the whole step (`StepCounts`); H the token entropy and c = entropy_coef, a token mean over S.
+    Every term is normalised over S, so the micro-batches' losses add up to the step's whatever the split.
+    Shapes: (B, T) but advantages (B,).
+    """
+    if old_logps is None:
+        old_logps = logps.detach()
+    result = policy_loss(settings.loss_type, settings.importance_sampling_level, logps, old_logps, advantages, mask,
+                         settings.params)
+    per_token_loss = result.per_token_loss
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask
+    kl_sum = 0.0
+    if settings.beta > 0:
+        kl = kl_k3(logps, ref_logps)
+        per_token_loss = per_token_loss + settings.beta * kl
+        kl_sum = (kl.detach() * mask).sum().item()
+    loss = OBJECTIVES[settings.loss_type].aggregate(per_token_loss, mask, step)
+    before_bonus = loss.item()
+    entropy_sum = (entropy * mask).sum()
+    if settings.entropy_coef > 0:
+        loss = loss - settings.entropy_coef * entropy_sum / max(step.num_tokens, 1)
+    stats = LossStats(
+        loss=loss.item(), policy_loss=before_bonus, entropy=entropy_sum.item(), kl=kl_sum,
+        low_clipped=_count(result.is_low_clipped, mask), high_clipped=_count(result.is_high_clipped, mask),
+        cispo_clipped=0.0 if result.is_cispo_clipped is None else _count(result.is_cispo_clipped, mask),
+    )
+    return loss, stats
+
+
+def _count(flags: torch.Tensor, mask: torch.Tensor) -> float:
+    """How many tokens in the mask are flagged: sum_t m_t 1[flag_t]."""
+    return (flags.float() * mask).sum().item()
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

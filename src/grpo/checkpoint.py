@@ -24,7 +24,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,9 @@ import torch
 from safetensors.torch import load_file
 
 from grpo import zero
-from grpo.distributed import FullState, gather_full_state, is_sharded, load_full_state
+from grpo.distributed import FullState, Processes, gather_full_state, is_sharded, load_full_state
 from grpo.rollout import Rollout
+from grpo.run_state import RunPosition, TrainerState
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -53,19 +54,17 @@ RESUMABLE_CHANGES = frozenset({
 
 
 @dataclass
-class RunPosition:
-    """Where the loop is: generation rounds drawn from the data so far, and the round being trained on."""
+class TrainingObjects:
+    """The objects a checkpoint writes and a resume restores in place, handed over by the loop that owns them."""
 
-    rounds_consumed: int = 0  # rounds taken from the prompt sampler, dynamic-sampling extras included
-    epoch: float = 0.0
-    round_reward: float = 0.0  # the round's mean reward, for the progress bar
-    rollout: Rollout | None = None
-    plan: list[list[torch.Tensor]] = field(default_factory=list)  # optimizer steps, each a list of micro-batches
-    next_step: int = 0  # index into plan
-
-    @property
-    def round_done(self) -> bool:
-        return self.rollout is None or self.next_step >= len(self.plan)
+    model: torch.nn.Module  # the policy, unwrapped: its weights (or PEFT adapter) in save_pretrained format
+    trained: torch.nn.Module  # what the loss runs through; a DeepSpeed engine keeps the optimizer state itself
+    optimizer: Any
+    lr_scheduler: Any
+    tokenizer: Any
+    shuffle: torch.Generator  # orders each round's rows into optimizer steps
+    sampler: Any  # the generation backend: its random state is saved when it has one (`state_dict`)
+    ref_model: torch.nn.Module | None = None  # given only when it moves during the run (sync_ref_model)
 
 
 # ---- finding and checking checkpoints ------------------------------------------------------------------------
@@ -174,36 +173,33 @@ def _differing_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[
 
 
 # ---- writing -----------------------------------------------------------------------------------------------
-def save_checkpoint(trainer: Any, position: RunPosition, window_values: dict[str, list[float]]) -> Path:
-    """Write checkpoint-<global_step> atomically, then drop the oldest beyond save_total_limit."""
-    args, step, processes = trainer.args, trainer.state.global_step, trainer.processes
-    root = Path(args.output_dir)
-    target = root / f"checkpoint-{step}"
-    staging = root / f".checkpoint-{step}.tmp"
+def save_checkpoint(objects: TrainingObjects, state: TrainerState, position: RunPosition,
+                    window_values: dict[str, list[float]], config: dict[str, Any], *, output_dir: str | Path,
+                    save_total_limit: int | None, processes: Processes) -> Path:
+    """Write checkpoint-<global_step> atomically, then drop the oldest beyond save_total_limit. `config`: the
+    resolved config, which a resume must match."""
+    root = Path(output_dir)
+    target = root / f"checkpoint-{state.global_step}"
+    staging = root / f".checkpoint-{state.global_step}.tmp"
     if processes.is_main:
         for stale in root.glob(".checkpoint-*.tmp"):  # left by a crash during an earlier save
             shutil.rmtree(stale, ignore_errors=True)
         staging.mkdir(parents=True)
     processes.wait()
-    _write_process_state(trainer, position, staging)  # every process: its random states and its rows
-    if zero.is_engine(trainer.policy_logps):  # every process writes its optimizer partition
-        zero.save_state(trainer.policy_logps, staging / "deepspeed")
-    full = gather_full_state(trainer._unwrapped_model(), trainer.optimizer)  # FSDP, ZeRO-3: a collective
+    _write_process_state(staging, objects, position, processes)  # every process: its random states and its rows
+    if zero.is_engine(objects.trained):  # every process writes its optimizer partition
+        zero.save_state(objects.trained, staging / "deepspeed")
+    full = gather_full_state(objects.model, objects.optimizer)  # FSDP, ZeRO-3: a collective
     processes.wait()
-    if processes.is_main:
-        _publish(trainer, position, window_values, staging, target, full)
+    if processes.is_main:  # the shared state, then the complete checkpoint renamed into place
+        _write_contents(staging, objects, state, position, window_values, config, processes.count, full)
+        _publish(staging, target, save_total_limit)
     processes.wait()
     return target
 
 
-def _publish(trainer: Any, position: RunPosition, window_values: dict[str, list[float]], staging: Path,
-             target: Path, full: FullState | None = None) -> None:
-    """The main process writes the shared state, then renames the complete checkpoint into place."""
-    args, root = trainer.args, target.parent
-    if full is None:  # unsharded: the state is read from the trainer's own model and optimizer
-        _write_contents(trainer, position, window_values, staging)
-    else:
-        _write_contents(trainer, position, window_values, staging, full)
+def _publish(staging: Path, target: Path, save_total_limit: int | None) -> None:
+    root = target.parent
     _fsync_tree(staging)
     if target.exists():  # the same step saved again (e.g. a resumed run): swap, never leave a gap
         retired = root / f".{target.name}.old.tmp"
@@ -213,44 +209,45 @@ def _publish(trainer: Any, position: RunPosition, window_values: dict[str, list[
     else:
         os.replace(staging, target)
     _fsync_dir(root)
-    if args.save_total_limit is not None:
-        for old in checkpoints(root)[:-args.save_total_limit]:
+    if save_total_limit is not None:
+        for old in checkpoints(root)[:-save_total_limit]:
             shutil.rmtree(old)
 
 
-def _per_process(stem: str, processes: Any) -> str:
+def _per_process(stem: str, processes: Processes) -> str:
     return f"{stem}.pt" if processes.count == 1 else f"{stem}_{processes.rank}.pt"
 
 
-def _write_process_state(trainer: Any, position: RunPosition, out: Path) -> None:
-    torch.save(rng_state(trainer), out / _per_process("rng_state", trainer.processes))
+def _write_process_state(out: Path, objects: TrainingObjects, position: RunPosition, processes: Processes) -> None:
+    torch.save(rng_state(objects.shuffle, objects.sampler), out / _per_process("rng_state", processes))
     rollout = None if position.rollout is None else {
         f.name: getattr(position.rollout, f.name) for f in dataclasses.fields(position.rollout)}
-    torch.save({"rollout": rollout, "plan": position.plan}, out / _per_process("round", trainer.processes))
+    torch.save({"rollout": rollout, "plan": position.plan}, out / _per_process("round", processes))
 
 
-def _write_contents(trainer: Any, position: RunPosition, window_values: dict[str, list[float]], out: Path,
-                    full: FullState | None = None) -> None:
+def _write_contents(out: Path, objects: TrainingObjects, state: TrainerState, position: RunPosition,
+                    window_values: dict[str, list[float]], config: dict[str, Any], num_processes: int,
+                    full: FullState | None) -> None:
     """`full`: an FSDP run's gathered weights and optimizer state (keyed by parameter name), a ZeRO-3 run's
-    gathered weights, else None."""
-    model, deepspeed = trainer._unwrapped_model(), zero.is_engine(trainer.policy_logps)
+    gathered weights, else None (the state is read from the model and optimizer themselves)."""
+    model, deepspeed = objects.model, zero.is_engine(objects.trained)
     model.save_pretrained(out, state_dict=full.model if full else None)
-    trainer.processing_class.save_pretrained(out)
+    objects.tokenizer.save_pretrained(out)
     if not deepspeed:  # DeepSpeed's optimizer state is in deepspeed/, one partition per process
-        torch.save(full.optimizer if full else trainer.optimizer.state_dict(), out / "optimizer.pt")
-    torch.save(trainer.lr_scheduler.state_dict(), out / "scheduler.pt")
-    if trainer.args.sync_ref_model and trainer.ref_model is not None:  # TR-DPO moves the reference too
-        torch.save(trainer.ref_model.state_dict(), out / "ref_model.pt")
-    (out / "grpo_config.json").write_text(json.dumps(trainer.resolved_config(), indent=2, default=str))
-    state = {
-        **dataclasses.asdict(trainer.state),
+        torch.save(full.optimizer if full else objects.optimizer.state_dict(), out / "optimizer.pt")
+    torch.save(objects.lr_scheduler.state_dict(), out / "scheduler.pt")
+    if objects.ref_model is not None:  # TR-DPO moves the reference too
+        torch.save(objects.ref_model.state_dict(), out / "ref_model.pt")
+    (out / "grpo_config.json").write_text(json.dumps(config, indent=2, default=str))
+    trainer_state = {
+        **dataclasses.asdict(state),
         "rounds_consumed": position.rounds_consumed, "round_epoch": position.epoch,
         "round_reward": position.round_reward, "next_step": position.next_step,
         "logging_window": window_values, "model_signature": model_signature(model),
-        "num_processes": trainer.processes.count, "sharded": full is not None and not deepspeed,
+        "num_processes": num_processes, "sharded": full is not None and not deepspeed,
         "deepspeed": deepspeed,
     }
-    (out / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: its presence marks a complete checkpoint
+    (out / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))  # last: it marks a complete checkpoint
 
 
 def _fsync_tree(root: Path) -> None:
@@ -270,35 +267,45 @@ def _fsync_dir(path: Path) -> None:
 
 
 # ---- reading -----------------------------------------------------------------------------------------------
-def load_checkpoint(trainer: Any, checkpoint: Path) -> tuple[RunPosition, dict[str, list[float]]]:
-    """Restore model, optimizer, schedule, RNGs and trainer state; return the loop position and logging window."""
-    model, deepspeed = trainer._unwrapped_model(), zero.is_engine(trainer.policy_logps)
-    state = json.loads((checkpoint / STATE_FILE).read_text())
-    written = _run_kind(state.get("deepspeed", False), state.get("sharded", False))
+def load_checkpoint(checkpoint: Path, objects: TrainingObjects, state: TrainerState, processes: Processes
+                    ) -> tuple[RunPosition, dict[str, list[float]]]:
+    """Restore the objects (weights, optimizer, schedule, RNGs) and `state` in place; return the loop position
+    and the open logging window."""
+    model, deepspeed = objects.model, zero.is_engine(objects.trained)
+    saved = json.loads((checkpoint / STATE_FILE).read_text())
+    written = _run_kind(saved.get("deepspeed", False), saved.get("sharded", False))
     running = _run_kind(deepspeed, is_sharded(model))
     if written != running:  # the optimizer state is stored differently
         raise ValueError(f"checkpoint {checkpoint} was written by {written} run, and this is {running} run; resume "
                          "with the accelerate set-up that wrote it.")
     if deepspeed:  # the weights and each process's optimizer partition
-        zero.load_state(trainer.policy_logps, checkpoint / "deepspeed")
+        zero.load_state(objects.trained, checkpoint / "deepspeed")
     elif is_sharded(model):  # FSDP: every process reads the full state and keeps its shard
-        load_full_state(model, _read_weights(checkpoint), trainer.optimizer, _read_moments(checkpoint))
+        load_full_state(model, _read_weights(checkpoint), objects.optimizer, _read_moments(checkpoint))
     else:
         load_weights(model, checkpoint)
-        trainer.optimizer.load_state_dict(_read_moments(checkpoint))
-    trainer.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    if (checkpoint / "ref_model.pt").exists() and trainer.ref_model is not None:
-        trainer.ref_model.load_state_dict(torch.load(checkpoint / "ref_model.pt", weights_only=True))
-    restore_rng_state(trainer, torch.load(checkpoint / _per_process("rng_state", trainer.processes),
-                                          weights_only=True))
+        objects.optimizer.load_state_dict(_read_moments(checkpoint))
+    objects.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    if (checkpoint / "ref_model.pt").exists() and objects.ref_model is not None:
+        objects.ref_model.load_state_dict(torch.load(checkpoint / "ref_model.pt", weights_only=True))
+    restore_rng_state(torch.load(checkpoint / _per_process("rng_state", processes), weights_only=True),
+                      objects.shuffle, objects.sampler)
     for name in ("global_step", "epoch", "num_input_tokens_seen", "log_history"):
-        setattr(trainer.state, name, state[name])
-    saved_round = torch.load(checkpoint / _per_process("round", trainer.processes), weights_only=True)
-    rollout = Rollout(**saved_round["rollout"]) if saved_round["rollout"] is not None else None
-    position = RunPosition(rounds_consumed=state["rounds_consumed"], epoch=state["round_epoch"],
-                           round_reward=state["round_reward"], rollout=rollout, plan=saved_round["plan"],
-                           next_step=state["next_step"])
-    return position, state["logging_window"]
+        setattr(state, name, saved[name])
+    saved_round = torch.load(checkpoint / _per_process("round", processes), weights_only=True)
+    position = RunPosition(rounds_consumed=saved["rounds_consumed"], epoch=saved["round_epoch"],
+                           round_reward=saved["round_reward"], rollout=_saved_rollout(saved_round["rollout"]),
+                           plan=saved_round["plan"], next_step=saved["next_step"])
+    return position, saved["logging_window"]
+
+
+def _saved_rollout(fields: dict[str, Any] | None) -> Rollout | None:
+    """The round in progress from round.pt. Fields a Rollout no longer has are ignored: older checkpoints hold
+    `sampling_logps`, which nothing read."""
+    if fields is None:
+        return None
+    known = {f.name for f in dataclasses.fields(Rollout)}
+    return Rollout(**{name: value for name, value in fields.items() if name in known})
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
@@ -334,8 +341,8 @@ def _read_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def rng_state(trainer: Any) -> dict[str, Any]:
-    """Every random state the run draws from: the global ones and the trainer's own generators."""
+def rng_state(shuffle: torch.Generator, sampler: Any) -> dict[str, Any]:
+    """Every random state the run draws from: the global ones, the row shuffler and the sampler's own."""
     version, mt_state, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -343,24 +350,24 @@ def rng_state(trainer: Any) -> dict[str, Any]:
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
                   "has_gauss": has_gauss, "cached": cached},
         "torch": torch.get_rng_state(),
-        "shuffle": trainer._shuffle.get_state(),
+        "shuffle": shuffle.get_state(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if hasattr(trainer.generator, "state_dict"):
-        state["generator"] = trainer.generator.state_dict()
+    if hasattr(sampler, "state_dict"):
+        state["generator"] = sampler.state_dict()
     return state
 
 
-def restore_rng_state(trainer: Any, state: dict[str, Any]) -> None:
+def restore_rng_state(state: dict[str, Any], shuffle: torch.Generator, sampler: Any) -> None:
     version, mt_state, gauss = state["python"]
     random.setstate((version, tuple(mt_state), gauss))
     npy = state["numpy"]
     np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
                          npy["cached"]))
     torch.set_rng_state(state["torch"])
-    trainer._shuffle.set_state(state["shuffle"])
+    shuffle.set_state(state["shuffle"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if "generator" in state and hasattr(trainer.generator, "load_state_dict"):
-        trainer.generator.load_state_dict(state["generator"])
+    if "generator" in state and hasattr(sampler, "load_state_dict"):
+        sampler.load_state_dict(state["generator"])

@@ -141,6 +141,7 @@ def run_eval(args: argparse.Namespace, overrides: dict[str, str]) -> dict[str, A
     """Evaluate the recipe's model on its dataset; prints the results and writes them to --output."""
     import itertools
     import json
+    from functools import partial
 
     from grpo.evaluate import evaluate
     from grpo.recipe import build_run, load_recipe
@@ -153,7 +154,9 @@ def run_eval(args: argparse.Namespace, overrides: dict[str, str]) -> dict[str, A
     recipe.update(per_device_train_batch_size=g, max_steps=1, report_to="none")
     trainer = GRPOTrainer(**build_run(recipe))
     rows = list(itertools.islice(iter(trainer.train_source.dataset), args.num_prompts))
-    results = evaluate(trainer, rows, ks=args.k or sorted({1, g}), pass_threshold=args.pass_threshold)
+    results = evaluate(partial(trainer.generate_and_score, for_loss=False), rows, ks=args.k or sorted({1, g}),
+                       pass_threshold=args.pass_threshold, num_generations=trainer.args.num_generations,
+                       reward_names=[r.name for r in trainer.reward_funcs], reward_weights=trainer.reward_weights)
     text = json.dumps(results, indent=2)
     print(text)
     if args.output:

@@ -68,6 +68,28 @@ def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None
         )
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    """How completions are sampled: GRPOConfig's generation fields with `generation_kwargs` applied over them, as in
+    TRL. Every generation backend takes one (`GRPOConfig.sampling_params`); the named fields are the
+    generation_kwargs the built-in engine understands (ENGINE_GENERATION_KWARGS)."""
+
+    temperature: float
+    top_k: int  # 0: off
+    top_p: float
+    min_p: float | None
+    repetition_penalty: float
+    do_sample: bool
+    max_new_tokens: int
+    eos_token_id: int | list[int] | None  # None: the tokenizer's
+    suppress_tokens: list[int] | None  # None: the model's generation config's
+    other_generation_kwargs: dict[str, Any]  # any other GenerationConfig names: the transformers backend only
+
+    @property
+    def greedy(self) -> bool:
+        return self.do_sample is False or self.top_k == 1
+
+
 @dataclass
 class GRPOConfig:
     """Configuration of a GRPO run. Field names, defaults and meanings follow TRL's `GRPOConfig`."""
@@ -500,6 +522,23 @@ class GRPOConfig:
         """The policy changes within a round only if the round feeds more than one optimizer step."""
         return self.steps_per_round > 1
 
+    @property
+    def sampling_params(self) -> SamplingParams:
+        """The sampling settings: each generation field, unless generation_kwargs overrides it."""
+        overrides = self.generation_kwargs or {}
+        return SamplingParams(
+            temperature=overrides.get("temperature", self.temperature),
+            top_k=overrides.get("top_k", self.top_k) or 0,
+            top_p=overrides.get("top_p", self.top_p),
+            min_p=overrides.get("min_p", self.min_p),
+            repetition_penalty=overrides.get("repetition_penalty", self.repetition_penalty),
+            do_sample=overrides.get("do_sample", True),
+            max_new_tokens=overrides.get("max_new_tokens", self.max_completion_length),
+            eos_token_id=overrides.get("eos_token_id"),
+            suppress_tokens=overrides.get("suppress_tokens"),
+            other_generation_kwargs={k: v for k, v in overrides.items() if k not in ENGINE_GENERATION_KWARGS},
+        )
+
     def warmup_steps_for(self, total_steps: int) -> int:
         if self.warmup_steps >= 1:
             return int(self.warmup_steps)
@@ -527,5 +566,5 @@ def _reject_unknown_fields(cls: type, kwargs: dict[str, Any]) -> None:
 
 __all__ = [
     "GRPOConfig", "IMPORTANCE_SAMPLING_LEVELS", "LOSS_TYPES", "MULTI_OBJECTIVE_AGGREGATIONS", "REWARD_ERROR_POLICIES",
-    "SCALE_REWARDS",
+    "SCALE_REWARDS", "SamplingParams",
 ]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from grpo.algorithm import combine_rewards
+from grpo.rollout import Rollout
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -23,17 +25,21 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
     return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
 
 
-def evaluate(trainer: Any, rows: list[dict[str, Any]], ks: list[int], pass_threshold: float,
-             prompts_per_batch: int = 8, num_generations: int | None = None) -> dict[str, Any]:
-    """Sample `num_generations` (default: the trainer's) completions per prompt with the trainer's model and
-    generator, score them with its reward functions, and report the mean (weighted) reward, each function's mean,
-    and pass@k, where a completion counts as correct when its weighted reward is at least `pass_threshold`."""
-    g = num_generations or trainer.args.num_generations
+Score = Callable[[list[dict[str, Any]], int], tuple[Rollout, dict[str, float]]]
+"""score(rows, G): sample G completions of each prompt row (a prompt's consecutive) and score them, as
+`GRPOTrainer.generate_and_score` does with its model, generator and reward functions."""
+
+
+def evaluate(score: Score, rows: list[dict[str, Any]], ks: list[int], pass_threshold: float, num_generations: int,
+             reward_names: list[str], reward_weights: torch.Tensor, prompts_per_batch: int = 8) -> dict[str, Any]:
+    """Sample `num_generations` completions per prompt and score them through `score`, `prompts_per_batch` prompts
+    at a time; report the mean reward (weighted by `reward_weights`), each reward function's mean, and pass@k,
+    where a completion counts as correct when its weighted reward is at least `pass_threshold`."""
+    g = num_generations
     totals, per_func, correct = [], [], []
     for start in range(0, len(rows), prompts_per_batch):
-        rollout, _ = trainer.generate_and_score(rows[start:start + prompts_per_batch], num_generations=g,
-                                                for_loss=False)
-        total = combine_rewards(rollout.rewards_per_func, trainer.reward_weights)
+        rollout, _ = score(rows[start:start + prompts_per_batch], g)
+        total = combine_rewards(rollout.rewards_per_func, reward_weights)
         totals.append(total)
         per_func.append(rollout.rewards_per_func)
         correct += (total.view(-1, g) >= pass_threshold).sum(1).tolist()
@@ -43,7 +49,7 @@ def evaluate(trainer: Any, rows: list[dict[str, Any]], ks: list[int], pass_thres
         "num_prompts": len(rows),
         "num_generations": g,
         "mean_reward": torch.nanmean(total).item(),
-        **{f"rewards/{r.name}/mean": torch.nanmean(by_func[:, i]).item() for i, r in enumerate(trainer.reward_funcs)},
+        **{f"rewards/{name}/mean": torch.nanmean(by_func[:, i]).item() for i, name in enumerate(reward_names)},
         "pass_threshold": pass_threshold,
     }
     for k in ks:

@@ -12,14 +12,11 @@ recomputes each chunk's logits in the backward pass, so no (B, C, V) tensor exis
 micro-batch's completion tokens fit in one chunk it keeps their probabilities instead (memory within the same
 budget), and the backward pass skips that recomputation. Models whose
 forward is not exactly `decoder -> lm_head` (logit soft-capping, logit scaling, prompt-learning adapters, ...) take
-the full-logits path, as do models without a separate decoder body.
+the full-logits path, as do models without a separate decoder body (`grpo.models.lm_body_and_head` tells them apart).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import re
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -27,25 +24,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from grpo.algorithm import entropy_from_logits, selective_log_softmax
+from grpo.models import accepts_logits_to_keep, lm_body_and_head, vocab_size
 
 LOGITS_CHUNK_BYTES = 128 * 2**20
 """Budget for one chunk of float32 logits: tokens per chunk = LOGITS_CHUNK_BYTES / (4 * vocab). The LM head's
 transient memory is about twice this (the logits and their exponentials), whatever the batch and length."""
-
-# Config fields of models whose logits are rescaled or soft-capped after the LM head; the forward-source check
-# below catches these too, this is a second line of defence.
-LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logits_soft_cap",
-                          "lm_head_multiplier", "output_multiplier")
-
-# What a `*ForCausalLM.forward` does between the decoder body and the loss when its logits are plain h W^T + b:
-# transformers >= 5 slices with `slice_logits_to_keep`, 4.5x with `slice_indices`.
-_PLAIN_HEADS = (
-    ["hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)", "logits = self.lm_head(hidden_states)"],
-    ["slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep",
-     "logits = self.lm_head(hidden_states[:, slice_indices, :])"],
-)
-_BODY_CALL = re.compile(r"^outputs(?:\s*:\s*[\w.\[\], ]+)?\s*=\s*self\.(\w+)\(")
-
 
 def completion_logps(
     model: Any,
@@ -107,36 +90,6 @@ def token_logps(
              for h, y in _chunks(hidden, targets, chunk_tokens)]
     logps, entropy = torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])
     return logps, entropy if entropy_grad else entropy.detach()
-
-
-def lm_body_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """(decoder body, LM head) of a causal LM whose logits are exactly lm_head(body(...).last_hidden_state), or
-    None where that cannot be relied on: soft-capped or rescaled logits, a forward that does more, a head that is
-    not a (PEFT-wrapped) `nn.Linear`, or a prompt-learning PEFT adapter (it changes the inputs)."""
-    base = model
-    if hasattr(model, "get_base_model"):  # PEFT: LoRA-style adapters live inside the base model's modules
-        peft_config = getattr(model, "active_peft_config", None)
-        if peft_config is None or getattr(peft_config, "is_prompt_learning", True):
-            return None
-        base = model.get_base_model()
-    body_name = _body_attribute(type(base))
-    config = getattr(base, "config", None)
-    if body_name is None or config is None or _transforms_logits(config):
-        return None
-    body, head = getattr(base, body_name, None), getattr(base, "lm_head", None)
-    if not isinstance(body, torch.nn.Module) or not _is_linear_head(head):
-        return None
-    return body, head
-
-
-def vocab_size(head: torch.nn.Module) -> int:
-    """Output width of an `nn.Linear` head or of a PEFT layer wrapping one."""
-    return head.out_features if type(head) is torch.nn.Linear else head.base_layer.out_features
-
-
-def accepts_logits_to_keep(model: Any) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 @torch.no_grad()
@@ -286,37 +239,6 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 def _no_autocast(device: torch.device) -> AbstractContextManager:
     return torch.autocast(device.type, enabled=False)
-
-
-# ---- which models can take the chunked path ----------------------------------------------------------------
-@functools.cache
-def _body_attribute(cls: type) -> str | None:
-    """Name of the decoder-body attribute when `cls.forward` computes lm_head(body(...).last_hidden_state) and
-    nothing else on the way to the logits; None otherwise (read from the forward's source)."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError, AttributeError):
-        return None
-    code = source.rsplit('"""', 1)[-1]  # after the docstring
-    lines = [line.split("#", 1)[0].strip() for line in code.splitlines()]
-    lines = [line for line in lines if line]
-    try:
-        start = lines.index("hidden_states = outputs.last_hidden_state")
-        end = lines.index("loss = None", start)
-    except ValueError:
-        return None
-    calls = [m.group(1) for m in map(_BODY_CALL.match, lines[:start]) if m]
-    return calls[0] if len(calls) == 1 and lines[start + 1:end] in _PLAIN_HEADS else None
-
-
-def _transforms_logits(config: Any) -> bool:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return any(getattr(text, name, None) is not None for name in LOGIT_TRANSFORM_FIELDS)
-
-
-def _is_linear_head(head: Any) -> bool:
-    """An `nn.Linear`, or a PEFT layer (LoRA, ...) wrapping one."""
-    return type(head) is torch.nn.Linear or type(getattr(head, "base_layer", None)) is torch.nn.Linear
 
 
 # ---- the full-logits path ------------------------------------------------------------------------------------

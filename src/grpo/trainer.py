@@ -7,12 +7,13 @@ optimizer step; the math they call lives in `grpo.algorithm`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +24,19 @@ from transformers import PreTrainedModel, get_scheduler, set_seed
 from grpo import distributed, zero
 from grpo.algorithm import (
     MULTI_OBJECTIVE_AGGREGATIONS,
-    OBJECTIVES,
+    LossSettings,
+    LossStats,
     ObjectiveParams,
     StepCounts,
     all_equal_groups,
     combine_rewards,
     entropy_threshold,
-    kl_k3,
+    micro_batch_loss,
     mix_into,
-    policy_loss,
 )
 from grpo.batching import plan_steps, split_to_counts
 from grpo.checkpoint import (
-    RunPosition,
+    TrainingObjects,
     check_resumable,
     checkpoints,
     load_checkpoint,
@@ -60,17 +61,7 @@ from grpo.models import (
 )
 from grpo.rewards import RewardRunner, prepare_reward_funcs
 from grpo.rollout import Generator, Rollout, default_generator
-
-
-@dataclass
-class TrainerState:
-    """Progress of a run, as in transformers: `global_step` counts optimizer steps."""
-
-    global_step: int = 0
-    max_steps: int = 0
-    epoch: float = 0.0
-    num_input_tokens_seen: int = 0
-    log_history: list[dict[str, Any]] = field(default_factory=list)
+from grpo.run_state import RunPosition, TrainerState
 
 
 class GRPOTrainer:
@@ -182,7 +173,8 @@ class GRPOTrainer:
         self.policy_logps = distributed.shard_policy(self.accelerator, self.policy_logps, self.optimizer)  # FSDP only
         position, window_values = RunPosition(), {}
         if checkpoint is not None:
-            position, window_values = load_checkpoint(self, checkpoint)
+            position, window_values = load_checkpoint(checkpoint, self._training_objects(), self.state,
+                                                      self.processes)
         run_dir, resolved = self._prepare_run_dir()
         main = self.processes.is_main  # only the main process writes and prints
         self.log = log = RunLog(run_dir, args, resolved, self.state.log_history, self.state.global_step, main)
@@ -235,7 +227,9 @@ class GRPOTrainer:
                         if main:
                             self._log_evaluation()
                 if args.save_strategy == "steps" and (step % args.save_steps == 0 or last_step) and guard.healthy:
-                    save_checkpoint(self, position, log.window.values)
+                    save_checkpoint(self._training_objects(), self.state, position, log.window.values, config,
+                                    output_dir=args.output_dir, save_total_limit=args.save_total_limit,
+                                    processes=self.processes)
         finally:
             bar.close()
             log.close()
@@ -319,7 +313,6 @@ class GRPOTrainer:
             prompt_ids=generation.prompt_ids, prompt_mask=generation.prompt_mask,
             completion_ids=generation.completion_ids, completion_mask=generation.completion_mask,
             is_eos=generation.is_eos, advantages=spread.own_rows(advantages), rewards_per_func=rewards_per_func,
-            sampling_logps=generation.sampling_logps,
             prompts=repeated_prompts, completions=completions,
         )
         chunk = args.per_device_train_batch_size
@@ -354,58 +347,35 @@ class GRPOTrainer:
             num_tokens=int(processes.sum({"tokens": local_tokens})["tokens"]),
             max_completion_length=args.max_completion_length,
         )
-        objective = OBJECTIVES[args.loss_type]
-        params = ObjectiveParams(args.epsilon, args.epsilon_high, args.delta, args.sapo_temperature_pos,
-                                 args.sapo_temperature_neg)
+        settings = LossSettings(args.loss_type, args.importance_sampling_level,
+                                ObjectiveParams(args.epsilon, args.epsilon_high, args.delta, args.sapo_temperature_pos,
+                                                args.sapo_temperature_neg),
+                                beta=args.beta, entropy_coef=args.entropy_coef)
         entropy_masks = self._high_entropy_masks(rollout, micro_batches) if args.top_entropy_quantile < 1 else None
-        totals = dict.fromkeys(("loss", "policy_loss", "entropy", "kl", "low", "high", "cispo"), 0.0)
+        totals = LossStats()
         self.policy_logps.train()  # the model and any DDP wrapper around it
         for i, rows in enumerate(micro_batches):
             batch = rollout.select(rows)
-            mask = self._loss_mask(batch).to(self.device)
             with self._autocast():
                 logps, entropy = self.policy_logps(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                                    batch.completion_mask, args.temperature, with_entropy=True,
                                                    entropy_grad=args.entropy_coef > 0)
-            old_logps = batch.old_logps.to(self.device) if batch.old_logps is not None else logps.detach()
-            result = policy_loss(args.loss_type, args.importance_sampling_level, logps, old_logps,
-                                 batch.advantages.to(self.device), mask, params)
-            per_token_loss = result.per_token_loss
-            if entropy_masks is not None:  # the KL term stays on every token, as in TRL
-                per_token_loss = per_token_loss * entropy_masks[i].to(self.device)
-            if args.beta > 0:
-                kl = kl_k3(logps, batch.ref_logps.to(self.device))
-                per_token_loss = per_token_loss + args.beta * kl
-                totals["kl"] += (kl.detach() * mask).sum().item()
-            loss = objective.aggregate(per_token_loss, mask, counts)
-            entropy_sum = (entropy * mask).sum()
-            totals["policy_loss"] += loss.item()
-            if args.entropy_coef > 0:  # a token mean over the step, like the dapo normaliser: split-invariant
-                loss = loss - args.entropy_coef * entropy_sum / max(counts.num_tokens, 1)
-            last = i == len(micro_batches) - 1
-            self._backward(loss * processes.count, last)  # DDP averages; the step's loss is their sum
-            totals["loss"] += loss.item()
-            totals["entropy"] += entropy_sum.item()
-            totals["low"] += (result.is_low_clipped.float() * mask).sum().item()
-            totals["high"] += (result.is_high_clipped.float() * mask).sum().item()
-            if result.is_cispo_clipped is not None:
-                totals["cispo"] += (result.is_cispo_clipped.float() * mask).sum().item()
-        totals = processes.sum(totals)
-        metrics = {"loss": totals["loss"], "grad_norm": self._optimizer_step(totals["loss"])}
+            loss, stats = micro_batch_loss(
+                logps, entropy, self._on_device(batch.old_logps), self._on_device(batch.ref_logps),
+                batch.advantages.to(self.device), self._loss_mask(batch).to(self.device), counts, settings,
+                entropy_mask=None if entropy_masks is None else entropy_masks[i].to(self.device),
+            )
+            # DDP averages gradients over processes; the step's loss is their sum
+            self._backward(loss * processes.count, last=i == len(micro_batches) - 1)
+            totals += stats
+        totals = LossStats(**processes.sum(dataclasses.asdict(totals)))
+        metrics = {"loss": totals.loss, "grad_norm": self._optimizer_step(totals.loss)}
         self.lr_scheduler.step()  # the schedule follows global_step, skipped steps included
-        tokens = max(counts.num_tokens, 1)
-        metrics.update({"learning_rate": self.lr_scheduler.get_last_lr()[0], "entropy": totals["entropy"] / tokens})
-        if args.entropy_coef > 0:  # TRL logs the loss before the bonus only when the bonus is on
-            metrics["policy_loss"] = totals["policy_loss"]
-        if args.loss_type == "cispo":
-            metrics["cispo_clip_ratio"] = totals["cispo"] / tokens
-        elif args.loss_type != "sapo":  # TRL logs clip ratios for the clipped losses only
-            low, high = totals["low"] / tokens, totals["high"] / tokens
-            metrics.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
-                            "clip_ratio/region_mean": low + high})
-        if args.beta > 0:
-            metrics["kl"] = totals["kl"] / tokens
-        return metrics
+        metrics["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
+        return metrics | totals.step_metrics(counts.num_tokens, settings)
+
+    def _on_device(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(self.device)
 
     def _loss_mask(self, batch: Rollout) -> torch.Tensor:
         """The completion mask, less truncated completions when mask_truncated_completions (DAPO overlong
@@ -461,8 +431,11 @@ class GRPOTrainer:
         args = self.args
         if self._eval_rows is None:
             self._eval_rows = list(self.eval_source.dataset)
-        results = evaluate(self, self._eval_rows, ks=[1], pass_threshold=1.0, num_generations=args.num_generations_eval,
-                           prompts_per_batch=args.per_device_eval_batch_size // args.num_generations_eval)
+        score = partial(self.generate_and_score, for_loss=False)  # the main process alone: no collectives
+        g = args.num_generations_eval
+        results = evaluate(score, self._eval_rows, ks=[1], pass_threshold=1.0, num_generations=g,
+                           reward_names=[r.name for r in self.reward_funcs], reward_weights=self.reward_weights,
+                           prompts_per_batch=args.per_device_eval_batch_size // g)
         record = {"step": self.state.global_step, "eval_reward": results["mean_reward"],
                   **{f"eval_{k}": v for k, v in results.items() if k.startswith(("rewards/", "pass@"))}}
         self.log.write(record)
@@ -512,6 +485,14 @@ class GRPOTrainer:
         if not self.use_bf16:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _training_objects(self) -> TrainingObjects:
+        """What a checkpoint writes and a resume restores."""
+        return TrainingObjects(
+            model=self._unwrapped_model(), trained=self.policy_logps, optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler, tokenizer=self.processing_class, shuffle=self._shuffle,
+            sampler=self.generator, ref_model=self.ref_model if self.args.sync_ref_model else None,
+        )
 
     def _unwrapped_model(self) -> Any:
         return self.accelerator.unwrap_model(self.model)

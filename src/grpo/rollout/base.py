@@ -18,7 +18,6 @@ class Generation:
     completion_ids: torch.Tensor  # (N, C) right-padded; the EOS token, if sampled, is kept and masked in
     completion_mask: torch.Tensor  # (N, C) 1 up to and including the first EOS
     is_eos: torch.Tensor  # (N,) bool: the completion ended with EOS rather than at max_completion_length
-    sampling_logps: torch.Tensor | None = None  # (N, C) log-probs of the sampled tokens under the sampler
 
 
 class Generator(Protocol):
@@ -27,10 +26,10 @@ class Generator(Protocol):
     def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation: ...
 
 
-def eos_token_ids(tokenizer: Any, generation_kwargs: dict[str, Any] | None) -> list[int]:
-    """The ids that end a completion: generation_kwargs' eos_token_id (it overrides, as in TRL) or the
-    tokenizer's, as a list."""
-    eos = (generation_kwargs or {}).get("eos_token_id", tokenizer.eos_token_id)
+def eos_token_ids(tokenizer: Any, eos_token_id: int | list[int] | None) -> list[int]:
+    """The ids that end a completion, as a list: `eos_token_id` (from generation_kwargs, it overrides as in TRL)
+    or the tokenizer's."""
+    eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
@@ -74,7 +73,6 @@ class Rollout:
     rewards_per_func: torch.Tensor  # (N, F), NaN where a function returned None
     old_logps: torch.Tensor | None = None  # (N, C) policy log-probs at generation time, when off-policy
     ref_logps: torch.Tensor | None = None  # (N, C) reference-model log-probs, when beta > 0
-    sampling_logps: torch.Tensor | None = None  # (N, C) log-probs under the sampling distribution, if known
     prompts: list[Any] = field(default_factory=list)
     completions: list[Any] = field(default_factory=list)
 
@@ -111,7 +109,7 @@ class Rollout:
         prompt_start = int((batch.prompt_mask.sum(0) > 0).int().argmax())
         completion_end = int(batch.completion_mask.sum(1).max())
         batch.prompt_ids, batch.prompt_mask = batch.prompt_ids[:, prompt_start:], batch.prompt_mask[:, prompt_start:]
-        for name in ("completion_ids", "completion_mask", "old_logps", "ref_logps", "sampling_logps"):
+        for name in ("completion_ids", "completion_mask", "old_logps", "ref_logps"):
             value = getattr(batch, name)
             if value is not None:
                 setattr(batch, name, value[:, :completion_end])

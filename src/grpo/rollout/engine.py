@@ -15,11 +15,12 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from grpo.logprobs import accepts_logits_to_keep
+from grpo.config import SamplingParams
+from grpo.models import accepts_logits_to_keep
 from grpo.rollout.base import Generation, eos_token_ids, left_pad, pad_and_cat
 from grpo.rollout.decoder import LeanDecoder
 from grpo.rollout.kv_cache import CopiedKV, GroupKV, use_shared_prefix
-from grpo.rollout.sampling import SamplingParams, process_logits, sample_tokens
+from grpo.rollout.sampling import process_logits, sample_tokens
 
 
 class RolloutEngine:
@@ -30,13 +31,12 @@ class RolloutEngine:
     with `LeanDecoder` (`lean=False`: always through transformers' forward).
     """
 
-    def __init__(self, tokenizer: Any, args: Any, max_batch_rows: int | None = None, seed: int = 0,
+    def __init__(self, tokenizer: Any, params: SamplingParams, max_batch_rows: int | None = None, seed: int = 0,
                  lean: bool = True):
         self.pad_id = tokenizer.pad_token_id
-        self.eos_ids = eos_token_ids(tokenizer, args.generation_kwargs)
-        self.max_new_tokens = (args.generation_kwargs or {}).get("max_new_tokens", args.max_completion_length)
-        self.params = SamplingParams.from_config(args)
-        self.suppress_tokens = (args.generation_kwargs or {}).get("suppress_tokens")
+        self.eos_ids = eos_token_ids(tokenizer, params.eos_token_id)
+        self.max_new_tokens = params.max_new_tokens
+        self.params = params
         self.max_batch_rows = max_batch_rows
         self.generator = torch.Generator().manual_seed(seed)
         self.lean = lean
@@ -62,7 +62,7 @@ class RolloutEngine:
         capacity = max(len(ids) for ids in prompt_ids) + self.max_new_tokens
         rows = min(len(prompt_ids), prompts_per_chunk) * num_generations
         decoder = LeanDecoder.from_model(model, capacity, rows) if self.lean else None
-        pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
         start = 0
         while start < len(prompt_ids):
             chunk = prompt_ids[start:start + prompts_per_chunk]
@@ -79,16 +79,14 @@ class RolloutEngine:
         all_prompt_ids, all_prompt_mask = left_pad(repeated, self.pad_id)
         completion_ids = pad_and_cat([p[0] for p in pieces], self.pad_id)
         lengths = torch.cat([p[1] for p in pieces])
-        sampling_logps = pad_and_cat([p[2] for p in pieces], 0.0)
         completion_mask = (torch.arange(completion_ids.size(1)).unsqueeze(0) < lengths.unsqueeze(1)).long()
         last_token = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
         is_eos = torch.isin(last_token, torch.tensor(self.eos_ids)) & (lengths > 0)
-        return Generation(all_prompt_ids, all_prompt_mask, completion_ids, completion_mask, is_eos,
-                          sampling_logps=sampling_logps * completion_mask)
+        return Generation(all_prompt_ids, all_prompt_mask, completion_ids, completion_mask, is_eos)
 
     def _generate_chunk(self, model: Any, decoder: LeanDecoder | None, prompt_ids: list[list[int]], g: int
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns completion ids (rows, T) right-padded, lengths (rows,) and sampling log-probs (rows, T)."""
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns completion ids (rows, T) right-padded and lengths (rows,)."""
         device = next(model.parameters()).device
         ids, mask = (t.to(device) for t in left_pad(prompt_ids, self.pad_id))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -115,7 +113,6 @@ class RolloutEngine:
         penalize = self.params.repetition_penalty != 1.0
         rows = ids.size(0) * g
         tokens = torch.full((rows, self.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
-        logps = torch.zeros((rows, self.max_new_tokens), device=device)
         lengths = torch.full((rows,), self.max_new_tokens, dtype=torch.long, device=device)
         active = torch.arange(rows, device=device)  # the original row of each row still decoding
         eos = torch.tensor(self.eos_ids, device=device)
@@ -123,9 +120,8 @@ class RolloutEngine:
 
         for step in range(self.max_new_tokens):
             processed = process_logits(logits, self.params, seen if penalize else None, suppressed)
-            new_tokens, new_logps = sample_tokens(processed, self.params, self._generator_for(device))
+            new_tokens = sample_tokens(processed, self.params, self._generator_for(device))
             tokens[active, step] = new_tokens
-            logps[active, step] = new_logps
             finished = torch.isin(new_tokens, eos)
             any_finished = bool(finished.any())
             if any_finished:
@@ -152,12 +148,12 @@ class RolloutEngine:
                                past_key_values=cache, use_cache=True).logits[:, -1]
             next_position = next_position + 1
         used = int(lengths.max())
-        return tokens[:, :used].cpu(), lengths.cpu(), logps[:, :used].cpu()
+        return tokens[:, :used].cpu(), lengths.cpu()
 
     def _suppressed_ids(self, model: Any, device: torch.device) -> torch.Tensor | None:
         """Token ids never to sample: generation_kwargs' `suppress_tokens`, else the model's generation config's
         (as `generate` does: the embedded model suppresses its padding, unknown and BOS tokens this way)."""
-        ids = self.suppress_tokens
+        ids = self.params.suppress_tokens
         if ids is None:
             ids = getattr(getattr(model, "generation_config", None), "suppress_tokens", None)
         return torch.tensor(ids, dtype=torch.long, device=device) if ids else None

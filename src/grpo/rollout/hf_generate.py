@@ -6,22 +6,26 @@ from typing import Any
 
 import torch
 
+from grpo.config import SamplingParams
 from grpo.rollout.base import Generation, eos_token_ids, left_pad, mask_after_eos, pad_and_cat
 
 
 class TransformersGenerator:
     """Samples with `model.generate`, each unique prompt repeated G times, in chunks of `max_batch_rows`."""
 
-    def __init__(self, tokenizer: Any, args: Any, max_batch_rows: int | None = None):
+    def __init__(self, tokenizer: Any, params: SamplingParams, max_batch_rows: int | None = None):
         self.pad_id = tokenizer.pad_token_id
-        self.eos_ids = eos_token_ids(tokenizer, args.generation_kwargs)
+        self.eos_ids = eos_token_ids(tokenizer, params.eos_token_id)
         self.max_batch_rows = max_batch_rows
         self.generate_kwargs = dict(
-            do_sample=True, max_new_tokens=args.max_completion_length, temperature=args.temperature,
-            top_p=args.top_p, top_k=args.top_k or None, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-            pad_token_id=self.pad_id, eos_token_id=self.eos_ids, use_cache=True,
+            do_sample=params.do_sample, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+            top_p=params.top_p, top_k=params.top_k or None, min_p=params.min_p,
+            repetition_penalty=params.repetition_penalty, pad_token_id=self.pad_id, eos_token_id=self.eos_ids,
+            use_cache=True,
         )
-        self.generate_kwargs.update(args.generation_kwargs or {})  # as in TRL, they override the named fields
+        if params.suppress_tokens is not None:  # else generate reads the model's generation config's
+            self.generate_kwargs["suppress_tokens"] = params.suppress_tokens
+        self.generate_kwargs.update(params.other_generation_kwargs)  # any GenerationConfig name, as in TRL
 
     @torch.no_grad()
     def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation:

@@ -1,37 +1,12 @@
 """Sampling transforms as pure functions on a (rows, vocab) logits tensor, in transformers' order and meaning:
-repetition penalty, then temperature, top-k, top-p, min-p. Removed tokens get -inf."""
+repetition penalty, then temperature, top-k, top-p, min-p. Removed tokens get -inf. The settings come in one
+`SamplingParams` (`GRPOConfig.sampling_params`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-    greedy: bool = False
-
-    @classmethod
-    def from_config(cls, args: Any) -> SamplingParams:
-        """The config's sampling fields, overridden by `generation_kwargs` as in TRL (the config has checked
-        that every key is one the engine supports)."""
-        overrides = dict(args.generation_kwargs or {})
-        top_k = overrides.get("top_k", args.top_k) or 0
-        return cls(
-            temperature=overrides.get("temperature", args.temperature),
-            top_k=top_k,
-            top_p=overrides.get("top_p", args.top_p),
-            min_p=overrides.get("min_p", args.min_p),
-            repetition_penalty=overrides.get("repetition_penalty", args.repetition_penalty),
-            greedy=overrides.get("do_sample", True) is False or top_k == 1,
-        )
+from grpo.config import SamplingParams
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -91,17 +66,15 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen_ids: torch
 
 
 def sample_tokens(processed: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from softmax(processed) (argmax when greedy) and its log-probability.
+                  ) -> torch.Tensor:
+    """One token per row from softmax(processed) (argmax when greedy).
 
     Sampling inverts the CDF with one uniform draw per row: the first v with cumsum(p)_v > u. It is exact, and
     far cheaper than `torch.multinomial` or a Gumbel race, which draw a random number per vocabulary entry.
     """
     probs = torch.softmax(processed, dim=-1)
     if params.greedy:
-        tokens = probs.argmax(dim=-1)
-    else:
-        cdf = probs.cumsum(dim=-1)
-        u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device) * cdf[:, -1:]
-        tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.size(1) - 1)
-    return tokens, probs.gather(1, tokens.unsqueeze(1)).squeeze(1).log()
+        return probs.argmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.size(1) - 1)
