@@ -64,4 +64,6 @@ def test_eval_numbers_on_a_fixed_tiny_set(tmp_path, tiny_model_dir):
                        prompts_per_batch=3)
     assert results["mean_reward"] == 0.75 and results["rewards/from_column/mean"] == 0.75
     assert results["pass@1"] == results["pass@2"] == results["pass@4"] == 0.75  # all or none of a group pass
+    # per-prompt values 1, 0, 1, 1: sample std sqrt(0.25) = 0.5, over sqrt(4) prompts -> 0.25
+    assert results["pass@1_stderr"] == pytest.approx(0.25)
     assert results["num_prompts"] == 4 and results["num_generations"] == 4

@@ -156,7 +156,8 @@ def run_eval(args: argparse.Namespace, overrides: dict[str, str]) -> dict[str, A
     rows = list(itertools.islice(iter(trainer.train_source.dataset), args.num_prompts))
     results = evaluate(partial(trainer.generate_and_score, for_loss=False), rows, ks=args.k or sorted({1, g}),
                        pass_threshold=args.pass_threshold, num_generations=trainer.args.num_generations,
-                       reward_names=[r.name for r in trainer.reward_funcs], reward_weights=trainer.reward_weights)
+                       reward_names=[r.name for r in trainer.reward_funcs], reward_weights=trainer.reward_weights,
+                       progress=True)
     text = json.dumps(results, indent=2)
     print(text)
     if args.output:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from grpo.algorithm import combine_rewards
 from grpo.rollout import Rollout
@@ -31,13 +32,16 @@ Score = Callable[[list[dict[str, Any]], int], tuple[Rollout, dict[str, float]]]
 
 
 def evaluate(score: Score, rows: list[dict[str, Any]], ks: list[int], pass_threshold: float, num_generations: int,
-             reward_names: list[str], reward_weights: torch.Tensor, prompts_per_batch: int = 8) -> dict[str, Any]:
+             reward_names: list[str], reward_weights: torch.Tensor, prompts_per_batch: int = 8,
+             progress: bool = False) -> dict[str, Any]:
     """Sample `num_generations` completions per prompt and score them through `score`, `prompts_per_batch` prompts
     at a time; report the mean reward (weighted by `reward_weights`), each reward function's mean, and pass@k,
-    where a completion counts as correct when its weighted reward is at least `pass_threshold`."""
+    where a completion counts as correct when its weighted reward is at least `pass_threshold`, with its standard
+    error over prompts (`pass@k_stderr`). `progress`: a progress bar over the batches."""
     g = num_generations
     totals, per_func, correct = [], [], []
-    for start in range(0, len(rows), prompts_per_batch):
+    batches = range(0, len(rows), prompts_per_batch)
+    for start in tqdm(batches, desc="evaluating", unit="batch", disable=not progress, dynamic_ncols=True):
         rollout, _ = score(rows[start:start + prompts_per_batch], g)
         total = combine_rewards(rollout.rewards_per_func, reward_weights)
         totals.append(total)
@@ -53,5 +57,8 @@ def evaluate(score: Score, rows: list[dict[str, Any]], ks: list[int], pass_thres
         "pass_threshold": pass_threshold,
     }
     for k in ks:
-        results[f"pass@{k}"] = sum(pass_at_k(g, c, k) for c in correct) / len(correct)
+        per_prompt = torch.tensor([pass_at_k(g, c, k) for c in correct], dtype=torch.float64)
+        results[f"pass@{k}"] = per_prompt.mean().item()
+        # how far the estimate could move with other prompts: the standard error of the mean over prompts
+        results[f"pass@{k}_stderr"] = (per_prompt.std() / math.sqrt(len(correct))).item() if len(correct) > 1 else 0.0
     return results
