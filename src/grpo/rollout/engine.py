@@ -15,12 +15,13 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from grpo.config import SamplingParams
 from grpo.models import accepts_logits_to_keep
 from grpo.rollout.base import Generation, eos_token_ids, left_pad, pad_and_cat
 from grpo.rollout.decoder import LeanDecoder
 from grpo.rollout.kv_cache import CopiedKV, GroupKV, use_shared_prefix
+from grpo.rollout.processors import generation_rules
 from grpo.rollout.sampling import process_logits, sample_tokens
+from grpo.sampling_params import SamplingParams
 
 
 class RolloutEngine:
@@ -33,6 +34,7 @@ class RolloutEngine:
 
     def __init__(self, tokenizer: Any, params: SamplingParams, max_batch_rows: int | None = None, seed: int = 0,
                  lean: bool = True):
+        self.tokenizer = tokenizer  # stop_strings need it
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = eos_token_ids(tokenizer, params.eos_token_id)
         self.max_new_tokens = params.max_new_tokens
@@ -80,13 +82,13 @@ class RolloutEngine:
         completion_ids = pad_and_cat([p[0] for p in pieces], self.pad_id)
         lengths = torch.cat([p[1] for p in pieces])
         completion_mask = (torch.arange(completion_ids.size(1)).unsqueeze(0) < lengths.unsqueeze(1)).long()
-        last_token = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-        is_eos = torch.isin(last_token, torch.tensor(self.eos_ids)) & (lengths > 0)
+        is_eos = torch.cat([p[2] for p in pieces]) & (lengths > 0)
         return Generation(all_prompt_ids, all_prompt_mask, completion_ids, completion_mask, is_eos)
 
     def _generate_chunk(self, model: Any, decoder: LeanDecoder | None, prompt_ids: list[list[int]], g: int
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns completion ids (rows, T) right-padded and lengths (rows,)."""
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns completion ids (rows, T) right-padded, lengths (rows,) and whether each row ended (EOS or a
+        stopping criterion such as stop_strings) rather than ran out of max_new_tokens."""
         device = next(model.parameters()).device
         ids, mask = (t.to(device) for t in left_pad(prompt_ids, self.pad_id))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -109,26 +111,40 @@ class RolloutEngine:
         logits = logits.repeat_interleave(g, dim=0)
         mask = mask.repeat_interleave(g, dim=0)
         next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1
-        seen = ids.repeat_interleave(g, dim=0).masked_fill(mask == 0, self.pad_id)  # for the repetition penalty
         penalize = self.params.repetition_penalty != 1.0
+        # generation_kwargs beyond the engine's own transforms, as transformers' processors (rollout/processors.py)
+        rules = generation_rules(model, self.params, self.eos_ids, self.pad_id, self.tokenizer, mask,
+                                 self.max_new_tokens)
+        history = None  # each row's tokens so far, for the repetition penalty and transformers' processors
+        if penalize or rules.needs_history:
+            history = ids.repeat_interleave(g, dim=0).masked_fill(mask == 0, self.pad_id)
         rows = ids.size(0) * g
         tokens = torch.full((rows, self.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         lengths = torch.full((rows,), self.max_new_tokens, dtype=torch.long, device=device)
+        ended = torch.zeros(rows, dtype=torch.bool, device=device)
         active = torch.arange(rows, device=device)  # the original row of each row still decoding
         eos = torch.tensor(self.eos_ids, device=device)
         suppressed = self._suppressed_ids(model, device)
 
         for step in range(self.max_new_tokens):
-            processed = process_logits(logits, self.params, seen if penalize else None, suppressed)
+            if rules.processors is not None:
+                processed = rules.processors(history, logits.float())
+            else:
+                processed = process_logits(logits, self.params, history if penalize else None, suppressed)
             new_tokens = sample_tokens(processed, self.params, self._generator_for(device))
             tokens[active, step] = new_tokens
+            if history is not None:
+                history = torch.cat([history, new_tokens.unsqueeze(1)], dim=1)
             finished = torch.isin(new_tokens, eos)
+            if rules.stopping is not None:
+                finished |= rules.stopped(history, processed)
             any_finished = bool(finished.any())
             if any_finished:
                 lengths[active[finished]] = step + 1
+                ended[active[finished]] = True
             if step == self.max_new_tokens - 1:
                 break
-            if any_finished:  # finished rows leave the batch and its cache
+            if any_finished:  # finished rows leave the batch, its cache and the processors' state
                 keep = fill_from_the_end(finished)
                 if keep.numel() == 0:
                     break
@@ -137,9 +153,10 @@ class RolloutEngine:
                 else:
                     cache.batch_select_indices(keep)
                 active, mask, next_position = active[keep], mask[keep], next_position[keep]
-                new_tokens, seen = new_tokens[keep], seen[keep]
-            if penalize:
-                seen = torch.cat([seen, new_tokens.unsqueeze(1)], dim=1)
+                new_tokens = new_tokens[keep]
+                if history is not None:
+                    history = history[keep]
+                rules.keep_rows(keep)
             if kv is not None:
                 logits = decoder.step(new_tokens, next_position.squeeze(1), kv)
             else:
@@ -148,7 +165,7 @@ class RolloutEngine:
                                past_key_values=cache, use_cache=True).logits[:, -1]
             next_position = next_position + 1
         used = int(lengths.max())
-        return tokens[:, :used].cpu(), lengths.cpu()
+        return tokens[:, :used].cpu(), lengths.cpu(), ended.cpu()
 
     def _suppressed_ids(self, model: Any, device: torch.device) -> torch.Tensor | None:
         """Token ids never to sample: generation_kwargs' `suppress_tokens`, else the model's generation config's
