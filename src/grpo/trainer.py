@@ -250,7 +250,7 @@ class GRPOTrainer:
         lengths = rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1)
         order = torch.randperm(len(rollout), generator=self._shuffle)
         steps = plan_steps(order, lengths, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                           args.num_iterations, args.max_tokens_per_micro_batch)
+                           args.num_iterations, args.max_tokens_per_micro_batch, group_size=args.num_generations)
         return split_to_counts(steps, self.processes.max_each([len(s) for s in steps]), lengths)
 
     # ---- one generation round ------------------------------------------------------------------------------
