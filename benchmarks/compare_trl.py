@@ -1,23 +1,29 @@
 """GRPO training: grpo's GRPOTrainer against TRL's, same model, data, reward and config, in one invocation.
 
     pip install 'grpo[bench]'   # trl==1.16.0, for this script only
-    python benchmarks/compare_trl.py [--models tiny small] [--steps 12] [--completion-lengths 64 512]
-                                     [--memory-steps 2] [--device cpu|cuda]
+    python benchmarks/compare_trl.py [--models tiny small smollm2] [--steps 12] [--completion-lengths 64 512]
+                                     [--num-generations 8] [--modes full lora] [--repeats 2] [--bf16]
+    python benchmarks/compare_trl.py --preset smollm2     # the real model: G 4 and 8, L 64 and 256, full and LoRA
 
-For each offline model of benchmarks/models.py (saved with a word-level tokenizer of the model's vocabulary to a
-temporary directory, so both trainers load the same weights) each trainer runs in its own subprocess, so that
-peak memory is its own: peak RSS (ru_maxrss) on CPU, torch.cuda.max_memory_allocated on CUDA (bf16 autocast).
-The first completion length runs --steps optimizer steps (timing and reward curves); each further length runs
---memory-steps steps to measure how peak memory grows with the completion length.
+Models: `tiny` and `small` are the seeded random Llamas of benchmarks/models.py with a word-level tokenizer,
+prompts of 8-40 random tokens; `smollm2` is SmolLM2-135M-Instruct (grpo.catalog: fetched once from the package
+index), prompts are the chat-templated messages of the built-in `chat_length` task. Both trainers load the same
+weights. Each (trainer, configuration) runs in its own subprocess, so peak memory (ru_maxrss on CPU,
+torch.cuda.max_memory_allocated on CUDA) is its own, and runs alternate between the trainers so that drift in the
+machine's speed hits both alike.
 
-Task: G = 8 completions per prompt, max_completion_length from --completion-lengths, per_device_train_batch_size
-8, gradient_accumulation_steps 2 (one 16-completion round per optimizer step, on-policy), beta 0, loss "dapo",
-scale_rewards "group", temperature 1, top_p 1, top_k 0, AdamW at the same learning rate, seed, and gradient
-checkpointing (both defaults). Reward: completion length / max_completion_length.
-TRL generates with transformers `generate`; grpo with its own engine.
+Config (both trainers, TRL's names): per_device_train_batch_size = G, gradient_accumulation_steps 2 (two
+G-completion groups a step, on-policy), beta 0, loss "dapo", temperature 1, top_p 1, top_k 0, AdamW, the same
+learning rate and seed, gradient checkpointing on (both defaults), float32 unless --bf16. Reward: completion
+tokens / L for the random models (completions run to the limit: the same work every step), the course's
+-|20 - characters| for smollm2 (completions shorten as it learns; "time to target" is the wall time until the
+step whose reward first reaches --target).
 
-Step time is wall time per optimizer step, generation included (TRL: a callback around each step; grpo: the
-`step_time` of metrics.jsonl); the tables report medians. Generated tokens/s = completion tokens / step time.
+Phases are timed inside each trainer by wrapping its own functions: generation, rewards, old/reference log-probs
+(no-grad forwards), the training forward, backward, the optimizer step; "other" is the step's remainder. MFU of
+the training forward + backward = 6 N T / (forward + backward seconds) / peak (4 N T for LoRA: no weight
+gradients), N = parameters without the input embedding, T = the rows' prompt + completion tokens (what an
+unpacked forward computes), peak = the best float32 (bf16 with --bf16) 2048^3 matmul measured in the same run.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +46,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from models import SIZES, build, prompts  # noqa: E402
 
-ROWS_PER_STEP = 16  # per_device_train_batch_size 8 x gradient_accumulation_steps 2
 TRAINERS = ("trl", "grpo")
+PHASES = ("generation", "rewards", "old/ref logps", "train forward", "backward", "optimizer")
+PRESETS = {"smollm2": dict(models=["smollm2"], num_generations=[4, 8], completion_lengths=[64, 256],
+                           modes=["full", "lora"], steps=8, learning_rate=1e-5, target=-60.0, time_all_lengths=True)}
 
 
 # ---- the shared task -----------------------------------------------------------------------------------------
 def build_tokenizer(vocab_size: int) -> Any:
-    """A word-level PreTrainedTokenizerFast over exactly the model's vocabulary: <pad>=0 <s>=1 </s>=2 <unk>=3,
-    then t4 ... t{V-1}. Adds <s> in front of every text, like the prompts of benchmarks/models.py."""
+    """A word-level tokenizer over exactly a random model's vocabulary: <pad>=0 <s>=1 </s>=2 <unk>=3, then t4 ...
+    t{V-1}. Adds <s> in front of every text, like the prompts of benchmarks/models.py."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -60,26 +69,42 @@ def build_tokenizer(vocab_size: int) -> Any:
                                    unk_token="<unk>", model_max_length=2048)
 
 
-def save_model(size: str, directory: Path) -> None:
-    from transformers.utils import logging
+def prepare_model(name: str, directory: Path) -> tuple[str, int]:
+    """The model's directory and its parameter count without the input embedding."""
+    if name == "smollm2":
+        from grpo import catalog
+        from grpo.models import load_causal_lm
 
-    logging.disable_progress_bar()
-    model = build(size)
-    model.save_pretrained(directory)
-    build_tokenizer(model.config.vocab_size).save_pretrained(directory)
+        path = str(catalog.fetch("smollm2-135m-instruct"))
+        model = load_causal_lm(path)
+    else:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+        model, path = build(name), str(directory)
+        model.save_pretrained(directory)
+        build_tokenizer(model.config.vocab_size).save_pretrained(directory)
+    embedding = model.get_input_embeddings().weight.numel()
+    return path, sum(p.numel() for p in model.parameters()) - embedding
 
 
-def dataset(vocab_size: int, num: int = 256) -> Any:
-    """Prompts of 8-40 random tokens (text of the word-level vocabulary; the tokenizer adds <s>)."""
+def dataset(model: str, vocab_size: int, num: int = 256) -> Any:
+    if model == "smollm2":
+        from grpo.embedded.tasks import chat_length_task
+
+        return chat_length_task(num)
     from datasets import Dataset
 
     texts = [" ".join(f"t{max(i, 4)}" for i in ids[1:]) for ids in prompts(num, vocab_size)]
     return Dataset.from_dict({"prompt": texts})
 
 
-def length_reward(max_length: int) -> Any:
-    """r = n / L for a completion of n tokens, L = max_completion_length: the model learns not to stop early, so
-    both trainers end up generating and training on full-length completions, the same work per step."""
+def reward_function(model: str, max_length: int) -> Any:
+    if model == "smollm2":
+        def course_length(completions: list[Any], **kwargs: Any) -> list[float]:
+            return [-abs(20 - len(c[-1]["content"])) for c in completions]
+
+        return course_length
 
     def completion_length(completions: list[Any], completion_ids: list[list[int]], **kwargs: Any) -> list[float]:
         return [len(ids) / max_length for ids in completion_ids]
@@ -87,53 +112,118 @@ def length_reward(max_length: int) -> Any:
     return completion_length
 
 
-def common_settings(opts: argparse.Namespace, length: int, steps: int, output_dir: str) -> dict[str, Any]:
+def settings(opts: argparse.Namespace, output_dir: str) -> dict[str, Any]:
     """The GRPOConfig fields both trainers get, with the same names."""
     cuda = opts.device == "cuda"
-    return dict(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=8, gradient_accumulation_steps=2,
-                num_generations=8, max_completion_length=length, learning_rate=opts.learning_rate, seed=opts.seed,
-                beta=0.0, loss_type="dapo", scale_rewards="group", temperature=1.0, top_p=1.0, top_k=0,
-                num_iterations=1, epsilon=0.2, max_grad_norm=1.0, weight_decay=0.0, lr_scheduler_type="linear",
-                gradient_checkpointing=True, logging_steps=1, report_to="none", disable_tqdm=True,
-                bf16=cuda, use_cpu=not cuda, log_completions=False, shuffle_dataset=True)
+    return dict(output_dir=output_dir, max_steps=opts.steps, per_device_train_batch_size=opts.g,
+                gradient_accumulation_steps=2, num_generations=opts.g, max_completion_length=opts.length,
+                learning_rate=opts.learning_rate, seed=opts.seed, beta=0.0, loss_type="dapo", scale_rewards="group",
+                temperature=1.0, top_p=1.0, top_k=0, num_iterations=1, epsilon=0.2, max_grad_norm=1.0,
+                weight_decay=0.0, lr_scheduler_type="linear", gradient_checkpointing=True, logging_steps=1,
+                report_to="none", disable_tqdm=True, bf16=cuda or opts.bf16, use_cpu=not cuda,
+                log_completions=False, shuffle_dataset=True, save_strategy="no")
+
+
+def lora_config(mode: str) -> Any:
+    if mode != "lora":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+# ---- phase timing --------------------------------------------------------------------------------------------
+class PhaseClock:
+    """Seconds spent in wrapped functions, per phase, since the last `lap`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, owner: Any, name: str, phase: str | Any) -> None:
+        """Time owner.name under `phase` (or under phase(args, kwargs) when it is a function)."""
+        original = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                label = phase if isinstance(phase, str) else phase(args, kwargs)
+                self.seconds[label] += time.perf_counter() - started
+
+        setattr(owner, name, timed)
+
+    def lap(self) -> dict[str, float]:
+        seconds, self.seconds = dict(self.seconds), defaultdict(float)
+        return seconds
+
+
+def by_grad(args: Any, kwargs: Any) -> str:
+    return "train forward" if torch.is_grad_enabled() else "old/ref logps"
 
 
 # ---- the workers (one trainer per subprocess) ----------------------------------------------------------------
-def run_trl(opts: argparse.Namespace, vocab_size: int, output_dir: str) -> list[dict[str, float]]:
+def run_trl(opts: argparse.Namespace, vocab_size: int, output_dir: str) -> list[dict[str, Any]]:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
+    clock, steps = PhaseClock(), []
 
+    class Laps(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             self.started = time.perf_counter()
 
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.started)
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.optimizer_started = time.perf_counter()
 
-    timer = StepTimer()
-    config = GRPOConfig(**common_settings(opts, opts.length, opts.steps, output_dir), use_vllm=False,
-                        save_strategy="no")
-    trainer = GRPOTrainer(model=opts.model_dir, reward_funcs=length_reward(opts.length), args=config,
-                          train_dataset=dataset(vocab_size), callbacks=[timer])
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            clock.seconds["optimizer"] += time.perf_counter() - self.optimizer_started
+
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(dict(step_time=time.perf_counter() - self.started, phases=clock.lap()))
+
+    config = GRPOConfig(**settings(opts, output_dir), use_vllm=False)
+    trainer = GRPOTrainer(model=opts.model_dir, reward_funcs=reward_function(opts.model, opts.length), args=config,
+                          train_dataset=dataset(opts.model, vocab_size), callbacks=[Laps()],
+                          peft_config=lora_config(opts.mode))
+    clock.wrap(trainer, "_generate_single_turn", "generation")
+    clock.wrap(trainer, "_calculate_rewards", "rewards")
+    clock.wrap(trainer, "_get_per_token_logps_and_entropies", by_grad)
+    clock.wrap(trainer.accelerator, "backward", "backward")
     trainer.train()
     logs = [r for r in trainer.state.log_history if "reward" in r]
-    return [dict(step_time=t, reward=r["reward"], completion_length=r["completions/mean_length"],
-                 num_tokens=r["num_tokens"]) for t, r in zip(timer.times, logs)]
+    return [dict(step, reward=r["reward"], completion_length=r["completions/mean_length"], num_tokens=r["num_tokens"])
+            for step, r in zip(steps, logs)]
 
 
-def run_grpo(opts: argparse.Namespace, vocab_size: int, output_dir: str) -> list[dict[str, float]]:
+def run_grpo(opts: argparse.Namespace, vocab_size: int, output_dir: str) -> list[dict[str, Any]]:
+    import grpo.trainer
     from grpo import GRPOConfig, GRPOTrainer
 
-    config = GRPOConfig(**common_settings(opts, opts.length, opts.steps, output_dir))
-    trainer = GRPOTrainer(model=opts.model_dir, reward_funcs=length_reward(opts.length), args=config,
-                          train_dataset=dataset(vocab_size))
+    config = GRPOConfig(**settings(opts, output_dir))
+    trainer = GRPOTrainer(model=opts.model_dir, reward_funcs=reward_function(opts.model, opts.length), args=config,
+                          train_dataset=dataset(opts.model, vocab_size), peft_config=lora_config(opts.mode))
+    clock, phases = PhaseClock(), []
+    clock.wrap(trainer.generator, "generate", "generation")
+    clock.wrap(trainer.reward_runner, "score", "rewards")
+    clock.wrap(grpo.trainer, "completion_logps_in_chunks", "old/ref logps")
+    clock.wrap(trainer.policy_logps, "forward", "train forward")
+    clock.wrap(trainer, "_backward", "backward")
+    clock.wrap(trainer, "_optimizer_step", "optimizer")
+    step = trainer.training_step
+
+    def training_step(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return step(*args, **kwargs)
+        finally:
+            phases.append(clock.lap())  # this step's generation (when it starts a round) included
+
+    trainer.training_step = training_step
     trainer.train()
     records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [dict(step_time=r["step_time"], reward=r["reward"], completion_length=r["completions/mean_length"],
-                 num_tokens=r["num_tokens"]) for r in records if "step_time" in r]
+    records = [r for r in records if "step_time" in r]
+    return [dict(step_time=r["step_time"], phases=p, reward=r["reward"], completion_length=r["completions/mean_length"],
+                 num_tokens=r["num_tokens"]) for r, p in zip(records, phases)]
 
 
 def worker(opts: argparse.Namespace) -> None:
@@ -142,10 +232,9 @@ def worker(opts: argparse.Namespace) -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-
-    config = AutoConfig.from_pretrained(opts.model_dir)
+    vocab_size = AutoConfig.from_pretrained(opts.model_dir).vocab_size
     with tempfile.TemporaryDirectory() as output_dir:
-        steps = (run_trl if opts.worker == "trl" else run_grpo)(opts, config.vocab_size, output_dir)
+        steps = (run_trl if opts.worker == "trl" else run_grpo)(opts, vocab_size, output_dir)
     if opts.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -154,53 +243,54 @@ def worker(opts: argparse.Namespace) -> None:
 
 
 # ---- the driver ----------------------------------------------------------------------------------------------
-def run_worker(trainer: str, model_dir: Path, length: int, steps: int, opts: argparse.Namespace) -> dict[str, Any]:
+def run_worker(trainer: str, case: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
-        command = [sys.executable, __file__, "--worker", trainer, "--model-dir", str(model_dir), "--length",
-                   str(length), "--steps", str(steps), "--result", result.name, "--device", opts.device,
+        command = [sys.executable, __file__, "--worker", trainer, "--model", case["model"], "--model-dir",
+                   case["model_dir"], "--length", str(case["length"]), "--g", str(case["g"]), "--mode", case["mode"],
+                   "--steps", str(case["steps"]), "--result", result.name, "--device", opts.device,
                    "--learning-rate", str(opts.learning_rate), "--seed", str(opts.seed)]
-        command += ["--threads", str(opts.threads)] if opts.threads else []
+        command += (["--threads", str(opts.threads)] if opts.threads else []) + (["--bf16"] if opts.bf16 else [])
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{trainer} worker failed:\n{done.stderr[-4000:]}")
         out = json.loads(Path(result.name).read_text())
-    print(f"  {trainer:<5} L={length:<4} {steps} steps in {time.perf_counter() - started:.0f} s, "
-          f"peak {out['peak_mib']:.0f} MiB", file=sys.stderr)
+    print(f"  {trainer:<5} {describe(case)}: {case['steps']} steps in {time.perf_counter() - started:.0f} s, "
+          f"peak {out['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
     return out
 
 
-def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Repeats of one (trainer, length) run: their steps pooled (with generated and trained tokens per step; the
-    latter is prompt + completion tokens, from the running num_tokens), the reward curve averaged step by step,
-    the largest peak memory."""
-    steps = []
+def describe(case: dict[str, Any]) -> str:
+    return f"{case['model']} G={case['g']} L={case['length']} {case['mode']}"
+
+
+def summarize(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """Repeats of one (trainer, case) pooled: median step time and tokens/s, mean phase seconds per step, mean
+    trained and generated tokens per step, the mean reward curve, time to target, the largest peak memory."""
+    steps, times_to_target = [], []
     for result in results:
         seen = [s["num_tokens"] for s in result["steps"]]
+        elapsed = 0.0
+        reached = None
         for step, before, after in zip(result["steps"], [0.0] + seen[:-1], seen):
-            steps.append(dict(step, trained=after - before, generated=step["completion_length"] * ROWS_PER_STEP))
-    curves = [[s["reward"] for s in result["steps"]] for result in results]
-    return dict(steps=steps, rewards=[statistics.mean(r) for r in zip(*curves)],
-                times=[[s["step_time"] for s in result["steps"]] for result in results],
-                peak_mib=max(result["peak_mib"] for result in results))
+            elapsed += step["step_time"]
+            if reached is None and step["reward"] >= target:
+                reached = elapsed
+            steps.append(dict(step, trained=after - before, generated=step["completion_length"] * step["rows"]))
+        times_to_target.append(reached)
+    curves = [[s["reward"] for s in r["steps"]] for r in results]
+    phases = {p: statistics.mean(s["phases"].get(p, 0.0) for s in steps) for p in PHASES}
+    step_time = statistics.median(s["step_time"] for s in steps)
+    phases["other"] = max(0.0, statistics.mean(s["step_time"] for s in steps) - sum(phases.values()))
+    reached = [t for t in times_to_target if t is not None]
+    return dict(step_time=step_time, tokens_per_s=statistics.median(s["generated"] / s["step_time"] for s in steps),
+                trained=statistics.mean(s["trained"] for s in steps), phases=phases,
+                rewards=[statistics.mean(r) for r in zip(*curves)], peak_mib=max(r["peak_mib"] for r in results),
+                time_to_target=statistics.mean(reached) if len(reached) == len(results) else None)
 
 
-def steps_to_reach(rewards: list[float], target: float) -> int | None:
-    """First optimizer step (1-based) whose reward is >= target (step 1's reward is that of the initial model)."""
-    return next((i + 1 for i, r in enumerate(rewards) if r >= target), None)
-
-
-def step_stats(steps: list[dict[str, float]]) -> dict[str, float]:
-    """Medians of step time and of generated tokens / step time, means of generated and trained tokens."""
-    return dict(step_time=statistics.median(s["step_time"] for s in steps),
-                tokens_per_s=statistics.median(s["generated"] / s["step_time"] for s in steps),
-                generated=statistics.mean(s["generated"] for s in steps),
-                trained=statistics.mean(s["trained"] for s in steps))
-
-
-def matmul_flops(device: str, size: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of a size x size matmul (float32 on CPU, bf16 on CUDA): 2 size^3 / seconds."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+def matmul_flops(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of a size x size matmul: 2 size^3 / seconds."""
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(repeats + 1):
@@ -214,132 +304,117 @@ def matmul_flops(device: str, size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
-def model_flops(params: float, stats: dict[str, float]) -> float:
-    """FLOPs of one optimizer step: 6 N T_train (policy forward + backward) + 2 N T_gen (generation). No extra
-    no-grad pass here (on-policy, beta 0); recomputation by gradient checkpointing is not counted."""
-    return 6 * params * stats["trained"] + 2 * params * stats["generated"]
+def ratio(ours: float | None, theirs: float | None, inverse: bool = False) -> str:
+    if ours is None or not theirs:
+        return "-"
+    return f"{theirs / ours:.2f}x" if inverse else f"{ours / theirs:.2f}x"
 
 
-def ratio(ours: float | None, theirs: float | None) -> str:
-    return f"{ours / theirs:.2f}x" if ours is not None and theirs else "-"
-
-
-def fmt(value: float | None, spec: str = ".3f") -> str:
+def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def report(size: str, params: float, runs: dict[tuple[str, int], dict[str, Any]], lengths: list[int],
+def report(case: dict[str, Any], stats: dict[str, dict[str, Any]], params: int, peak: float,
            opts: argparse.Namespace) -> list[str]:
-    main = {t: runs[(t, lengths[0])] for t in TRAINERS}
-    stats = {t: step_stats(main[t]["steps"]) for t in TRAINERS}
-    rewards = {t: main[t]["rewards"] for t in TRAINERS}
-    k = max(1, min(opts.k, len(rewards["grpo"]) // 2))
-    first = {t: statistics.mean(rewards[t][:k]) for t in TRAINERS}
-    last = {t: statistics.mean(rewards[t][-k:]) for t in TRAINERS}
-    reach = {t: steps_to_reach(rewards[t], opts.target) for t in TRAINERS}
-    memory = "peak RSS" if opts.device == "cpu" else "peak CUDA memory"
-    rows = [
-        (f"median optimizer-step time (s), L={lengths[0]}", stats["trl"]["step_time"], stats["grpo"]["step_time"],
-         ".2f"),
-        ("optimizer steps / s", 1 / stats["trl"]["step_time"], 1 / stats["grpo"]["step_time"], ".3f"),
-        ("generated tokens / s (completion tokens / step time)", stats["trl"]["tokens_per_s"],
-         stats["grpo"]["tokens_per_s"], ".0f"),
-        (f"{memory} (MiB), L={lengths[0]}", main["trl"]["peak_mib"], main["grpo"]["peak_mib"], ".0f"),
-    ]
-    for length in lengths[1:]:
-        peaks = {t: runs[(t, length)]["peak_mib"] for t in TRAINERS}
-        growth = {t: peaks[t] - main[t]["peak_mib"] for t in TRAINERS}
-        rows += [(f"{memory} (MiB), L={length}", peaks["trl"], peaks["grpo"], ".0f"),
-                 (f"memory growth L={lengths[0]}->{length} (MiB)", growth["trl"], growth["grpo"], ".0f")]
-    rows += [(f"reward, mean of first {k} steps", first["trl"], first["grpo"], ".3f"),
-             (f"reward, mean of last {k} steps", last["trl"], last["grpo"], ".3f"),
-             (f"first step with reward >= {opts.target}", reach["trl"], reach["grpo"], "d")]
-    lines = [f"\n### {size} ({params / 1e6:.1f}M parameters, vocab {SIZES[size][0]}), {opts.device}, "
-             f"{len(rewards['grpo'])} steps x {opts.repeats} repeats\n",
-             "| metric | TRL | grpo | grpo / TRL |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {fmt(trl, spec)} | {fmt(ours, spec)} | {ratio(ours, trl)} |"
-              for name, trl, ours, spec in rows]
-    lines.append("")
+    memory = "peak RSS (MiB)" if opts.device == "cpu" else "peak CUDA memory (MiB)"
+    flops_per_token = (4 if case["mode"] == "lora" else 6) * params
+    mfu = {t: flops_per_token * stats[t]["trained"] / max(stats[t]["phases"]["train forward"]
+                                                          + stats[t]["phases"]["backward"], 1e-9) / peak
+           for t in TRAINERS}
+    rows = [("s / optimizer step (median)", "step_time", ".2f", True),
+            ("generated tokens / s (median)", "tokens_per_s", ".0f", False),
+            (f"time to reward >= {opts.target:g} (s)", "time_to_target", ".0f", True),
+            (memory, "peak_mib", ".0f", True)]
+    lines = [f"\n### {describe(case)}, {case['steps']} steps x {opts.repeats} repeats, "
+             f"{'bf16' if opts.bf16 else 'float32'}\n", "| metric | TRL | grpo | TRL / grpo (higher: grpo better) |",
+             "|---|---:|---:|---:|"]
+    for name, key, spec, lower_is_better in rows:
+        trl, ours = stats["trl"][key], stats["grpo"][key]
+        lines.append(f"| {name} | {fmt(trl, spec)} | {fmt(ours, spec)} | "
+                     f"{ratio(ours, trl, inverse=lower_is_better)} |")
+    lines.append(f"| train forward+backward MFU | {mfu['trl']:.0%} | {mfu['grpo']:.0%} | "
+                 f"{ratio(mfu['grpo'], mfu['trl'])} |")
+    for phase in (*PHASES, "other"):
+        trl, ours = stats["trl"]["phases"][phase], stats["grpo"]["phases"][phase]
+        lines.append(f"| {phase} s / step (share) | {trl:.2f} ({trl / stats['trl']['step_time']:.0%}) | "
+                     f"{ours:.2f} ({ours / stats['grpo']['step_time']:.0%}) | {ratio(ours, trl, inverse=True)} |")
     for t in TRAINERS:
-        lines.append(f"reward per step, {t + ':':<5} {' '.join(f'{r:.2f}' for r in rewards[t])}")
-    for t in TRAINERS:
-        for i, times in enumerate(main[t]["times"]):
-            lines.append(f"step times (s), {t}, repeat {i + 1}: {' '.join(f'{x:.2f}' for x in times)}")
+        lines.append(f"\nreward per step, {t + ':':<5} {' '.join(f'{r:.2f}' for r in stats[t]['rewards'])}")
     return lines
 
 
-def flops_rows(size: str, params: float, runs: dict[tuple[str, int], dict[str, Any]], length: int,
-               peak: float) -> list[str]:
-    lines = []
-    for trainer in ("grpo", "trl"):
-        stats = step_stats(runs[(trainer, length)]["steps"])
-        flops = model_flops(params, stats)
-        rate = flops / stats["step_time"]
-        lines.append(f"| {size} | {trainer} | {params / 1e6:.1f}M | {stats['trained']:.0f} | {stats['generated']:.0f} "
-                     f"| {flops / 1e9:.1f} | {stats['step_time']:.2f} | {rate / 1e9:.2f} | {peak / 1e9:.1f} "
-                     f"| {rate / peak:.1%} |")
-    return lines
+def cases(opts: argparse.Namespace, model: str, model_dir: str) -> list[dict[str, Any]]:
+    """Timing runs for every (G, first length, mode); memory runs for the further lengths (timing runs too with
+    --time-all-lengths)."""
+    first, *more = opts.completion_lengths
+    if opts.time_all_lengths:
+        first, more = None, []
+    runs = [dict(model=model, model_dir=model_dir, g=g, length=length, mode=mode, steps=steps, repeats=repeats)
+            for g in opts.num_generations for mode in opts.modes
+            for length, steps, repeats in ([(first, opts.steps, opts.repeats)] if first else
+                                           [(length, opts.steps, opts.repeats) for length in opts.completion_lengths])
+            + [(length, opts.memory_steps, 1) for length in more]]
+    return runs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=sorted(SIZES))
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="settings for a model (overrides the others)")
+    parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=[*sorted(SIZES), "smollm2"])
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps of the timing runs")
+    parser.add_argument("--num-generations", nargs="+", type=int, default=[8], help="G (= rows per micro-batch)")
     parser.add_argument("--completion-lengths", nargs="+", type=int, default=[64, 512],
-                        help="max_completion_length; the first for timing, the rest for memory growth")
-    parser.add_argument("--memory-steps", type=int, default=2, help="optimizer steps of the memory-growth runs")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="timing runs per trainer, alternating trainers (machine drift hits both alike)")
+                        help="max_completion_length: the first for timing, the rest for memory (--memory-steps)")
+    parser.add_argument("--modes", nargs="+", default=["full"], choices=["full", "lora"])
+    parser.add_argument("--memory-steps", type=int, default=2, help="optimizer steps of the memory runs")
+    parser.add_argument("--time-all-lengths", action="store_true", help="every length a timing run")
+    parser.add_argument("--repeats", type=int, default=1, help="timing runs per trainer, alternating trainers")
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--k", type=int, default=3, help="steps averaged for the first / last reward")
-    parser.add_argument("--target", type=float, default=0.9, help="reward whose first crossing is reported")
+    parser.add_argument("--target", type=float, default=0.9, help="reward whose first crossing is timed")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (both trainers)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads per trainer (default: torch's); 1 resists a busy shared machine")
-    parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per trainer (default: torch's)")
+    for hidden in ("--worker", "--model", "--model-dir", "--length", "--g", "--mode", "--result"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if opts.worker:
+        opts.length, opts.g = int(opts.length), int(opts.g)
         return worker(opts)
+    if opts.preset:
+        for key, value in PRESETS[opts.preset].items():
+            setattr(opts, key, value)
 
     import transformers
     import trl
 
     print(f"device={opts.device} threads={torch.get_num_threads()} torch={torch.__version__} "
-          f"transformers={transformers.__version__} trl={trl.__version__} steps={opts.steps} "
-          f"lengths={opts.completion_lengths} lr={opts.learning_rate} seed={opts.seed}")
-    report_lines, flops_lines = [], []
-    for size in opts.models:
-        with tempfile.TemporaryDirectory() as model_dir:
-            save_model(size, Path(model_dir))
-            params = sum(p.numel() for p in build(size).parameters())
-            non_embedding = params - SIZES[size][0] * SIZES[size][1]  # the input embedding is a lookup
-            runs = {}
-            for i, length in enumerate(opts.completion_lengths):
-                steps, repeats = (opts.steps, opts.repeats) if i == 0 else (opts.memory_steps, 1)
+          f"transformers={transformers.__version__} trl={trl.__version__} steps={opts.steps} lr={opts.learning_rate} "
+          f"seed={opts.seed} {'bf16' if opts.bf16 else 'float32'}")
+    lines = []
+    dtype = torch.bfloat16 if opts.bf16 or opts.device == "cuda" else torch.float32
+    for model in opts.models:
+        with tempfile.TemporaryDirectory() as directory:
+            model_dir, params = prepare_model(model, Path(directory))
+            for case in cases(opts, model, model_dir):
                 results: dict[str, list[dict[str, Any]]] = {t: [] for t in TRAINERS}
-                for repeat in range(repeats):
+                for repeat in range(case["repeats"]):
                     for trainer in TRAINERS if repeat % 2 == 0 else TRAINERS[::-1]:
-                        results[trainer].append(run_worker(trainer, Path(model_dir), length, steps, opts))
-                runs.update({(t, length): pool(results[t]) for t in TRAINERS})
-        report_lines += report(size, params, runs, opts.completion_lengths, opts)
-        flops_lines += flops_rows(size, non_embedding, runs, opts.completion_lengths[0], matmul_flops(opts.device))
-    print("\n".join(report_lines))
-    print(f"\n### Model FLOP/s of a training step, L={opts.completion_lengths[0]}\n")
-    print("FLOPs per optimizer step = 6 N T_train + 2 N T_gen: N = parameters without the input embedding, T_train "
-          "= prompt + completion tokens trained on (forward + backward), T_gen = completion tokens generated; no "
-          "extra no-grad pass (on-policy, beta 0); recomputation by gradient checkpointing not counted. Peak = best "
-          f"{'bf16' if opts.device == 'cuda' else 'float32'} 2048 x 2048 matmul on this machine, measured right "
-          "after that model's runs.\n")
-    print("| model | trainer | N | T_train / step | T_gen / step | GFLOP / step | step time (s) | GFLOP/s "
-          "| peak matmul GFLOP/s | fraction of peak |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print("\n".join(flops_lines))
+                        result = run_worker(trainer, case, opts)
+                        for step in result["steps"]:
+                            step["rows"] = 2 * case["g"]
+                        results[trainer].append(result)
+                stats = {t: summarize(results[t], opts.target) for t in TRAINERS}
+                peak = matmul_flops(opts.device, dtype)  # right after the runs, on the same machine state
+                table = report(case, stats, params, peak, opts)
+                table.append(f"\npeak matmul: float32 {matmul_flops(opts.device, torch.float32) / 1e9:.0f} GFLOP/s, "
+                             f"bfloat16 {matmul_flops(opts.device, torch.bfloat16) / 1e9:.0f} GFLOP/s; MFU uses "
+                             f"{peak / 1e9:.0f} ({dtype})")
+                print("\n".join(table), flush=True)
+                lines += table
+    print("\n\n## All cases\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,18 @@ def test_plan_steps_sorts_each_step_by_length():
     assert len(twice) == 2 and as_lists(twice[0]) == as_lists(twice[1])  # the second pass reuses the order
 
 
+def test_plan_steps_keeps_a_prompts_rows_together_for_the_shared_prefix_forward():
+    # groups of 2: rows {0, 1}, {2, 3}, {4, 5}; longest rows 5, 20 and 9. By length the step is 3 0 5 1 4 2;
+    # grouped, ordered by each group's longest row: {0, 1} (5), {5, 4} (9), {3, 2} (20), shortest first inside
+    order = torch.tensor([2, 0, 4, 1, 3, 5])
+    steps = plan_steps(order, LENGTHS, batch_size=2, accumulation_steps=3, num_iterations=1, max_tokens=None,
+                       group_size=2)
+    assert [as_lists(s) for s in steps] == [[[0, 1], [5, 4], [3, 2]]]
+    # the step's rows and so the update are the same; only which rows share a micro-batch changes
+    plain = plan_steps(order, LENGTHS, batch_size=2, accumulation_steps=3, num_iterations=1, max_tokens=None)
+    assert sorted(torch.cat(steps[0]).tolist()) == sorted(torch.cat(plain[0]).tolist())
+
+
 def test_split_to_counts_halves_the_largest_piece_until_the_count_is_met():
     steps = [[torch.tensor([3, 0, 5, 1]), torch.tensor([4, 2])]]  # padded sizes 4 x 5 = 20 and 2 x 20 = 40
     assert as_lists(split_to_counts(steps, [3], LENGTHS)[0]) == [[3, 0, 5, 1], [4], [2]]

@@ -35,6 +35,7 @@ from grpo.algorithm import (
 )
 from grpo.config import LOSS_TYPES
 from grpo.embedded import length_task
+from grpo.packing import pack_shared_prefixes
 from grpo.rewards import overlong_penalty
 
 LN2 = math.log(2)
@@ -635,23 +636,37 @@ def test_num_iterations_two_stores_old_logps_once_and_moves_the_ratio(tmp_path, 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_length_bucketing_leaves_the_update_unchanged(tmp_path, tiny_model_dir, loss_type):
-    """An optimizer step's rows are sorted by length into micro-batches (less padding); the update must equal the
-    one from the same rows in shuffled micro-batches."""
+    """An optimizer step's rows are grouped by prompt (so a micro-batch's forward computes the prompt once, see
+    grpo.packing) and sorted by length within a group, groups by their longest row; the update must equal the one
+    from the same rows in shuffled micro-batches, and the forwards must run on fewer tokens."""
     trainer = sgd_trainer(tmp_path, tiny_model_dir, gradient_accumulation_steps=4, per_device_train_batch_size=4,
                           loss_type=loss_type)
     trainer._create_optimizer_and_scheduler(1)
     rollout, _ = trainer.generate_and_score(list(length_task(4)))
     bucketed = trainer._optimizer_steps(rollout)[0]
     rows = torch.cat(bucketed)
-    lengths = (rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1))[rows]
-    assert torch.equal(lengths, lengths.sort().values)  # sorted within the step
-    assert lengths.unique().numel() > 1  # the test needs uneven rows to mean anything
+    all_lengths = rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1)
+    groups = rows // trainer.args.num_generations
+    assert [len(set(m.tolist())) for m in groups.split(4)] == [1, 1, 1, 1]  # G = 4: one prompt a micro-batch
+    for group in groups.unique():
+        lengths = all_lengths[rows[groups == group]]
+        assert torch.equal(lengths, lengths.sort().values)  # sorted within a group
+    longest = [int(all_lengths[rows[groups == g]].max()) for g in groups.unique_consecutive()]
+    assert longest == sorted(longest)  # groups by their longest row
+    assert all_lengths.unique().numel() > 1  # the test needs uneven rows to mean anything
     shuffled = list(rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))].split(4))
 
-    def padded_width(micro_batches):
-        return sum(rollout.select(m).completion_ids.shape[1] * len(m) for m in micro_batches)
+    def forward_tokens(micro_batches):  # what each forward runs on: packed when rows share a prompt, else padded
+        total = 0
+        for m in micro_batches:
+            batch = rollout.select(m)
+            packed = pack_shared_prefixes(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                          batch.completion_mask)
+            total += packed.input_ids.numel() if packed is not None else batch.prompt_ids.numel() + \
+                batch.completion_ids.numel()
+        return total
 
-    assert padded_width(bucketed) <= padded_width(shuffled)
+    assert forward_tokens(bucketed) < forward_tokens(shuffled)
     start = snapshot(trainer.model)
     assert_same_update(step_update(trainer, rollout, bucketed, start), step_update(trainer, rollout, shuffled, start))
 

@@ -13,20 +13,31 @@ import torch
 
 
 def plan_steps(order: torch.Tensor, lengths: torch.Tensor, batch_size: int, accumulation_steps: int,
-               num_iterations: int, max_tokens: int | None) -> list[list[torch.Tensor]]:
+               num_iterations: int, max_tokens: int | None, group_size: int = 1) -> list[list[torch.Tensor]]:
     """The optimizer steps of a round: each a list of micro-batches (row indices).
 
     `order`: the round's rows, shuffled; every pass (`num_iterations`) reuses it. A step takes
     `accumulation_steps` x `batch_size` rows of it; within the step they are sorted by `lengths` (prompt +
-    completion tokens) and cut by `cut_micro_batches`.
+    completion tokens), keeping the step's rows of one prompt (rows `group_size * g` to `group_size * (g + 1) - 1`)
+    next to each other, so that a micro-batch holds whole groups and the forward computes their shared prompt
+    once (`grpo.packing`); then they are cut by `cut_micro_batches`.
     """
     micro_batches = list(order.split(batch_size)) * num_iterations
     steps = []
     for start in range(0, len(micro_batches), accumulation_steps):
         rows = torch.cat(micro_batches[start:start + accumulation_steps])
         by_length = rows[torch.argsort(lengths[rows], stable=True)]
+        if group_size > 1:
+            by_length = by_length[_group_order(by_length // group_size, lengths[by_length])]
         steps.append(cut_micro_batches(by_length, lengths, batch_size, max_tokens))
     return steps
+
+
+def _group_order(groups: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """A stable order of length-sorted rows that brings each group's rows together, the groups ordered by their
+    longest row (then by group id); rows keep their length order within a group."""
+    longest = torch.zeros(int(groups.max()) + 1, dtype=lengths.dtype).scatter_reduce(0, groups, lengths, "amax")
+    return torch.argsort(longest[groups] * (len(longest) + 1) + groups, stable=True)
 
 
 def cut_micro_batches(rows: torch.Tensor, lengths: torch.Tensor, batch_size: int, max_tokens: int | None

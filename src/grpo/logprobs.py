@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from grpo.algorithm import entropy_from_logits, selective_log_softmax
 from grpo.models import LINEAR_HEADS, Float32LMHead, accepts_logits_to_keep, lm_body_and_head, vocab_size
+from grpo.packing import pack_shared_prefixes, shared_prefix_hidden, supports_packing
 
 LOGITS_CHUNK_BYTES = 128 * 2**20
 """Budget for one chunk of float32 logits: tokens per chunk = LOGITS_CHUNK_BYTES / (4 * vocab). The LM head's
@@ -42,6 +43,7 @@ def completion_logps(
     *,
     chunk_bytes: int = LOGITS_CHUNK_BYTES,
     chunked: bool = True,
+    share_prefix: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(completion_t | prompt, completion_<t) / temperature-scaled, shape (B, C) float32, and optionally
     entropy (carrying gradient only with `entropy_grad`, for the entropy bonus).
@@ -50,17 +52,24 @@ def completion_logps(
     generation. On the chunked path (`chunked` and a model whose forward is `decoder -> lm_head`) only tokens with
     completion_mask = 1 go through the LM head, `chunk_bytes` of float32 logits at a time, and padded positions
     read 0. Otherwise the model returns the logits of the last C + 1 positions (where it supports
-    `logits_to_keep`) and padded positions hold the log-probs of the pad token.
+    `logits_to_keep`) and padded positions hold the log-probs of the pad token. On the chunked path, rows that
+    share a prompt run as one packed sequence, the prompt computed once (`grpo.packing`; `share_prefix=False`
+    turns it off).
     """
     device = next(model.parameters()).device
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     completion_ids, completion_mask = completion_ids.to(device), completion_mask.to(device)
-    inputs = _model_inputs(prompt_ids.to(device), prompt_mask.to(device), completion_ids, completion_mask)
+    inputs = _model_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
     parts = lm_body_and_head(model) if chunked else None
     if parts is None:
         return _full_logits_logps(model, inputs, completion_ids, temperature, with_entropy, entropy_grad)
     body, head = parts
     width = completion_ids.size(1)
-    hidden = body(**inputs).last_hidden_state[:, -(width + 1):-1]  # position t predicts completion token t
+    packed = pack_shared_prefixes(prompt_ids, prompt_mask, completion_ids, completion_mask) if share_prefix else None
+    if packed is not None and supports_packing(body, packed.input_ids.size(1)):
+        hidden = shared_prefix_hidden(body, packed)
+    else:
+        hidden = body(**inputs).last_hidden_state[:, -(width + 1):-1]  # position t predicts completion token t
     mask = completion_mask.bool()
     chunk_tokens = max(1, chunk_bytes // (4 * vocab_size(head)))
     logps, entropy = token_logps(hidden[mask], head, completion_ids[mask], temperature, chunk_tokens, entropy_grad)

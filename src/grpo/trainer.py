@@ -481,8 +481,10 @@ class GRPOTrainer(GenerationRounds, Evaluation):
             (run_dir / "grpo_config.json").write_text(json.dumps(resolved, indent=2, default=str))
         return run_dir, resolved
 
-    def _autocast(self) -> Any:
-        if not self.use_bf16:
+    def _autocast(self, generation: bool = False) -> Any:
+        # A CPU decode step under autocast would cast every weight to bf16 at every token; the engine's float32
+        # lean step (weights copied once per round) is faster there, so on CPU bf16 is for training passes only.
+        if not self.use_bf16 or (generation and self.device.type == "cpu"):
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 

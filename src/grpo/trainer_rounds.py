@@ -36,7 +36,7 @@ class GenerationRounds:
         lengths = rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1)
         order = torch.randperm(len(rollout), generator=self._shuffle)
         steps = plan_steps(order, lengths, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                           args.num_iterations, args.max_tokens_per_micro_batch)
+                           args.num_iterations, args.max_tokens_per_micro_batch, group_size=args.num_generations)
         return split_to_counts(steps, self.processes.max_each([len(s) for s in steps]), lengths)
 
     def _generate_round(self, rows: list[dict[str, Any]], rounds: Iterator[Any]) -> tuple[Rollout, dict, int]:
@@ -75,7 +75,7 @@ class GenerationRounds:
         check_prompt_ids(prompts, prompt_ids, self.processing_class, args.max_completion_length,
                          context_length(self._unwrapped_model().config))
         self.model.eval()
-        with distributed.full_weights(self.policy_logps), self._autocast():
+        with distributed.full_weights(self.policy_logps), self._autocast(generation=True):
             generation = self.generator.generate(self._unwrapped_model(), prompt_ids, g)
         texts = self.processing_class.batch_decode(generation.completion_ids, skip_special_tokens=True)
         conversational = self.train_source.conversational

@@ -1,0 +1,105 @@
+"""Shared-prefix packing: a micro-batch's rows that share a prompt are laid out as one sequence, the prompt once
+and then each row's completion, so the prompt's layers are computed once per group instead of once per row.
+
+GRPO samples G completions of every prompt, and a chat-templated prompt is often as long as the completion, so
+the usual layout (each row = its own left-padded prompt + right-padded completion) spends about P / (P + C) of the
+training forward and backward on G copies of the same prompt. Packed, a group of G rows costs P + sum_i C_i tokens
+instead of G (P + C); padding inside rows is gone too (groups are padded to the longest group only).
+
+    tokens     [ p_1 ... p_P | c^1_1 ... c^1_n1 | c^2_1 ... c^2_n2 | ... | pad ]
+    positions  [ 0 ...  P-1  | P ...  P+n1-1    | P ...  P+n2-1    | ... ]
+    attention  prompt tokens: causal within the prompt; completion tokens of row i: the whole prompt and the
+               earlier tokens of row i (never another row's); padding: the prompt and other padding
+
+Every completion token then sees exactly what it saw in its own row (the same keys, values and positions), so the
+log-probs equal the unpacked ones up to float rounding, and so do the gradients: autograd sums each row's gradient
+into the one shared prompt computation (verl calls the idea PrefixGrouper). Completion token t of row i is
+predicted by the hidden state of the token before it: the last prompt token for t = 0, c^i_t otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PROMPT, PADDING = 0, -1  # segment ids; row i's completion is segment i + 1
+
+
+@dataclass
+class SharedPrefixBatch:
+    input_ids: torch.Tensor  # (S, L): S packed sequences, one per unique prompt
+    position_ids: torch.Tensor  # (S, L)
+    segments: torch.Tensor  # (S, L): PROMPT, PADDING or 1 + the row whose completion the token belongs to
+    predictors: torch.Tensor  # (B, C): flat index into (S * L) of the hidden state predicting completion token t
+
+    def attention_mask(self, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(S, 1, L, L): True (or 0.0) where query q may attend key k: k <= q, and k is a prompt token or in
+        q's own segment. Boolean for SDPA; additive (0 / dtype min) for eager attention."""
+        length = self.segments.size(1)
+        position = torch.arange(length, device=self.segments.device)
+        causal = position.unsqueeze(0) <= position.unsqueeze(1)  # [q, k]
+        query, key = self.segments.unsqueeze(2), self.segments.unsqueeze(1)
+        allowed = causal & ((key == PROMPT) | (key == query))
+        allowed = allowed.unsqueeze(1)
+        if additive_dtype is None:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=additive_dtype, device=allowed.device).masked_fill_(
+            ~allowed, torch.finfo(additive_dtype).min)
+
+
+def pack_shared_prefixes(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                         completion_mask: torch.Tensor, pad_id: int = 0) -> SharedPrefixBatch | None:
+    """The packed layout of a micro-batch (left-padded prompts, right-padded completions), or None when no two
+    rows share a prompt (nothing to save) or a prompt is empty (no token to predict the first completion token)."""
+    prompts = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(prompt_ids, prompt_mask)]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(row)
+    if len(groups) == len(prompts) or any(len(prompt) == 0 for prompt in groups):
+        return None
+    lengths = completion_mask.sum(1).tolist()
+    width = max(len(prompt) + sum(lengths[row] for row in rows) for prompt, rows in groups.items())
+    device = completion_ids.device
+    input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long, device=device)
+    position_ids = torch.zeros((len(groups), width), dtype=torch.long, device=device)
+    segments = torch.full((len(groups), width), PADDING, dtype=torch.long, device=device)
+    predictors = torch.zeros(completion_ids.shape, dtype=torch.long, device=device)
+    for sequence, (prompt, rows) in enumerate(groups.items()):
+        size, base = len(prompt), sequence * width
+        input_ids[sequence, :size] = torch.tensor(prompt, device=device)
+        position_ids[sequence, :size] = torch.arange(size, device=device)
+        segments[sequence, :size] = PROMPT
+        start = size
+        for row in rows:
+            n = lengths[row]
+            end = start + n
+            input_ids[sequence, start:end] = completion_ids[row, :n]
+            position_ids[sequence, start:end] = torch.arange(size, size + n, device=device)
+            segments[sequence, start:end] = row + 1
+            predictors[row, 0] = base + size - 1
+            predictors[row, 1:n] = base + torch.arange(start, end - 1, device=device)
+            start = end
+    return SharedPrefixBatch(input_ids, position_ids, segments, predictors)
+
+
+def supports_packing(body: torch.nn.Module, length: int) -> bool:
+    """Whether `body` takes a ready 4D attention mask as it is: transformers' SDPA or eager attention (flash
+    kernels read only padding masks), and no sliding window shorter than the packed sequence."""
+    config = getattr(body, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    window = getattr(config, "sliding_window", None)
+    return window is None or not getattr(config, "use_sliding_window", True) or window >= length
+
+
+def shared_prefix_hidden(body: torch.nn.Module, packed: SharedPrefixBatch) -> torch.Tensor:
+    """(B, C, H): the final hidden state that predicts each completion token (garbage where completion_mask is
+    0), from one forward of the packed sequences."""
+    eager = body.config._attn_implementation == "eager"
+    dtype = next(body.parameters()).dtype
+    mask = packed.attention_mask(additive_dtype=dtype if eager else None)
+    hidden = body(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                  use_cache=False).last_hidden_state
+    return hidden.reshape(-1, hidden.size(-1))[packed.predictors]
+
