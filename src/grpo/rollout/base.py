@@ -75,6 +75,7 @@ class Rollout:
     ref_logps: torch.Tensor | None = None  # (N, C) reference-model log-probs, when beta > 0
     prompts: list[Any] = field(default_factory=list)
     completions: list[Any] = field(default_factory=list)
+    extra: list[dict[str, Any]] = field(default_factory=list)  # per row: columns reward functions gave log_extra
 
     def __len__(self) -> int:
         return self.completion_ids.size(0)
