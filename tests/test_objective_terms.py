@@ -25,13 +25,9 @@ from grpo.algorithm import (
 )
 from grpo.embedded import length_task
 
-LN2 = math.log(2)
-# Two completions: row 0 (A = +1) two tokens, log-probs log 0.5 and log 0.25; row 1 (A = -1) one token, log 0.5.
-# Padding carries wild values that must never matter.
-MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
-ADVANTAGES = torch.tensor([1.0, -1.0], dtype=torch.float64)
-LOGPS = [[math.log(0.5), math.log(0.25), -7.0], [math.log(0.5), -9.0, -9.0]]
-STEP = StepCounts(num_sequences=2, num_tokens=3, max_completion_length=3)
+# The hand-worked batch of test_objectives.py: row 0 (A = +1) two tokens, log-probs log 0.5 and log 0.25; row 1
+# (A = -1) one token, log 0.5; padding carries wild values that must never matter.
+from test_objectives import ADVANTAGES, LN2, LOGPS, MASK, STEP
 
 
 def leaf_logps_and_old(ratios):

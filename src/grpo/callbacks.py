@@ -35,16 +35,6 @@ class Callbacks:
         self.control = getattr(self.handler, name)(self.args, state, self.control, **kwargs)
         return self.control
 
-    # transformers' Trainer API
-    def add(self, callback: Any) -> None:
-        self.handler.add_callback(callback)
-
-    def pop(self, callback: Any) -> Any:
-        return self.handler.pop_callback(callback)
-
-    def remove(self, callback: Any) -> None:
-        self.handler.remove_callback(callback)
-
     # ---- state that checkpoints carry ------------------------------------------------------------------------
     def export(self, state: Any) -> None:
         """Put every stateful callback's state (and the control's) into state.stateful_callbacks, by class name."""

@@ -155,13 +155,13 @@ class GRPOTrainer(GenerationRounds, Evaluation):
 
     # ---- callbacks, as transformers' Trainer offers them ---------------------------------------------------
     def add_callback(self, callback: Any) -> None:
-        self.callbacks.add(callback)
+        self.callbacks.handler.add_callback(callback)
 
     def pop_callback(self, callback: Any) -> Any:
-        return self.callbacks.pop(callback)
+        return self.callbacks.handler.pop_callback(callback)
 
     def remove_callback(self, callback: Any) -> None:
-        self.callbacks.remove(callback)
+        self.callbacks.handler.remove_callback(callback)
 
     # ---- the outer loop ------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
