@@ -102,8 +102,8 @@ class Rollout:
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 picked[f.name] = value[rows.to(value.device)]
-            elif isinstance(value, list):
-                picked[f.name] = [value[i] for i in rows.tolist()]
+            elif isinstance(value, list):  # empty: `extra` of a round saved before it existed
+                picked[f.name] = [value[i] for i in rows.tolist()] if value else []
             else:
                 picked[f.name] = value
         batch = Rollout(**picked)
