@@ -84,7 +84,10 @@ def test_end_to_end_metrics_config_and_saved_model(tmp_path, tiny_model_dir):
     assert "kl" not in records[0]  # beta = 0: no reference model, no kl
     assert records == state.log_history[:-1]  # then the run summary, as in transformers
     assert records[-1]["num_tokens"] > records[0]["num_tokens"] > 0
-    assert (output.global_step, output.metrics) == (3, {k: v for k, v in state.log_history[-1].items() if k != "step"})
+    # as in transformers, whose printer callback pops total_flos from the returned metrics (log_history keeps it)
+    assert (output.global_step, output.metrics) == (
+        3, {k: v for k, v in state.log_history[-1].items() if k not in ("step", "total_flos")})
+    assert "total_flos" in state.log_history[-1]
     assert output.training_loss == pytest.approx(sum(r["loss"] for r in records) / 3)
     config = json.loads((run / "grpo_config.json").read_text())
     assert config["num_generations"] == 4 and config["reward_funcs"] == ["reward_len"]
