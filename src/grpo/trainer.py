@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
@@ -50,7 +50,7 @@ from grpo.distributed import Processes, accelerator_kwargs, check_distributed_su
 from grpo.evaluate import evaluate
 from grpo.guard import NonFiniteGuard, is_finite_step
 from grpo.logprobs import PolicyLogps, completion_logps, completion_logps_in_chunks
-from grpo.metrics import ProgressBar, RunLog, round_metrics
+from grpo.metrics import ProgressBar, RunLog, round_metrics, tool_metrics
 from grpo.models import (
     disable_dropout,
     enable_gradient_checkpointing,
@@ -60,7 +60,17 @@ from grpo.models import (
     wrap_peft,
 )
 from grpo.rewards import RewardRunner, prepare_reward_funcs
-from grpo.rollout import Generator, Rollout, default_generator
+from grpo.rollout import (
+    Environments,
+    Episodes,
+    Generator,
+    Rollout,
+    check_episodes,
+    check_tools,
+    default_generator,
+    episode_source,
+    set_chat_template,
+)
 from grpo.run_state import RunPosition, TrainerState
 
 
@@ -78,6 +88,9 @@ class GRPOTrainer:
         reward_processing_classes: Any = None,
         peft_config: Any = None,
         optimizers: tuple[Any, Any] = (None, None),
+        tools: list[Callable[..., Any]] | None = None,
+        rollout_func: Callable[..., dict[str, Any]] | None = None,
+        environment_factory: Any = None,
         generator: Generator | None = None,
     ):
         self.args = args = args if args is not None else GRPOConfig()
@@ -97,15 +110,24 @@ class GRPOTrainer:
                 f"{args.prompts_per_generation} unique prompts (generation_batch_size {args.generation_batch_size} / "
                 f"num_generations {args.num_generations}). Add prompts or lower the batch size."
             )
-        self.reward_funcs = prepare_reward_funcs(reward_funcs, reward_processing_classes, args.model_init_kwargs)
+        # multi-turn rollouts (docs/tools.md): tools, and environments (probed here: their rewards join the run's)
+        self.tools = list(tools or [])
+        check_tools(self.tools)
+        self.environments = Environments(environment_factory) if environment_factory is not None else None
+        environment_rewards = self.environments.reward_functions() if self.environments is not None else []
+        if self.environments is not None:
+            self.environments.check_rows(self.train_source.columns, self.train_source.column("environment"))
+        self.reward_funcs = prepare_reward_funcs(reward_funcs, reward_processing_classes, args.model_init_kwargs,
+                                                 environment_rewards)
         self.reward_runner = RewardRunner.from_config(self.reward_funcs, args)  # worker processes start here
-        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
-        if len(weights) != len(self.reward_funcs):
+        own_funcs = len(self.reward_funcs) - len(environment_rewards)
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * own_funcs
+        if len(weights) != own_funcs:
             raise ValueError(
-                f"GRPOConfig.reward_weights has {len(weights)} weights for {len(self.reward_funcs)} reward "
+                f"GRPOConfig.reward_weights has {len(weights)} weights for {own_funcs} reward "
                 "functions; give one weight per function."
             )
-        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        self.reward_weights = torch.tensor([*weights, *[1.0] * len(environment_rewards)], dtype=torch.float32)
         if args.use_vllm:
             raise NotImplementedError("use_vllm=True: the vLLM backend is not implemented yet; set use_vllm=False.")
 
@@ -118,11 +140,15 @@ class GRPOTrainer:
         set_seed(args.seed)
         model_source = model
         self.processing_class = load_tokenizer(model, processing_class, args.model_init_kwargs)
+        if args.chat_template_path is not None:
+            set_chat_template(self.processing_class, args.chat_template_path)
         if self.train_source.conversational and not getattr(self.processing_class, "chat_template", None):
             raise ValueError(
                 "train_dataset has conversational prompts (lists of messages) but the tokenizer has no chat "
                 "template. Set tokenizer.chat_template, or give prompts as plain strings."
             )
+        tool_format = check_episodes(self.processing_class, args, self.tools, self.environments, rollout_func,
+                                     self.train_source.conversational)
         model = load_causal_lm(model, args.model_init_kwargs)
         if peft_config is not None:
             model = wrap_peft(model, peft_config)
@@ -149,6 +175,9 @@ class GRPOTrainer:
             self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
         self.generator = generator or default_generator(self.processing_class, args, self.processes.rank)
+        own_rollout = None if rollout_func is None else (lambda prompts: rollout_func(prompts, self))  # TRL's call
+        self.episodes = episode_source(self.generator, self.processing_class, args, tool_format, self.tools,
+                                       self.environments, own_rollout, context_length(self._unwrapped_model().config))
         self.state = TrainerState()
         self.optimizer, self.lr_scheduler = optimizers  # as in transformers: (None, None) builds AdamW + schedule
         self._shuffle = torch.Generator().manual_seed(args.seed)
@@ -166,8 +195,9 @@ class GRPOTrainer:
         self.processes.wait()  # every process has seen output_dir before the main one writes to it
         if checkpoint is not None:
             check_resumable(checkpoint, config, model_signature(self._unwrapped_model()), self.processes.count)
+        tools = self.tools + (self.environments.tools if self.environments is not None else [])  # all, at most
         check_prompt_lengths(self.train_source, self.processing_class, self._unwrapped_model().config,
-                             args.max_completion_length, args.chat_template_kwargs)
+                             args.max_completion_length, dict(args.chat_template_kwargs or {}, tools=tools or None))
         self.state = TrainerState(max_steps=self._total_steps())
         self._create_optimizer_and_scheduler(self.state.max_steps)
         self.policy_logps = distributed.shard_policy(self.accelerator, self.policy_logps, self.optimizer)  # FSDP only
@@ -284,21 +314,17 @@ class GRPOTrainer:
         """Sample G completions per prompt, score them, and compute advantages and (`for_loss`) the old and
         reference log-probs the loss needs."""
         args, g = self.args, num_generations or self.args.num_generations
-        prompts = [row["prompt"] for row in rows]
-        prompt_ids = tokenize_prompts(self.processing_class, prompts, args.chat_template_kwargs)
-        # train() checked a Dataset's prompts up front; an IterableDataset's are checked here, round by round
-        check_prompt_ids(prompts, prompt_ids, self.processing_class, args.max_completion_length,
-                         context_length(self._unwrapped_model().config))
         self.model.eval()
         with distributed.full_weights(self.policy_logps), self._autocast(generation=True):
-            generation = self.generator.generate(self._unwrapped_model(), prompt_ids, g)
-        texts = self.processing_class.batch_decode(generation.completion_ids, skip_special_tokens=True)
-        conversational = self.train_source.conversational
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-        repeated_prompts = [p for p in prompts for _ in range(g)]
+            if self.episodes is None:
+                episodes = self._single_turn(rows, g)
+            else:  # tools, environments or a rollout_func (grpo.rollout.multiturn, grpo.rollout.user_rollout)
+                episodes = self.episodes.generate(self._unwrapped_model(), rows, g)
+        generation, repeated_prompts, completions = episodes.generation, episodes.prompts, episodes.completions
         columns = {} if args.remove_unused_columns else {
             name: [row[name] for row in rows for _ in range(g)] for name in rows[0] if name != "prompt"
         }
+        columns.update(episodes.reward_kwargs)
         completion_ids = [ids[mask.bool()].tolist() for ids, mask in
                           zip(generation.completion_ids, generation.completion_mask)]
         rewards_per_func, reward_errors = self.reward_runner.score(repeated_prompts, completions, completion_ids,
@@ -313,7 +339,7 @@ class GRPOTrainer:
             prompt_ids=generation.prompt_ids, prompt_mask=generation.prompt_mask,
             completion_ids=generation.completion_ids, completion_mask=generation.completion_mask,
             is_eos=generation.is_eos, advantages=spread.own_rows(advantages), rewards_per_func=rewards_per_func,
-            prompts=repeated_prompts, completions=completions,
+            tool_mask=generation.tool_mask, prompts=repeated_prompts, completions=completions,
         )
         chunk = args.per_device_train_batch_size
         with distributed.full_weights(self.policy_logps), self._autocast():
@@ -323,14 +349,31 @@ class GRPOTrainer:
             if args.beta > 0 and for_loss:
                 with self._reference_model() as ref:
                     rollout.ref_logps = completion_logps_in_chunks(ref, rollout, args.temperature, chunk)
+        model_tokens = generation.model_token_mask()  # lengths and token counts leave tool turns out, as in TRL
         if for_loss:  # num_tokens counts training tokens only
-            tokens = spread.sum({"tokens": float(generation.prompt_mask.sum() + generation.completion_mask.sum())})
+            tokens = spread.sum({"tokens": float(generation.prompt_mask.sum() + model_tokens.sum())})
             self.state.num_input_tokens_seen += int(tokens["tokens"])
-        lengths = spread.gather(rollout.completion_mask.sum(1).float())
+        lengths = spread.gather(model_tokens.sum(1).float())
         metrics = round_metrics([r.name for r in self.reward_funcs], all_rewards_per_func, rewards, group_std,
                                 lengths, spread.gather(rollout.is_eos.long()).bool())
         metrics.update(spread.sum(reward_errors) if reward_errors else {})  # reward_error="none": failed rows
+        if episodes.tool_counts is not None:
+            metrics.update(tool_metrics(spread.sum(episodes.tool_counts), len(lengths)))
         return rollout, {"num_tokens": float(self.state.num_input_tokens_seen), **metrics}
+
+    def _single_turn(self, rows: list[dict[str, Any]], g: int) -> Episodes:
+        """G completions of each row's prompt, one turn each."""
+        args = self.args
+        prompts = [row["prompt"] for row in rows]
+        prompt_ids = tokenize_prompts(self.processing_class, prompts, args.chat_template_kwargs)
+        # train() checked a Dataset's prompts up front; an IterableDataset's are checked here, round by round
+        check_prompt_ids(prompts, prompt_ids, self.processing_class, args.max_completion_length,
+                         context_length(self._unwrapped_model().config))
+        generation = self.generator.generate(self._unwrapped_model(), prompt_ids, g)
+        texts = self.processing_class.batch_decode(generation.completion_ids, skip_special_tokens=True)
+        conversational = self.train_source.conversational
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        return Episodes(generation, [p for p in prompts for _ in range(g)], completions)
 
     # ---- one optimizer step --------------------------------------------------------------------------------
     def training_step(self, rollout: Rollout, micro_batches: list[torch.Tensor]) -> dict[str, float]:
@@ -378,9 +421,12 @@ class GRPOTrainer:
         return None if tensor is None else tensor.to(self.device)
 
     def _loss_mask(self, batch: Rollout) -> torch.Tensor:
-        """The completion mask, less truncated completions when mask_truncated_completions (DAPO overlong
-        filtering). Attention still sees their tokens; only the loss and its normaliser leave them out."""
+        """The completion mask, less tool turns' tokens, less truncated completions when mask_truncated_completions
+        (DAPO overlong filtering). Attention still sees their tokens; only the loss and its normaliser leave them
+        out."""
         mask = batch.completion_mask.float()
+        if batch.tool_mask is not None:  # tool results are part of what the policy sees, not of what it did
+            mask = mask * batch.tool_mask.float()
         return mask * batch.is_eos.unsqueeze(1).float() if self.args.mask_truncated_completions else mask
 
     @torch.no_grad()
