@@ -26,15 +26,18 @@ DEMOS: dict[tuple[bool, str], tuple[str, dict[str, Any]]] = {
     (False, "arithmetic"): ("arithmetic", dict(num_generations=8, per_device_train_batch_size=32,
                                                max_completion_length=8, learning_rate=2e-3, max_steps=150,
                                                logging_steps=10)),
-    (True, "length"): ("chat_length", dict(num_generations=8, per_device_train_batch_size=32,
-                                           max_completion_length=48, learning_rate=5e-5, max_steps=30,
-                                           logging_steps=2)),
-    (True, "arithmetic"): ("word_problems", dict(num_generations=8, per_device_train_batch_size=32,
-                                                 max_completion_length=96, learning_rate=1e-5, max_steps=40,
-                                                 logging_steps=2, temperature=0.7)),
-    (True, "format"): ("format", dict(num_generations=8, per_device_train_batch_size=32,
-                                      max_completion_length=128, learning_rate=2e-5, max_steps=60,
-                                      logging_steps=2)),
+    # a step = 4 (length) or 2 prompts x 8 completions, in micro-batches of one group: the prompt is packed once
+    # and activations stay near 1 GB without recomputation
+    (True, "length"): ("chat_length", dict(num_generations=8, per_device_train_batch_size=8,
+                                           gradient_accumulation_steps=4, max_completion_length=48,
+                                           learning_rate=5e-5, max_steps=16, logging_steps=2)),
+    (True, "arithmetic"): ("word_problems", dict(num_generations=8, per_device_train_batch_size=8,
+                                                 gradient_accumulation_steps=2, max_completion_length=96,
+                                                 learning_rate=2e-5, max_steps=40, logging_steps=2,
+                                                 temperature=0.7)),
+    (True, "format"): ("format", dict(num_generations=8, per_device_train_batch_size=8,
+                                      gradient_accumulation_steps=2, max_completion_length=96,
+                                      learning_rate=3e-5, max_steps=20, logging_steps=2)),
 }
 
 
