@@ -115,13 +115,65 @@ def test_unknown_field_without_a_close_match():
         GRPOConfig(zzzzzz=1)
 
 
-def test_not_yet_supported_trl_field_says_so():
-    with pytest.raises(TypeError) as info:
+def test_not_yet_supported_trl_field_says_so_and_what_to_do():
+    with pytest.raises(ValueError) as info:
         GRPOConfig(push_to_hub=True)
     message = str(info.value)
-    assert "push_to_hub" in message
-    assert "does not implement yet" in message
+    assert "push_to_hub=True is not supported yet" in message
+    assert "upload_folder" in message  # what to do instead
     assert "Did you mean" not in message
+
+
+def test_trl_fields_at_their_default_are_accepted_silently():
+    """Valid TRL configs are never an error: a refused field at TRL's default (or another "off" value) passes, and
+    ignored fields keep their value for callbacks to read."""
+    config = GRPOConfig(push_to_hub=False, fp16=False, deepspeed=None, fsdp="", torch_compile=False,
+                        dataloader_num_workers=4, logging_dir="logs", router_aux_loss_coef=0.01,
+                        vllm_tensor_parallel_size=2, vllm_server_timeout=60.0, vllm_max_model_length=1024,
+                        vllm_enable_sleep_mode=True, log_multimodal=False, use_transformers_paged=False)
+    assert config.dataloader_num_workers == 4 and config.vllm_tensor_parallel_size == 2
+    assert "dataloader_num_workers" not in repr(config)  # the accepted TRL fields stay out of the way
+
+
+def test_eval_batch_is_checked_only_where_evaluation_is_configured():
+    config = GRPOConfig(num_generations=3, per_device_train_batch_size=6)  # eval batch 8: no eval, no error
+    with pytest.raises(ValueError, match="per_device_eval_batch_size=8 must be a multiple of num_generations_eval=3"):
+        config.check_evaluation_batch()
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(optim="sgd"), "optim='sgd' is not supported yet"),
+    (dict(optim="adamw_torh"), "Did you mean 'adamw_torch'"),
+    (dict(eval_strategy="epoch"), "eval_strategy='epoch' is not supported yet"),
+    (dict(save_strategy="best"), "save_strategy='best' is not supported yet"),
+    (dict(logging_steps=1.5), "logging_steps must be a positive integer or a fraction"),
+    (dict(load_best_model_at_end=True), "needs evaluations to rank checkpoints"),
+    (dict(load_best_model_at_end=True, eval_strategy="steps", eval_steps=3, save_steps=4), "multiple of eval_steps"),
+    (dict(generation_kwargs={"top_kk": 3}), "Did you mean 'top_k'"),
+    (dict(generation_kwargs={"num_return_sequences": 2}), "num_generations sets"),
+    (dict(off_policy_mask_threshold=-1.0), "off_policy_mask_threshold is a KL bound"),
+])
+def test_trl_values_grpo_cannot_honour_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        GRPOConfig(**settings)
+
+
+def test_best_model_metric_defaults_as_in_transformers():
+    config = GRPOConfig(load_best_model_at_end=True, eval_strategy="steps", eval_steps=2, save_steps=4)
+    assert config.metric_for_best_model == "loss" and config.greater_is_better is False
+    assert GRPOConfig(metric_for_best_model="reward").greater_is_better is True
+
+
+def test_fractional_steps_are_kept_for_the_trainer_to_resolve():
+    config = GRPOConfig(logging_steps=0.25, save_steps=1000.0)
+    assert config.logging_steps == 0.25 and config.save_steps == 1000 and isinstance(config.save_steps, int)
+
+
+def test_generation_kwargs_the_engine_cannot_run_switch_to_transformers_with_a_notice():
+    with pytest.warns(UserWarning, match="num_beams"):
+        config = GRPOConfig(generation_kwargs={"num_beams": 2})
+    assert config.generation_backend == "transformers"
+    assert GRPOConfig(generation_kwargs={"num_beams": 1, "no_repeat_ngram_size": 2}).generation_backend == "engine"
 
 
 def test_removed_field_says_it_was_removed():
@@ -201,7 +253,7 @@ def test_report_to_none_is_an_empty_list():
         {"max_steps": -1, "num_train_epochs": 0},
         {"lr_scheduler_type": "cosine_annealing"},
         {"generation_backend": "vllm"},
-        {"generation_kwargs": {"num_beams": 4}},
+        {"generation_kwargs": {"top_kk": 4}},
     ],
 )
 def test_out_of_range_values_raise(kwargs):

@@ -43,8 +43,8 @@ def _trainer_with_nan_steps(tmp_path, bad_steps: set[int], **overrides) -> tuple
 def test_a_nonfinite_step_is_skipped_with_a_warning_naming_it(tmp_path):
     trainer, applied = _trainer_with_nan_steps(tmp_path, bad_steps={2})
     with pytest.warns(RuntimeWarning, match="step 2: the loss or gradient is NaN/inf"):
-        state = trainer.train()
-    assert state.global_step == 4
+        output = trainer.train()
+    assert output.global_step == 4
     assert len(applied) == 3  # steps 1, 3 and 4 updated the weights; step 2 did not
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 

@@ -90,7 +90,8 @@ def active_grads(grad):
 
 
 def test_registries_cover_trl_loss_types_and_levels():
-    assert set(OBJECTIVES) == set(LOSS_TYPES) == {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"}
+    assert set(OBJECTIVES) == set(LOSS_TYPES) == {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo",
+                                                  "vespo"}
     assert set(IMPORTANCE_SAMPLING_LEVELS) == {"token", "sequence"}
     assert set(MULTI_OBJECTIVE_AGGREGATIONS) == {"sum_then_normalize", "normalize_then_sum"}
 
@@ -260,8 +261,10 @@ def test_micro_batch_loss_hand_values():
     policy = (-0.4 + 0.3 * K3) / 3
     loss, stats, grad_logps, grad_entropy = whole_loss()
     assert loss == pytest.approx(policy - 0.2)
+    # per sequence: row 0 has 1 of its 2 tokens high-clipped, row 1 its 1 token low-clipped
     assert asdict(stats) == pytest.approx(asdict(LossStats(loss=policy - 0.2, policy_loss=policy, entropy=3.0,
-                                                           kl=3 * K3, low_clipped=1, high_clipped=1)))
+                                                           kl=3 * K3, low_clipped=1, high_clipped=1,
+                                                           low_clipped_min=0.0, high_clipped_max=0.5)))
     # both policy terms with a gradient are clipped or masked; d k3 / d logp = 1 - exp(d) = -1, times beta / 3
     assert active_grads(grad_logps) == pytest.approx([-0.1 / 3] * 3)
     assert active_grads(grad_entropy) == pytest.approx([-0.2 / 3] * 3)  # -c / (tokens of the step)
@@ -299,16 +302,18 @@ def test_micro_batch_loss_counts_the_whole_step():
 def test_step_metrics_hand_values_and_names():
     _, stats, _, _ = whole_loss()  # 3 tokens: entropy 3, KL 3 K3, one token clipped each way
     settings = LossSettings("dapo", "token", ObjectiveParams(), beta=0.1, entropy_coef=0.2)
-    metrics = stats.step_metrics(3, settings)
+    metrics = stats.step_metrics(STEP, settings)
     assert list(metrics) == ["entropy", "policy_loss", "clip_ratio/low_mean", "clip_ratio/high_mean",
-                             "clip_ratio/region_mean", "kl"]
+                             "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max", "kl"]
     assert metrics == pytest.approx({"entropy": 1.0, "policy_loss": stats.policy_loss, "clip_ratio/low_mean": 1 / 3,
-                                     "clip_ratio/high_mean": 1 / 3, "clip_ratio/region_mean": 2 / 3, "kl": K3})
+                                     "clip_ratio/high_mean": 1 / 3, "clip_ratio/region_mean": 2 / 3,
+                                     "clip_ratio/low_min": 0.0, "clip_ratio/high_max": 0.5, "kl": K3})
     # no bonus, no KL: neither is logged; cispo logs its own ratio, sapo none
-    assert list(stats.step_metrics(3, LossSettings("cispo", "token", ObjectiveParams()))) == [
+    assert list(stats.step_metrics(STEP, LossSettings("cispo", "token", ObjectiveParams()))) == [
         "entropy", "cispo_clip_ratio"]
-    assert list(stats.step_metrics(3, LossSettings("sapo", "token", ObjectiveParams()))) == ["entropy"]
-    assert LossStats().step_metrics(0, settings)["entropy"] == 0.0  # an empty step divides by 1, not 0
+    assert list(stats.step_metrics(STEP, LossSettings("sapo", "token", ObjectiveParams()))) == ["entropy"]
+    empty = StepCounts(num_sequences=0, num_tokens=0, max_completion_length=3)
+    assert LossStats().step_metrics(empty, settings)["entropy"] == 0.0  # an empty step divides by 1, not 0
 
 
 # --- advantages, dynamic-sampling groups, entropy quantile, reference mixing -----------------------------------
@@ -396,8 +401,8 @@ def test_objective_fields_are_accepted_and_validated():
         GRPOConfig(max_dynamic_sampling_rounds=-1)
     with pytest.warns(UserWarning, match="epsilon_high"):
         GRPOConfig(loss_type="cispo")
-    with pytest.raises(TypeError, match="does not implement yet"):
-        GRPOConfig(use_adaptive_entropy=True)
+    with pytest.raises(ValueError, match="entropy_coef_min=0.5 must be <= entropy_coef_max=0.1"):
+        GRPOConfig(use_adaptive_entropy=True, entropy_coef_min=0.5, entropy_coef_max=0.1)
 
 
 # --- the trainer ---------------------------------------------------------------------------------------------------
@@ -513,10 +518,10 @@ def test_loss_type_metrics(tmp_path, tiny_model_dir):
     trainer = sgd_trainer(tmp_path, tiny_model_dir, loss_type="cispo", epsilon_high=5.0, num_iterations=2,
                           max_steps=2)
     trainer.train()
-    assert all("cispo_clip_ratio" in r and "clip_ratio/region_mean" not in r for r in trainer.state.log_history)
+    assert all("cispo_clip_ratio" in r and "clip_ratio/region_mean" not in r for r in trainer.state.log_history[:-1])
     trainer = sgd_trainer(tmp_path, tiny_model_dir, loss_type="sapo")
     trainer.train()
-    assert "clip_ratio/region_mean" not in trainer.state.log_history[-1]
+    assert "clip_ratio/region_mean" not in trainer.state.log_history[-2]
 
 
 def test_normalize_then_sum_in_the_trainer(tmp_path, tiny_model_dir):
@@ -607,7 +612,7 @@ def test_dynamic_sampling_bound_then_fills_with_dropped_groups(tmp_path, tiny_mo
 
 def test_num_iterations_two_stores_old_logps_once_and_moves_the_ratio(tmp_path, tiny_model_dir, monkeypatch):
     import grpo.algorithm as algorithm_module
-    import grpo.trainer as trainer_module
+    import grpo.trainer_rounds as trainer_module
 
     old_logp_passes, ratio_moves = [], []
     chunks, loss = trainer_module.completion_logps_in_chunks, algorithm_module.policy_loss

@@ -177,11 +177,11 @@ def test_out_of_memory_halves_the_chunk_and_retries(monkeypatch):
     real = engine._generate_chunk
     chunk_sizes = []
 
-    def tight_memory(model, decoder, prompt_ids, g):
+    def tight_memory(model, decoder, prompt_ids, g, turn):
         chunk_sizes.append(len(prompt_ids))
         if len(prompt_ids) > 1:
             raise torch.OutOfMemoryError("simulated")
-        return real(model, decoder, prompt_ids, g)
+        return real(model, decoder, prompt_ids, g, turn)
 
     monkeypatch.setattr(engine, "_generate_chunk", tight_memory)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -203,12 +203,75 @@ def test_filters_match_transformers_processors():
     torch.testing.assert_close(min_p_filter(logits, 0.1), MinPLogitsWarper(0.1)(ids, logits.clone()))
 
 
-def test_generation_kwargs_override_and_unsupported_keys():
+def test_generation_kwargs_override_and_search_kwargs_switch_to_generate():
     params = config(temperature=0.9, generation_kwargs={"temperature": 0.5, "top_k": 3}).sampling_params
     assert params.temperature == 0.5 and params.top_k == 3
-    with pytest.raises(ValueError, match="generation_backend='transformers'"):
-        config(generation_kwargs={"num_beams": 2})
-    config(generation_kwargs={"num_beams": 2}, generation_backend="transformers")  # accepted there
+    with pytest.warns(UserWarning, match=r"\['num_beams'\] need transformers' generate"):
+        assert config(generation_kwargs={"num_beams": 2}).generation_backend == "transformers"
+    assert config(generation_kwargs={"num_beams": 1}).generation_backend == "engine"  # the neutral value
+
+
+# generation_kwargs the engine runs through transformers' processors, each chosen to change greedy decoding of
+# make_model("llama") (checked below), with a repetition penalty on so that its per-row state is compacted too.
+# typical_p and epsilon_cutoff sample, but leave one token, so sampling is deterministic.
+PROCESSOR_KWARGS = {
+    "no_repeat_ngram_size": {"no_repeat_ngram_size": 1, "repetition_penalty": 1.0},  # the penalty hides repeats
+    "bad_words_ids": {"bad_words_ids": [[33], [46, 47]]},  # a token, and a two-token sequence
+    "min_new_tokens": {"min_new_tokens": 10},
+    "min_length": {"min_length": 14},
+    "sequence_bias": {"sequence_bias": {(3,): 4.0, (9, 3): -6.0}},  # a token, and a token after another
+    "begin_suppress_tokens": {"begin_suppress_tokens": [17, 42, 60]},  # first tokens without it
+    "exponential_decay_length_penalty": {"exponential_decay_length_penalty": (1, 2.0)},
+    "forced_eos_token_id": {"forced_eos_token_id": 2, "min_new_tokens": 99},  # EOS only at the last step
+    "typical_p": {"do_sample": True, "typical_p": 1e-4},
+    "epsilon_cutoff": {"do_sample": True, "epsilon_cutoff": 0.5, "temperature": 3.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROCESSOR_KWARGS))
+def test_generation_kwargs_run_inside_the_engine_exactly_as_generate(name):
+    """Each keyword through the engine's transformers processors gives generate's tokens, rows leaving the batch
+    at different steps (their token history and the processors' per-row state compacted with them)."""
+    model = make_model("llama")
+    kwargs = {"do_sample": False} | PROCESSOR_KWARGS[name]
+    # the same settings without the keyword under test, greedy (typical_p and epsilon_cutoff sample)
+    base = {k: v for k, v in kwargs.items() if k != name} | {"do_sample": False}
+    outputs = []
+    for settings in (kwargs, base):
+        args = config(generation_kwargs=settings, repetition_penalty=1.3)
+        assert args.generation_backend == "engine"
+        ours = RolloutEngine(Tokenizer(), args.sampling_params, seed=0).generate(model, PROMPTS, 2)
+        reference = TransformersGenerator(Tokenizer(), args.sampling_params).generate(model, PROMPTS, 2)
+        width = ours.completion_ids.size(1)
+        assert torch.equal(ours.completion_mask, reference.completion_mask[:, :width])
+        assert torch.equal(ours.completion_ids * ours.completion_mask, reference.completion_ids[:, :width]
+                           * ours.completion_mask)
+        assert torch.equal(ours.is_eos, reference.is_eos)
+        outputs.append(ours)
+    with_kwarg, without = outputs
+    changed = not (with_kwarg.completion_ids.shape == without.completion_ids.shape
+                   and torch.equal(with_kwarg.completion_ids, without.completion_ids))
+    assert changed or name == "epsilon_cutoff", f"{name} changed nothing"  # epsilon: here only the top token is left
+    lengths = with_kwarg.completion_mask.sum(1)
+    # rows left the batch at different steps, except where the keyword makes them all run to the limit
+    assert lengths.min() < lengths.max() or name in ("min_length", "forced_eos_token_id", "sequence_bias", "typical_p")
+
+
+def test_stop_strings_end_rows_inside_the_engine_as_in_generate(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [tokenizer(text).input_ids for text in ("hello", "a longer prompt", "x")]
+    # greedy, this model writes "jjjj...", "tttt..." and "xxxRRRR..." after these prompts
+    args = config(generation_kwargs={"do_sample": False, "stop_strings": ["jj", "R"]}, max_completion_length=16)
+    ours = RolloutEngine(tokenizer, args.sampling_params).generate(model, prompts, 2)
+    reference = TransformersGenerator(tokenizer, args.sampling_params).generate(model, prompts, 2)
+    lengths = ours.completion_mask.sum(1)
+    assert lengths.tolist() == [2, 2, 16, 16, 4, 4]  # "jj" spans two tokens; "R" ends "xxxR"
+    assert ours.is_eos.tolist() == [True, True, False, False, True, True]  # ended, not truncated
+    for row, length in enumerate(lengths.tolist()):
+        assert torch.equal(ours.completion_ids[row, :length], reference.completion_ids[row, :length])
 
 
 def test_both_backends_take_the_same_sampling_settings():

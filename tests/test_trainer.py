@@ -26,6 +26,13 @@ def reward_len(completions, **kwargs):
     return [-abs(20 - len(c)) for c in completions]
 
 
+def trained_history(trainer) -> list[dict]:
+    """train(), then the log history without its last entry, transformers' run summary."""
+    trainer.train()
+    assert "train_runtime" in trainer.state.log_history[-1]
+    return trainer.state.log_history[:-1]
+
+
 def small_args(tmp_path, **overrides) -> GRPOConfig:
     settings = dict(output_dir=str(tmp_path / "run"), save_strategy="no", overwrite_output_dir=True,
                     num_generations=4, per_device_train_batch_size=8,
@@ -57,14 +64,16 @@ def test_course_program_runs_unchanged(tmp_path, tiny_model_dir):
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
     lines = (tmp_path / "output" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [6]  # logging_steps=10, plus the final step
-    assert trainer.state.log_history[-1]["step"] == 6
+    assert trainer.state.log_history[-2]["step"] == 6
+    assert {"train_runtime", "train_loss", "total_flos"} <= set(trainer.state.log_history[-1])  # the run summary
 
 
 def test_end_to_end_metrics_config_and_saved_model(tmp_path, tiny_model_dir):
     args = small_args(tmp_path, max_steps=3)
     trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    state = trainer.train()
+    output = trainer.train()
+    state = trainer.state
 
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)]
     assert len(changed) > len(before) // 2
@@ -73,8 +82,10 @@ def test_end_to_end_metrics_config_and_saved_model(tmp_path, tiny_model_dir):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert EXPECTED_METRICS <= set(records[0])
     assert "kl" not in records[0]  # beta = 0: no reference model, no kl
-    assert records[0] == state.log_history[0]
+    assert records == state.log_history[:-1]  # then the run summary, as in transformers
     assert records[-1]["num_tokens"] > records[0]["num_tokens"] > 0
+    assert (output.global_step, output.metrics) == (3, {k: v for k, v in state.log_history[-1].items() if k != "step"})
+    assert output.training_loss == pytest.approx(sum(r["loss"] for r in records) / 3)
     config = json.loads((run / "grpo_config.json").read_text())
     assert config["num_generations"] == 4 and config["reward_funcs"] == ["reward_len"]
     reloaded = AutoModelForCausalLM.from_pretrained(run)
@@ -157,7 +168,7 @@ def test_several_rewards_with_weights_async_none_and_a_reward_model(tmp_path, ti
     trainer = GRPOTrainer(model=tiny_model_dir, args=args, train_dataset=length_task(8),
                           reward_funcs=[reward_len, async_bonus, only_even, str(reward_dir)])
     trainer.train()
-    record = trainer.state.log_history[-1]
+    record = trainer.state.log_history[-2]
     assert record["rewards/async_bonus/mean"] == 0.5
     assert record["rewards/only_even/mean"] == 1.0  # None rows are skipped, not counted as 0
     assert "rewards/reward-model/mean" in record
@@ -169,8 +180,7 @@ def test_several_rewards_with_weights_async_none_and_a_reward_model(tmp_path, ti
 def test_beta_and_num_iterations_use_reference_and_old_logps(tmp_path, tiny_model_dir):
     args = small_args(tmp_path, beta=0.1, num_iterations=2, max_steps=4, epsilon=0.01)
     trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8))
-    trainer.train()
-    records = trainer.state.log_history
+    records = trained_history(trainer)
     assert all("kl" in r for r in records)
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts equal to the reference
     assert records[-1]["kl"] > 0
@@ -191,7 +201,7 @@ def test_gradient_checkpointing_trains(tmp_path, tiny_model_dir):
     trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8))
     trainer.train()
     assert trainer.model.is_gradient_checkpointing
-    assert trainer.state.log_history[-1]["grad_norm"] > 0
+    assert trainer.state.log_history[-2]["grad_norm"] > 0
 
 
 def test_zero_reward_spread_warns(tmp_path, tiny_model_dir):
@@ -202,8 +212,8 @@ def test_zero_reward_spread_warns(tmp_path, tiny_model_dir):
                           train_dataset=length_task(8))
     with pytest.warns(UserWarning, match="same reward for every completion"):
         trainer.train()
-    assert trainer.state.log_history[-1]["frac_reward_zero_std"] == 1.0
-    assert trainer.state.log_history[-1]["grad_norm"] == 0.0
+    assert trainer.state.log_history[-2]["frac_reward_zero_std"] == 1.0
+    assert trainer.state.log_history[-2]["grad_norm"] == 0.0
 
 
 # ---- bad input is rejected before the model loads ------------------------------------------------------------
@@ -308,7 +318,7 @@ def test_same_seed_gives_the_same_run(tmp_path, tiny_model_dir):
     for name in ("a", "b"):
         args = small_args(tmp_path / name, max_steps=3, seed=11)
         trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8))
-        histories.append([{k: v for k, v in r.items() if k != "step_time"} for r in trainer.train().log_history])
+        histories.append([{k: v for k, v in r.items() if k != "step_time"} for r in trained_history(trainer)])
     assert histories[0] == histories[1]
 
 
@@ -316,7 +326,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_model_dir):
     args = small_args(tmp_path, bf16=True, max_steps=1)
     trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8))
     assert trainer.use_bf16
-    record = trainer.train().log_history[-1]
+    record = trained_history(trainer)[-1]
     assert record["grad_norm"] > 0 and record["entropy"] > 0
     assert next(trainer.model.parameters()).dtype == torch.float32  # weights stay fp32; autocast computes in bf16
 
@@ -329,7 +339,7 @@ def test_entropy_bonus_pushes_when_rewards_carry_no_signal(tmp_path, tiny_model_
     args = small_args(tmp_path, max_steps=1, entropy_coef=0.1)
     trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=constant, args=args, train_dataset=length_task(8))
     with pytest.warns(UserWarning, match="same reward"):
-        record = trainer.train().log_history[-1]
+        record = trained_history(trainer)[-1]
     assert record["policy_loss"] == 0.0
     assert record["loss"] == pytest.approx(-0.1 * record["entropy"], rel=1e-5)  # loss = -coef x mean entropy
     assert record["grad_norm"] > 0  # without the bonus this step's gradient is exactly 0 (see above)
@@ -340,7 +350,7 @@ def test_evaluation_during_training(tmp_path, tiny_model_dir):
                       per_device_eval_batch_size=4)
     trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8),
                           eval_dataset=length_task(6, seed=1))
-    history = trainer.train().log_history
+    history = trained_history(trainer)
     evals = [r for r in history if "eval_reward" in r]
     assert [r["step"] for r in evals] == [2, 3]  # every eval_steps, and after the last step
     for record in evals:
@@ -356,8 +366,10 @@ def test_evaluation_settings_are_checked_early(tmp_path):
     with pytest.raises(ValueError, match="needs an eval_dataset"):
         GRPOTrainer(model=MISSING_MODEL, reward_funcs=reward_len, train_dataset=length_task(8),
                     args=small_args(tmp_path, eval_strategy="steps"))
-    with pytest.raises(ValueError, match="multiple of num_generations_eval=3"):
-        small_args(tmp_path, eval_strategy="steps", num_generations_eval=3, per_device_eval_batch_size=4)
+    with pytest.raises(ValueError, match="multiple of num_generations_eval=3"):  # before the model loads
+        GRPOTrainer(model=MISSING_MODEL, reward_funcs=reward_len, train_dataset=length_task(8),
+                    eval_dataset=length_task(4), args=small_args(tmp_path, eval_strategy="steps",
+                                                                 num_generations_eval=3, per_device_eval_batch_size=4))
     with pytest.raises(ValueError, match="Did you mean 'steps'"):
         small_args(tmp_path, eval_strategy="step")
 
@@ -382,7 +394,7 @@ def test_trust_remote_code_reaches_model_loading(tmp_path, tiny_model_dir, monke
 def test_no_forward_pass_the_math_does_not_need(tmp_path, tiny_model_dir, monkeypatch):
     """beta = 0: no reference model; fully on-policy: no old-policy pass. The only passes with the policy in
     training mode are the micro-batches' own forwards."""
-    import grpo.trainer as trainer_module
+    import grpo.trainer_rounds as trainer_module
 
     no_grad_passes, training_forwards = [], []
     real = trainer_module.completion_logps_in_chunks

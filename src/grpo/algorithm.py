@@ -6,6 +6,7 @@ F reward functions, m the completion mask (1 on real tokens), A the advantage, w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -167,6 +168,10 @@ class ObjectiveParams:
     delta: float | None = None
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
 
 
 @dataclass
@@ -177,6 +182,8 @@ class PolicyLoss:
     is_low_clipped: torch.Tensor  # (B, T) bool: w < 1 - eps_low and A < 0
     is_high_clipped: torch.Tensor  # (B, T) bool: w > 1 + eps_high and A > 0
     is_cispo_clipped: torch.Tensor | None = None  # (B, T) bool, cispo only: w > eps_high and A > 0
+    phi: torch.Tensor | None = None  # (B, 1), vespo only: each sequence's gamma weight
+    ratio: torch.Tensor | None = None  # (B, T) or (B, 1): exp of the importance_sampling_level's log weight
 
 
 def token_log_weights(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -255,6 +262,36 @@ def sapo_loss(
     shape = logps.shape
     no_clip = torch.zeros(shape, dtype=torch.bool, device=logps.device)
     return PolicyLoss(per_token_loss=per_token_loss.expand(shape), is_low_clipped=no_clip, is_high_clipped=no_clip)
+
+
+def vespo_log_weights(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """VESPO's sequence weight, in log space, shape (B, 1) (the sum, not GSPO's mean, of the token log ratios):
+
+        log w_i = clamp( sum_t m_it clamp(logp_it - old_it, -20, 20), log 1e-8, 20 )
+    """
+    log_ratio = torch.clamp(logps - old_logps, -20.0, 20.0)
+    return torch.clamp((log_ratio * mask).sum(-1, keepdim=True), math.log(1e-8), 20.0)
+
+
+def vespo_loss(
+    log_weights: torch.Tensor, logps: torch.Tensor, advantages: torch.Tensor, params: ObjectiveParams
+) -> PolicyLoss:
+    """VESPO (arXiv 2602.10693): l_it = -sg(phi(w_i)) A_i logp_it with the gamma weight
+
+        phi(w) = e^lambda w^k e^(-lambda w) = exp(lambda + k log w - lambda w),   phi(1) = 1,
+
+    (k, lambda) = (vespo_k_pos, vespo_lambda_pos) where A >= 0, (vespo_k_neg, vespo_lambda_neg) where A < 0,
+    lambda at least 1e-4; w from `vespo_log_weights`. phi is detached (a weight on the policy gradient) and 0
+    where it overflows, as in TRL.
+    """
+    adv = advantages.unsqueeze(1)
+    positive = adv >= 0
+    k = torch.where(positive, params.vespo_k_pos, params.vespo_k_neg).to(log_weights.dtype)
+    lam = torch.where(positive, params.vespo_lambda_pos, params.vespo_lambda_neg).to(log_weights.dtype).clamp(min=1e-4)
+    log_weights = log_weights.detach()
+    phi = torch.exp(lam + k * log_weights - lam * torch.exp(log_weights)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    no_clip = torch.zeros(logps.shape, dtype=torch.bool, device=logps.device)
+    return PolicyLoss(per_token_loss=-phi * adv * logps, is_low_clipped=no_clip, is_high_clipped=no_clip, phi=phi)
 
 
 def clipped_surrogate(
@@ -339,10 +376,12 @@ PolicyLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ObjectivePara
 
 @dataclass(frozen=True)
 class Objective:
-    """What a `loss_type` selects: the per-token policy loss and how it is aggregated over the step."""
+    """What a `loss_type` selects: the per-token policy loss, how it is aggregated over the step, and, for a loss
+    with a weight of its own (vespo), the log weight it reads instead of importance_sampling_level's."""
 
     policy_loss: PolicyLossFn
     aggregate: LossAggregator
+    log_weights: LogWeights | None = None
 
 
 # loss_type -> objective (TRL's names, reference section 3.7).
@@ -354,6 +393,7 @@ OBJECTIVES: dict[str, Objective] = {
     "luspo": Objective(clipped_loss, luspo_loss),
     "cispo": Objective(cispo_loss, dapo_loss),
     "sapo": Objective(sapo_loss, grpo_loss),
+    "vespo": Objective(vespo_loss, dapo_loss, log_weights=vespo_log_weights),
 }
 
 
@@ -366,9 +406,45 @@ def policy_loss(
     mask: torch.Tensor,
     params: ObjectiveParams,
 ) -> PolicyLoss:
-    """The per-token loss of `loss_type` at `importance_sampling_level` ("token" or "sequence", GSPO)."""
+    """The per-token loss of `loss_type` at `importance_sampling_level` ("token" or "sequence", GSPO); its `ratio`
+    is that level's w, which also weights a bias-corrected KL."""
+    objective = OBJECTIVES[loss_type]
     log_weights = IMPORTANCE_SAMPLING_LEVELS[importance_sampling_level](logps, old_logps, mask)
-    return OBJECTIVES[loss_type].policy_loss(log_weights, logps, advantages, params)
+    own = log_weights if objective.log_weights is None else objective.log_weights(logps, old_logps, mask)
+    result = objective.policy_loss(own, logps, advantages, params)
+    result.ratio = torch.exp(log_weights)
+    return result
+
+
+def off_policy_mask(advantages: torch.Tensor, logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor,
+                    threshold: float) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, eq. 9), shape (B, 1): 0 drops a sequence.
+
+        keep_i = 1[A_i >= 0  or  sum_t m_it (logp_old_it - logp_it) / sum_t m_it <= threshold]
+
+    The mean token KL(pi_old || pi_theta) estimate of a sequence, with logp detached: only sequences with a negative
+    advantage that drifted too far from the policy that sampled them leave the policy loss.
+    """
+    kl = ((old_logps - logps.detach()) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return ((advantages.unsqueeze(1) >= 0) | (kl <= threshold)).to(mask.dtype)
+
+
+def adaptive_entropy_coef(coef: float, entropy: float, target: float, delta: float, low: float, high: float
+                          ) -> float:
+    """Skywork-OR1's entropy controller (arXiv 2505.22312), once per optimizer step:
+
+        c <- clip(c + delta, low, high)  if H <= target,   clip(c - delta, low, high)  otherwise
+
+    H is the step's mean token entropy. The bonus itself applies only while the last step's H <= target
+    (`applied_entropy_coef`), so c can grow while entropy is low and fades once it has recovered.
+    """
+    return min(coef + delta, high) if entropy <= target else max(coef - delta, low)
+
+
+def applied_entropy_coef(coef: float, last_entropy: float, target: float) -> float:
+    """The coefficient the adaptive controller applies this step: c where the last step's H <= target, else 0
+    (before any step, H = inf: no bonus)."""
+    return coef if last_entropy <= target else 0.0
 
 
 @dataclass(frozen=True)
@@ -379,42 +455,62 @@ class LossSettings:
     importance_sampling_level: str  # "token" or "sequence" (IMPORTANCE_SAMPLING_LEVELS)
     params: ObjectiveParams
     beta: float = 0.0  # KL coefficient
-    entropy_coef: float = 0.0  # entropy bonus coefficient
+    entropy_coef: float = 0.0  # entropy bonus coefficient, as applied this step
+    entropy_bonus: bool = False  # whether the run has an entropy bonus (adaptive: even while its coefficient is 0)
+    bias_correction_kl: bool = False  # the k3 term times the policy ratio (DeepSeek-V3.2's unbiased KL)
+    off_policy_mask_threshold: float | None = None  # DeepSeek-V3.2's sequence mask (None: off)
+    router_aux_loss_coef: float = 0.0  # MoE load-balancing loss weight
 
 
 @dataclass
 class LossStats:
-    """What a micro-batch's loss reports, summed over its tokens in the mask m; `a + b` adds two micro-batches'.
+    """What a micro-batch's loss reports, summed over its tokens in the mask m; `a + b` adds two micro-batches'
+    (the two per-sequence extremes take their min and max instead).
 
-    `loss` is the value backpropagated, `policy_loss` the same before the entropy bonus.
+    `loss` is the value backpropagated, `policy_loss` the same before the entropy bonus and the MoE term.
     """
 
     loss: float = 0.0
     policy_loss: float = 0.0
     entropy: float = 0.0  # sum_t m_t H_t
-    kl: float = 0.0  # sum_t m_t k3_t (0 when beta = 0)
+    kl: float = 0.0  # sum_t m_t k3_t (times the ratio when bias-corrected; 0 when beta = 0)
     low_clipped: float = 0.0  # tokens with w < 1 - eps_low and A < 0
     high_clipped: float = 0.0  # tokens with w > 1 + eps_high and A > 0
     cispo_clipped: float = 0.0  # cispo: tokens whose weight was capped
+    phi: float = 0.0  # vespo: sum_i phi_i over sequences
+    aux_loss: float = 0.0  # MoE: the router loss, weighted by each micro-batch's share of the step's sequences
+    low_clipped_min: float = math.inf  # the smallest per-sequence fraction of low-clipped tokens
+    high_clipped_max: float = 0.0  # the largest per-sequence fraction of high-clipped tokens
+
+    EXTREMES = ("low_clipped_min", "high_clipped_max")
 
     def __add__(self, other: LossStats) -> LossStats:
-        return LossStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+        total = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        total["low_clipped_min"] = min(self.low_clipped_min, other.low_clipped_min)
+        total["high_clipped_max"] = max(self.high_clipped_max, other.high_clipped_max)
+        return LossStats(**total)
 
-    def step_metrics(self, num_tokens: int, settings: LossSettings) -> dict[str, float]:
-        """TRL's logged names for a whole step's stats: token means over the step's `num_tokens`, clip ratios for
-        the loss types that clip, `policy_loss` only when the entropy bonus is on, `kl` only when beta > 0."""
-        tokens = max(num_tokens, 1)
+    def step_metrics(self, step: StepCounts, settings: LossSettings) -> dict[str, float]:
+        """TRL's logged names for a whole step's stats: token means over the step's tokens, clip ratios for the loss
+        types that clip, `policy_loss` only with an entropy bonus, `kl` only when beta > 0, `aux_loss` for MoE."""
+        tokens = max(step.num_tokens, 1)
         metrics = {"entropy": self.entropy / tokens}
-        if settings.entropy_coef > 0:
+        if settings.entropy_bonus or settings.entropy_coef > 0:
             metrics["policy_loss"] = self.policy_loss
         if settings.loss_type == "cispo":
             metrics["cispo_clip_ratio"] = self.cispo_clipped / tokens
+        elif settings.loss_type == "vespo":
+            metrics["vespo/phi_seq_mean"] = self.phi / max(step.num_sequences, 1)
         elif settings.loss_type != "sapo":
             low, high = self.low_clipped / tokens, self.high_clipped / tokens
             metrics.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
-                            "clip_ratio/region_mean": low + high})
+                            "clip_ratio/region_mean": low + high,
+                            "clip_ratio/low_min": 0.0 if math.isinf(self.low_clipped_min) else self.low_clipped_min,
+                            "clip_ratio/high_max": self.high_clipped_max})
         if settings.beta > 0:
             metrics["kl"] = self.kl / tokens
+        if settings.router_aux_loss_coef:
+            metrics["aux_loss"] = self.aux_loss
         return metrics
 
 
@@ -428,16 +524,20 @@ def micro_batch_loss(
     step: StepCounts,
     settings: LossSettings,
     entropy_mask: torch.Tensor | None = None,
+    aux_loss: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
     """A micro-batch's share of the loss of its optimizer step S, and its statistics:
 
-        L = agg_S( e_t l_t + beta k3_t, m ) - c sum_t m_t H_t / sum_{S} m
+        L = agg_S( o_i e_t l_t + beta r_t k3_t, m ) - c sum_t m_t H_t / sum_{S} m + alpha aux B / N_S
 
     l_t is the per-token loss of `loss_type` at `importance_sampling_level`, from w = exp(logp - logp_old)
-    (old_logps None: on-policy, logp_old = logp.detach(), so w = 1); e the entropy mask (1 on the tokens at or
-    above the step's entropy quantile, all ones without one; the KL term stays on every token, as in TRL);
-    k3 = exp(d) - d - 1 with d = logp_ref - logp (`kl_k3`); agg_S the loss type's aggregation, normalised by
-    the counts of the whole step (`StepCounts`); H the token entropy and c = entropy_coef, a token mean over S.
+    (old_logps None: on-policy, logp_old = logp.detach(), so w = 1); o the off-policy sequence mask
+    (`off_policy_mask`, all ones when off); e the entropy mask (1 on the tokens at or above the step's entropy
+    quantile, all ones without one; the KL term stays on every token, as in TRL); k3 = exp(d) - d - 1 with
+    d = logp_ref - logp (`kl_k3`), times r = w when bias-corrected (r = 1 otherwise: w's value is 1 on-policy, its
+    gradient is not); agg_S the loss type's aggregation, normalised by the counts of the whole step
+    (`StepCounts`); H the token entropy and c = entropy_coef, a token mean over S; aux the model's MoE router loss
+    (`aux_loss`, alpha = router_aux_loss_coef), weighted by the micro-batch's B of the step's N_S sequences.
     Every term is normalised over S, so the micro-batches' losses add up to the step's whatever the split.
     Shapes: (B, T) but advantages (B,).
     """
@@ -446,11 +546,16 @@ def micro_batch_loss(
     result = policy_loss(settings.loss_type, settings.importance_sampling_level, logps, old_logps, advantages, mask,
                          settings.params)
     per_token_loss = result.per_token_loss
+    if settings.off_policy_mask_threshold is not None:
+        per_token_loss = per_token_loss * off_policy_mask(advantages, logps, old_logps, mask,
+                                                          settings.off_policy_mask_threshold)
     if entropy_mask is not None:
         per_token_loss = per_token_loss * entropy_mask
     kl_sum = 0.0
     if settings.beta > 0:
         kl = kl_k3(logps, ref_logps)
+        if settings.bias_correction_kl:
+            kl = kl * result.ratio
         per_token_loss = per_token_loss + settings.beta * kl
         kl_sum = (kl.detach() * mask).sum().item()
     loss = OBJECTIVES[settings.loss_type].aggregate(per_token_loss, mask, step)
@@ -458,12 +563,27 @@ def micro_batch_loss(
     entropy_sum = (entropy * mask).sum()
     if settings.entropy_coef > 0:
         loss = loss - settings.entropy_coef * entropy_sum / max(step.num_tokens, 1)
+    aux_share = 0.0
+    if aux_loss is not None and settings.router_aux_loss_coef:
+        weighted_aux = aux_loss * len(mask) / max(step.num_sequences, 1)
+        loss = loss + settings.router_aux_loss_coef * weighted_aux
+        aux_share = weighted_aux.item()
+    low_per_sequence, high_per_sequence = (_per_sequence(flags, mask)
+                                           for flags in (result.is_low_clipped, result.is_high_clipped))
     stats = LossStats(
         loss=loss.item(), policy_loss=before_bonus, entropy=entropy_sum.item(), kl=kl_sum,
         low_clipped=_count(result.is_low_clipped, mask), high_clipped=_count(result.is_high_clipped, mask),
         cispo_clipped=0.0 if result.is_cispo_clipped is None else _count(result.is_cispo_clipped, mask),
+        phi=0.0 if result.phi is None else result.phi.sum().item(), aux_loss=aux_share,
+        low_clipped_min=low_per_sequence.min().item() if len(mask) else math.inf,
+        high_clipped_max=high_per_sequence.max().item() if len(mask) else 0.0,
     )
     return loss, stats
+
+
+def _per_sequence(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each sequence's fraction of flagged tokens: sum_t m_t 1[flag_t] / sum_t m_t (0 for an empty sequence)."""
+    return (flags.float() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def _count(flags: torch.Tensor, mask: torch.Tensor) -> float:

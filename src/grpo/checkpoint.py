@@ -35,7 +35,8 @@ from safetensors.torch import load_file
 from grpo import zero
 from grpo.distributed import FullState, Processes, gather_full_state, is_sharded, load_full_state
 from grpo.rollout import Rollout
-from grpo.run_state import RunPosition, TrainerState
+from grpo.run_state import EntropyControl, RunPosition, TrainerState
+from grpo.trl_fields import IGNORED_FIELDS
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -50,7 +51,13 @@ RESUMABLE_CHANGES = frozenset({
     "max_tokens_per_micro_batch",  # memory only: the update does not depend on how a step is cut
     "reward_timeout", "reward_num_workers", "reward_error",  # how rewards are called: a crash's fix is a resume
     "model",  # the path may move; the model itself is compared by its parameter names and shapes
-})
+    "logging_strategy", "logging_first_step", "log_unique_prompts", "eval_delay", "eval_on_start", "save_only_model",
+    "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "restore_callback_states_from_checkpoint",
+    "torch_empty_cache_steps", "use_liger_kernel",
+}) | frozenset(IGNORED_FIELDS)  # TRL fields that change nothing here
+# TrainerState fields a resume restores (the rest are set by the run: max_steps, logging_steps, ...)
+RESTORED_STATE = ("global_step", "epoch", "num_input_tokens_seen", "log_history", "total_flos", "best_metric",
+                  "best_global_step", "best_model_checkpoint", "stateful_callbacks")
 
 
 @dataclass
@@ -65,6 +72,7 @@ class TrainingObjects:
     shuffle: torch.Generator  # orders each round's rows into optimizer steps
     sampler: Any  # the generation backend: its random state is saved when it has one (`state_dict`)
     ref_model: torch.nn.Module | None = None  # given only when it moves during the run (sync_ref_model)
+    entropy_control: EntropyControl | None = None  # the adaptive entropy coefficient (use_adaptive_entropy)
 
 
 # ---- finding and checking checkpoints ------------------------------------------------------------------------
@@ -114,6 +122,12 @@ def check_resumable(checkpoint: Path, config: dict[str, Any], signature: dict[st
                     num_processes: int = 1) -> None:
     """Refuse, before anything is loaded or written, a checkpoint made by a different model or settings."""
     state = json.loads((checkpoint / STATE_FILE).read_text())
+    if state.get("model_only"):
+        raise ValueError(
+            f"checkpoint {checkpoint} was written with save_only_model=True: it holds the weights but no optimizer, "
+            "schedule or random state, so the run cannot continue from it. Start a new run from its weights "
+            "(model=<that checkpoint>), or save full checkpoints."
+        )
     if state.get("num_processes", 1) != num_processes:
         raise ValueError(
             f"checkpoint {checkpoint} was written by {state.get('num_processes', 1)} processes and this run has "
@@ -165,9 +179,10 @@ def claim_output_dir(output_dir: str | Path, overwrite: bool, config: dict[str, 
 
 
 def _differing_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'field: saved -> current' for each setting that changes the course of a run."""
+    """'field: saved -> current' for each setting that changes the course of a run. Settings a checkpoint predates
+    (fields added to grpo since) are taken as they are now."""
     current = json.loads(json.dumps(current, default=str))
-    names = sorted(k for k in set(saved) | set(current)
+    names = sorted(k for k in saved
                    if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in names]
 
@@ -175,9 +190,11 @@ def _differing_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[
 # ---- writing -----------------------------------------------------------------------------------------------
 def save_checkpoint(objects: TrainingObjects, state: TrainerState, position: RunPosition,
                     window_values: dict[str, list[float]], config: dict[str, Any], *, output_dir: str | Path,
-                    save_total_limit: int | None, processes: Processes) -> Path:
-    """Write checkpoint-<global_step> atomically, then drop the oldest beyond save_total_limit. `config`: the
-    resolved config, which a resume must match."""
+                    save_total_limit: int | None, processes: Processes, model_only: bool = False,
+                    keep: str | None = None) -> Path:
+    """Write checkpoint-<global_step> atomically, then drop the oldest beyond save_total_limit, never `keep` (the
+    best checkpoint). `config`: the resolved config, which a resume must match. `model_only` (save_only_model): the
+    weights, tokenizer and state only, which no run can resume."""
     root = Path(output_dir)
     target = root / f"checkpoint-{state.global_step}"
     staging = root / f".checkpoint-{state.global_step}.tmp"
@@ -186,19 +203,20 @@ def save_checkpoint(objects: TrainingObjects, state: TrainerState, position: Run
             shutil.rmtree(stale, ignore_errors=True)
         staging.mkdir(parents=True)
     processes.wait()
-    _write_process_state(staging, objects, position, processes)  # every process: its random states and its rows
-    if zero.is_engine(objects.trained):  # every process writes its optimizer partition
+    if not model_only:
+        _write_process_state(staging, objects, position, processes)  # every process: its random states and rows
+    if zero.is_engine(objects.trained) and not model_only:  # every process writes its optimizer partition
         zero.save_state(objects.trained, staging / "deepspeed")
-    full = gather_full_state(objects.model, objects.optimizer)  # FSDP, ZeRO-3: a collective
+    full = gather_full_state(objects.model, None if model_only else objects.optimizer)  # FSDP, ZeRO-3: a collective
     processes.wait()
     if processes.is_main:  # the shared state, then the complete checkpoint renamed into place
-        _write_contents(staging, objects, state, position, window_values, config, processes.count, full)
-        _publish(staging, target, save_total_limit)
+        _write_contents(staging, objects, state, position, window_values, config, processes.count, full, model_only)
+        _publish(staging, target, save_total_limit, keep)
     processes.wait()
     return target
 
 
-def _publish(staging: Path, target: Path, save_total_limit: int | None) -> None:
+def _publish(staging: Path, target: Path, save_total_limit: int | None, keep: str | None = None) -> None:
     root = target.parent
     _fsync_tree(staging)
     if target.exists():  # the same step saved again (e.g. a resumed run): swap, never leave a gap
@@ -209,8 +227,11 @@ def _publish(staging: Path, target: Path, save_total_limit: int | None) -> None:
     else:
         os.replace(staging, target)
     _fsync_dir(root)
-    if save_total_limit is not None:
-        for old in checkpoints(root)[:-save_total_limit]:
+    if save_total_limit is not None:  # the best counts toward the limit, but the newest is always kept too
+        found = checkpoints(root)
+        best = [p for p in found if keep is not None and p.resolve() == Path(keep).resolve()]
+        others = [p for p in found if p not in best]
+        for old in others[:max(len(others) - max(save_total_limit - len(best), 1), 0)]:
             shutil.rmtree(old)
 
 
@@ -227,25 +248,27 @@ def _write_process_state(out: Path, objects: TrainingObjects, position: RunPosit
 
 def _write_contents(out: Path, objects: TrainingObjects, state: TrainerState, position: RunPosition,
                     window_values: dict[str, list[float]], config: dict[str, Any], num_processes: int,
-                    full: FullState | None) -> None:
+                    full: FullState | None, model_only: bool = False) -> None:
     """`full`: an FSDP run's gathered weights and optimizer state (keyed by parameter name), a ZeRO-3 run's
     gathered weights, else None (the state is read from the model and optimizer themselves)."""
     model, deepspeed = objects.model, zero.is_engine(objects.trained)
     model.save_pretrained(out, state_dict=full.model if full else None)
     objects.tokenizer.save_pretrained(out)
-    if not deepspeed:  # DeepSpeed's optimizer state is in deepspeed/, one partition per process
+    if not deepspeed and not model_only:  # DeepSpeed's optimizer state is in deepspeed/, one partition per process
         torch.save(full.optimizer if full else objects.optimizer.state_dict(), out / "optimizer.pt")
-    torch.save(objects.lr_scheduler.state_dict(), out / "scheduler.pt")
-    if objects.ref_model is not None:  # TR-DPO moves the reference too
+    if not model_only:
+        torch.save(objects.lr_scheduler.state_dict(), out / "scheduler.pt")
+    if objects.ref_model is not None and not model_only:  # TR-DPO moves the reference too
         torch.save(objects.ref_model.state_dict(), out / "ref_model.pt")
     (out / "grpo_config.json").write_text(json.dumps(config, indent=2, default=str))
     trainer_state = {
         **dataclasses.asdict(state),
         "rounds_consumed": position.rounds_consumed, "round_epoch": position.epoch,
-        "round_reward": position.round_reward, "next_step": position.next_step,
+        "round_reward": position.round_reward, "next_step": position.next_step, "loss_sum": position.loss_sum,
         "logging_window": window_values, "model_signature": model_signature(model),
         "num_processes": num_processes, "sharded": full is not None and not deepspeed,
-        "deepspeed": deepspeed,
+        "deepspeed": deepspeed, "model_only": model_only,
+        "entropy_control": None if objects.entropy_control is None else dataclasses.asdict(objects.entropy_control),
     }
     (out / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))  # last: it marks a complete checkpoint
 
@@ -290,12 +313,15 @@ def load_checkpoint(checkpoint: Path, objects: TrainingObjects, state: TrainerSt
         objects.ref_model.load_state_dict(torch.load(checkpoint / "ref_model.pt", weights_only=True))
     restore_rng_state(torch.load(checkpoint / _per_process("rng_state", processes), weights_only=True),
                       objects.shuffle, objects.sampler)
-    for name in ("global_step", "epoch", "num_input_tokens_seen", "log_history"):
-        setattr(state, name, saved[name])
+    for name in RESTORED_STATE:
+        if name in saved:  # older checkpoints hold fewer
+            setattr(state, name, saved[name])
+    if objects.entropy_control is not None and saved.get("entropy_control"):
+        objects.entropy_control.__dict__.update(saved["entropy_control"])
     saved_round = torch.load(checkpoint / _per_process("round", processes), weights_only=True)
     position = RunPosition(rounds_consumed=saved["rounds_consumed"], epoch=saved["round_epoch"],
                            round_reward=saved["round_reward"], rollout=_saved_rollout(saved_round["rollout"]),
-                           plan=saved_round["plan"], next_step=saved["next_step"])
+                           plan=saved_round["plan"], next_step=saved["next_step"], loss_sum=saved.get("loss_sum", 0.0))
     return position, saved["logging_window"]
 
 

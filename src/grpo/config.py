@@ -16,44 +16,24 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo")
+from grpo.sampling_params import SamplingParams, generation_kwargs_needing_generate, unknown_generation_kwargs
+from grpo.trl_fields import REMOVED_FIELDS, TRLFields, refused_values
+
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 CLIPPED_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "luspo")  # the loss types `delta` applies to
 SCALE_REWARDS = ("group", "batch", "none")
 REWARD_ERROR_POLICIES = ("raise", "none")
 GENERATION_BACKENDS = ("engine", "transformers")
-# generation_kwargs the built-in engine understands; the transformers backend takes any GenerationConfig name.
-ENGINE_GENERATION_KWARGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample",
-                            "max_new_tokens", "eos_token_id", "suppress_tokens")
 LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
     "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
 )
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
 # report_to name -> (module it needs, pip extra that brings it)
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
                    "trackio": ("trackio", "trackio")}
-
-# Fields of TRL's GRPOConfig / transformers' TrainingArguments that users pass and that grpo does not implement
-# yet. Passing one is an error that says so, rather than a "did you mean" for a name the user spelled right.
-NOT_YET_SUPPORTED = (
-    "save_only_model", "push_to_hub",
-    "hub_model_id", "fp16", "deepspeed", "fsdp", "fsdp_config", "optim", "logging_dir", "logging_first_step",
-    "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",
-    "entropy_target", "off_policy_mask_threshold", "use_bias_correction_kl", "vespo_k_pos", "vespo_lambda_pos",
-    "vespo_k_neg", "vespo_lambda_neg", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
-    "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "vllm_mode",
-    "vllm_gpu_memory_utilization",
-    "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "use_liger_kernel", "cast_lm_head_to_fp32",
-    "pad_to_multiple_of", "cache_implementation", "log_unique_prompts",
-    "torch_compile", "dataloader_num_workers", "use_transformers_continuous_batching",
-)
-# Fields TRL has removed; old course code still passes them.
-REMOVED_IN_TRL = {
-    "max_prompt_length": "TRL removed it in v0.28 and grpo never truncates prompts: filter long prompts from "
-    "the dataset instead",
-    "use_liger_loss": "TRL renamed it use_liger_kernel, which grpo does not implement yet",
-}
 
 
 def did_you_mean(name: str, candidates: list[str] | tuple[str, ...]) -> str:
@@ -68,31 +48,30 @@ def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None
         )
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How completions are sampled: GRPOConfig's generation fields with `generation_kwargs` applied over them, as in
-    TRL. Every generation backend takes one (`GRPOConfig.sampling_params`); the named fields are the
-    generation_kwargs the built-in engine understands (ENGINE_GENERATION_KWARGS)."""
+def _check_strategy(config: GRPOConfig, name: str) -> None:
+    """logging/eval/save strategies: "steps" or "no" (an IntervalStrategy enum reads as its string)."""
+    value = getattr(config, name)
+    value = getattr(value, "value", value)
+    if value in ("epoch", "best"):
+        raise ValueError(f"GRPOConfig.{name}={value!r} is not supported yet: use {name}='steps' with "
+                         f"{name.split('_')[0]}_steps set to the optimizer steps you want between them.")
+    _check_choice(name, value, ("steps", "no"))
+    setattr(config, name, value)
 
-    temperature: float
-    top_k: int  # 0: off
-    top_p: float
-    min_p: float | None
-    repetition_penalty: float
-    do_sample: bool
-    max_new_tokens: int
-    eos_token_id: int | list[int] | None  # None: the tokenizer's
-    suppress_tokens: list[int] | None  # None: the model's generation config's
-    other_generation_kwargs: dict[str, Any]  # any other GenerationConfig names: the transformers backend only
 
-    @property
-    def greedy(self) -> bool:
-        return self.do_sample is False or self.top_k == 1
+def _check_optimizer(optim: Any) -> None:
+    optim = getattr(optim, "value", optim)
+    if optim not in OPTIMIZERS:
+        raise ValueError(
+            f"GRPOConfig.optim={optim!r} is not supported yet: grpo builds AdamW, {list(OPTIMIZERS)}; for another "
+            f"optimizer pass GRPOTrainer(optimizers=(optimizer, lr_scheduler)).{did_you_mean(str(optim), OPTIMIZERS)}"
+        )
 
 
 @dataclass
-class GRPOConfig:
-    """Configuration of a GRPO run. Field names, defaults and meanings follow TRL's `GRPOConfig`."""
+class GRPOConfig(TRLFields):
+    """Configuration of a GRPO run. Field names, defaults and meanings follow TRL's `GRPOConfig`; the TRL fields
+    grpo accepts without acting on them come from `TRLFields` (docs/trl_fields.md lists every field's status)."""
 
     # ---- where the run goes --------------------------------------------------------------------------------
     output_dir: str = "trainer_output"
@@ -102,26 +81,51 @@ class GRPOConfig:
     report_to: str | list[str] = "none"
     """Trackers that get the same metrics as `metrics.jsonl` (always written): "tensorboard", "wandb" (set
     WANDB_MODE=offline to log without network), "trackio", a list of them, "all" (every installed one) or "none"."""
-    logging_steps: int = 10
-    """Log averaged metrics every this many optimizer steps (TRL's default is 10)."""
+    logging_steps: float = 10
+    """Log averaged metrics every this many optimizer steps (TRL's default is 10), and after the last one; a value in
+    (0, 1) is a fraction of max_steps."""
+    logging_strategy: str = "steps"
+    """"steps": log every logging_steps; "no": log only the run summary."""
+    logging_first_step: bool = False
+    """Log the first optimizer step too."""
     log_completions: bool = False
     """At every logging step, append the last round's prompts, completions, rewards and advantages to
     `completions.jsonl` in the run directory and print them as a table."""
     num_completions_to_print: int | None = None
     """How many rows `log_completions` prints (None: all rows of the last generation round)."""
+    log_unique_prompts: bool = False
+    """The printed completions table shows each prompt once (on its group's first row)."""
     disable_tqdm: bool = False
     """Turn off the progress bar."""
     eval_strategy: str = "no"
     """"steps": evaluate on `eval_dataset` every `eval_steps` optimizer steps (and after the last), logging
     eval_reward, eval_rewards/<func>/mean and eval_pass@1 (weighted reward >= 1); "no": never."""
-    eval_steps: int | None = None
-    """Optimizer steps between evaluations (None: logging_steps)."""
+    eval_steps: float | None = None
+    """Optimizer steps between evaluations (None: logging_steps; a value in (0, 1): a fraction of max_steps)."""
+    eval_delay: float = 0
+    """No evaluation before this many optimizer steps."""
+    eval_on_start: bool = False
+    """Evaluate once before the first optimizer step."""
     save_strategy: str = "steps"
     """"steps": write a checkpoint every `save_steps` optimizer steps and after the last one; "no": never."""
-    save_steps: int = 500
-    """Optimizer steps between checkpoints."""
+    save_steps: float = 500
+    """Optimizer steps between checkpoints (a value in (0, 1): a fraction of max_steps)."""
     save_total_limit: int | None = None
-    """Keep at most this many checkpoints (the oldest go first); None keeps all."""
+    """Keep at most this many checkpoints (the oldest go first, never the best one); None keeps all."""
+    save_only_model: bool = False
+    """Checkpoints hold the model and tokenizer only (no optimizer, schedule or random states): smaller, and they
+    cannot be resumed."""
+    load_best_model_at_end: bool = False
+    """After training, load the weights of the checkpoint with the best `metric_for_best_model`. Needs eval and save
+    strategies "steps", with save_steps a multiple of eval_steps."""
+    metric_for_best_model: str | None = None
+    """The evaluation metric that ranks checkpoints (with or without the eval_ prefix, e.g. "reward"). None: "loss"
+    when load_best_model_at_end, as in transformers."""
+    greater_is_better: bool | None = None
+    """Whether a larger metric_for_best_model is better (None: unless the metric's name ends in "loss")."""
+    restore_callback_states_from_checkpoint: bool = False
+    """On resume, restore the state of stateful callbacks (e.g. EarlyStoppingCallback's patience counter) saved in
+    the checkpoint, as in transformers."""
     resume_from_checkpoint: str | bool | None = None
     """As in transformers, `train(resume_from_checkpoint=...)` is what resumes: True (the latest checkpoint in
     output_dir) or a checkpoint path. Set here, it is the default for that argument."""
@@ -163,6 +167,10 @@ class GRPOConfig:
     """Warm-up optimizer steps. As in transformers 5, a value in (0, 1) is read as a ratio of all steps."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
+    optim: str = "adamw_torch_fused"
+    """The optimizer: "adamw_torch_fused" (fused AdamW kernel where every parameter allows it) or "adamw_torch"
+    (torch's default AdamW implementation). Other transformers optimizers are refused; pass your own through
+    GRPOTrainer(optimizers=(optimizer, scheduler))."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.999
@@ -173,6 +181,8 @@ class GRPOConfig:
     """Clip the global gradient norm to this value before each optimizer step (0 disables clipping)."""
     seed: int = 42
     """Seed for the prompt order, model initialisation by the user and sampling."""
+    full_determinism: bool = False
+    """transformers' `enable_full_determinism(seed)`: deterministic kernels only (slower)."""
     bf16: bool | None = None
     """bfloat16 autocast for forward passes. None (TRL: True) means on where the device supports bf16 (CUDA
     with bf16 support), off on CPU, where it is slower than float32."""
@@ -180,6 +190,10 @@ class GRPOConfig:
     """Recompute activations in the backward pass to save memory (TRL's default is True)."""
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
     """Arguments for `gradient_checkpointing_enable` (default {"use_reentrant": False})."""
+    tf32: bool | None = None
+    """CUDA: allow TF32 matmuls (None: torch's setting)."""
+    torch_empty_cache_steps: int | None = None
+    """Empty the accelerator's memory cache every this many optimizer steps (None: never)."""
     use_cpu: bool = False
     """Train on the CPU even when a GPU is available."""
 
@@ -192,6 +206,16 @@ class GRPOConfig:
     trust_remote_code); it is added to model_init_kwargs."""
     disable_dropout: bool = False
     """Turn off dropout in the policy (and reference) model so log-probs are deterministic."""
+    cast_lm_head_to_fp32: bool = False
+    """ScaleRL: keep the LM head of the policy and reference in float32 and compute logits in float32 (training
+    log-probs and generation), whatever the model's dtype and autocast."""
+    use_liger_kernel: bool = False
+    """Accepted for TRL programs; no Liger kernel is applied. grpo's log-probs already go through the LM head a
+    chunk of tokens at a time, so the (batch x length x vocab) logits never exist (docs/objectives.md)."""
+    router_aux_loss_coef: float | None = None
+    """Mixture-of-Experts: weight of the router's load-balancing loss (the model output's `aux_loss`, requested
+    with output_router_logits) added to the training loss. None: the model config's own coefficient (0 for a model
+    without one); a non-zero value on a model that returns no router logits is an error."""
     remove_unused_columns: bool = False
     """If True, only the `prompt` column reaches the reward functions; by default every column does."""
     shuffle_dataset: bool = True
@@ -224,11 +248,15 @@ class GRPOConfig:
     repetition_penalty: float = 1.0
     """Penalty on tokens already in the prompt or completion (1.0: off)."""
     generation_kwargs: dict[str, Any] | None = None
-    """Extra generation arguments (transformers `GenerationConfig` names). They override the fields above."""
+    """Extra generation arguments (transformers `GenerationConfig` names), overriding the fields above. The engine
+    runs any logits processor or stopping criterion they ask for (no_repeat_ngram_size, bad_words_ids,
+    min_new_tokens, stop_strings, typical_p, ...) through transformers' own; those that change the search itself
+    (num_beams, assistant_model, ...: TRANSFORMERS_ONLY_GENERATION_KWARGS) switch to the transformers backend."""
+    cache_implementation: str | None = None
+    """A `generate` cache implementation ("static", ...); it switches to the transformers backend."""
     generation_backend: str = "engine"
     """"engine": grpo's rollout engine (one prefill per prompt shared by its G samples, KV-cached decoding,
-    finished rows leave the batch). "transformers": `model.generate`, for comparison or for generation_kwargs
-    the engine does not support."""
+    finished rows leave the batch). "transformers": `model.generate`, for comparison."""
     generation_max_batch_rows: int | None = None
     """Most rows (completions) the engine decodes at once; a larger round is generated in chunks of whole
     groups (None: the whole round). On CUDA an out-of-memory error halves the chunk and retries."""
@@ -249,7 +277,8 @@ class GRPOConfig:
     mean over the optimizer step, default), "grpo" (sequence mean of token means), "dr_grpo" (token sum /
     (sequences x max_completion_length)), "bnpo" (token mean; over the step here, so the same as "dapo"),
     "luspo" (each sequence's loss times its length, sequence mean). "cispo": capped, detached IS weight times
-    logp (epsilon_high is the cap), token mean. "sapo": soft sigmoid gate instead of the clip, sequence mean."""
+    logp (epsilon_high is the cap), token mean. "sapo": soft sigmoid gate instead of the clip, sequence mean.
+    "vespo": a detached gamma weight of the sequence ratio times logp, token mean."""
     importance_sampling_level: str = "token"
     """"token": one policy ratio per token. "sequence" (GSPO): one per completion, exp of the masked mean log
     ratio, shared by its tokens."""
@@ -260,6 +289,20 @@ class GRPOConfig:
     """SAPO gate temperature for tokens with a positive advantage."""
     sapo_temperature_neg: float = 1.05
     """SAPO gate temperature for tokens with a zero or negative advantage."""
+    vespo_k_pos: float = 2.0
+    """VESPO: shape k of the gamma weight for completions with A >= 0."""
+    vespo_lambda_pos: float = 3.0
+    """VESPO: rate lambda of the gamma weight for completions with A >= 0."""
+    vespo_k_neg: float = 3.0
+    """VESPO: shape k for completions with A < 0."""
+    vespo_lambda_neg: float = 2.0
+    """VESPO: rate lambda for completions with A < 0."""
+    off_policy_mask_threshold: float | None = None
+    """DeepSeek-V3.2 off-policy sequence masking: a completion with A < 0 whose mean token KL(pi_old || pi_theta)
+    exceeds this leaves the policy loss (None: off; the paper's delta, e.g. 0.5)."""
+    use_bias_correction_kl: bool = True
+    """DeepSeek-V3.2's unbiased KL: the k3 term is multiplied by the importance ratio (value 1 on-policy, but its
+    gradient is not 0), as TRL does by default. Only matters with beta > 0."""
     scale_rewards: str | bool = "group"
     """Divide advantages by the group's reward std ("group", also True), the whole round's ("batch"), or not
     at all ("none", also False; Dr. GRPO)."""
@@ -298,7 +341,20 @@ class GRPOConfig:
     ref_model_sync_steps: int = 512
     """Optimizer steps between reference-model updates (sync_ref_model)."""
     entropy_coef: float = 0.0
-    """Entropy bonus: the loss minus entropy_coef x the mean token entropy over the optimizer step (0: off)."""
+    """Entropy bonus: the loss minus entropy_coef x the mean token entropy over the optimizer step (0: off). With
+    use_adaptive_entropy, the starting coefficient."""
+    use_adaptive_entropy: bool = False
+    """Skywork-OR1's controller: after each optimizer step the coefficient moves by entropy_coef_delta, up when the
+    step's mean entropy is at or below entropy_target and down otherwise, within [entropy_coef_min,
+    entropy_coef_max]; the bonus applies only while the last step's entropy is at or below the target."""
+    entropy_coef_min: float = 0.0
+    """Lower bound of the adaptive entropy coefficient."""
+    entropy_coef_max: float = 1.0
+    """Upper bound of the adaptive entropy coefficient."""
+    entropy_coef_delta: float = 0.005
+    """Step of the adaptive entropy coefficient per optimizer step."""
+    entropy_target: float = 0.2
+    """Target mean token entropy (nats) of the adaptive controller."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling (not in TRL): groups whose rewards are all equal are dropped and more prompts are
     generated until the round is full again, for at most max_dynamic_sampling_rounds extra generations; the
@@ -320,6 +376,9 @@ class GRPOConfig:
         return super().__new__(cls)
 
     def __post_init__(self) -> None:
+        refused = refused_values(self)
+        if refused:
+            raise ValueError(" ".join(refused) + " (docs/trl_fields.md lists every TRL field's status.)")
         if self.scale_rewards is True:
             self.scale_rewards = "group"
         elif self.scale_rewards is False:
@@ -329,19 +388,14 @@ class GRPOConfig:
         _check_choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
         _check_choice("multi_objective_aggregation", self.multi_objective_aggregation, MULTI_OBJECTIVE_AGGREGATIONS)
         _check_choice("generation_backend", self.generation_backend, GENERATION_BACKENDS)
-        _check_choice("eval_strategy", self.eval_strategy, ("no", "steps"))
-        _check_choice("save_strategy", self.save_strategy, ("no", "steps"))
+        for name in ("logging_strategy", "eval_strategy", "save_strategy"):
+            _check_strategy(self, name)
         _check_choice("reward_error", self.reward_error, REWARD_ERROR_POLICIES)
+        _check_optimizer(self.optim)
         if self.num_generations_eval is None:
             self.num_generations_eval = self.num_generations
         if self.eval_steps is None:
             self.eval_steps = self.logging_steps
-        if self.num_generations_eval < 1 or self.per_device_eval_batch_size % self.num_generations_eval:
-            raise ValueError(
-                f"GRPOConfig.per_device_eval_batch_size={self.per_device_eval_batch_size} must be a multiple of "
-                f"num_generations_eval={self.num_generations_eval} (>= 1), so that evaluation batches hold whole "
-                "groups. Change one of them."
-            )
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to == "none" else [self.report_to]
@@ -354,26 +408,73 @@ class GRPOConfig:
             self.model_init_kwargs = {**(self.model_init_kwargs or {}), "trust_remote_code": True}
         self._check_ranges()
         self._check_objective()
+        self._check_best_model()
         self._derive_batch_geometry()
-        unknown = sorted(set(self.generation_kwargs or {}) - set(ENGINE_GENERATION_KWARGS))
-        if self.generation_backend == "engine" and unknown:
-            raise ValueError(
-                f"GRPOConfig.generation_kwargs {unknown} are not supported by grpo's rollout engine (it supports "
-                f"{list(ENGINE_GENERATION_KWARGS)}). Set generation_backend='transformers' to use them."
-            )
+        self._choose_generation_backend()
         if self.use_vllm and importlib.util.find_spec("vllm") is None:
             raise ValueError(
                 "GRPOConfig.use_vllm=True but vLLM is not installed. Install it with `pip install vllm` "
                 "(CUDA machines only), or set use_vllm=False to use grpo's built-in generation."
             )
 
+    def check_evaluation_batch(self) -> None:
+        """Evaluation batches must hold whole groups. Checked where evaluation is configured (the trainer, with an
+        eval_dataset and eval_strategy != "no", and `evaluate()`), as TRL does, not for every config."""
+        if self.num_generations_eval < 1 or self.per_device_eval_batch_size % self.num_generations_eval:
+            raise ValueError(
+                f"GRPOConfig.per_device_eval_batch_size={self.per_device_eval_batch_size} must be a multiple of "
+                f"num_generations_eval={self.num_generations_eval} (>= 1), so that evaluation batches hold whole "
+                "groups. Change one of them."
+            )
+
+    def _check_best_model(self) -> None:
+        """transformers' rules for load_best_model_at_end, and its defaults for the metric that ranks checkpoints."""
+        if self.load_best_model_at_end:
+            if self.eval_strategy == "no" or self.save_strategy != self.eval_strategy:
+                raise ValueError(
+                    "GRPOConfig.load_best_model_at_end=True needs evaluations to rank checkpoints: set "
+                    f"eval_strategy and save_strategy both to 'steps' (got {self.eval_strategy!r} and "
+                    f"{self.save_strategy!r})."
+                )
+            if self.eval_steps >= 1 and self.save_steps >= 1 and self.save_steps % self.eval_steps:
+                raise ValueError(
+                    f"GRPOConfig.load_best_model_at_end=True needs save_steps ({self.save_steps}) to be a multiple of "
+                    f"eval_steps ({self.eval_steps}), so that every checkpoint has an evaluation."
+                )
+            if self.metric_for_best_model is None:
+                self.metric_for_best_model = "loss"
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+
+    def _choose_generation_backend(self) -> None:
+        """Refuse generation_kwargs that are no GenerationConfig name; switch to transformers' generate for those
+        the engine cannot run, with a one-line notice."""
+        kwargs = self.generation_kwargs or {}
+        for name, known in unknown_generation_kwargs(kwargs):
+            raise ValueError(f"GRPOConfig.generation_kwargs: '{name}' is not a transformers GenerationConfig "
+                             f"name.{did_you_mean(name, known)}")
+        if kwargs.get("num_return_sequences", 1) != 1:
+            raise ValueError("GRPOConfig.generation_kwargs: num_return_sequences would break the groups; "
+                             "num_generations sets how many completions each prompt gets.")
+        needs_generate = generation_kwargs_needing_generate(kwargs, self.cache_implementation)
+        if needs_generate and self.generation_backend == "engine":
+            self.generation_backend = "transformers"
+            warnings.warn(f"grpo: {needs_generate} need transformers' generate; using generation_backend="
+                          "'transformers' instead of grpo's rollout engine.", stacklevel=4)
+
     def _check_ranges(self) -> None:
         positive_ints = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_iterations",
-                         "max_completion_length", "logging_steps", "save_steps", "max_consecutive_nonfinite_steps")
+                         "max_completion_length", "max_consecutive_nonfinite_steps")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"GRPOConfig.{name} must be a positive integer, got {value!r}.")
+        for name in ("logging_steps", "eval_steps", "save_steps"):  # as in transformers: < 1 is a fraction
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and (0 < value < 1 or (value >= 1 and value == int(value)))):
+                raise ValueError(f"GRPOConfig.{name} must be a positive integer or a fraction of max_steps in "
+                                 f"(0, 1), got {value!r}.")
+            setattr(self, name, int(value) if value >= 1 else value)
         if not isinstance(self.num_generations, int) or self.num_generations < 2:
             raise ValueError(
                 f"GRPOConfig.num_generations={self.num_generations!r}: GRPO compares completions within a "
@@ -465,6 +566,18 @@ class GRPOConfig:
                 "GRPOConfig.max_dynamic_sampling_rounds must be an integer >= 0, got "
                 f"{self.max_dynamic_sampling_rounds!r}."
             )
+        for name in ("vespo_lambda_pos", "vespo_lambda_neg", "entropy_coef_delta"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"GRPOConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.use_adaptive_entropy and not self.entropy_coef_min <= self.entropy_coef_max:
+            raise ValueError(f"GRPOConfig.entropy_coef_min={self.entropy_coef_min} must be <= entropy_coef_max="
+                             f"{self.entropy_coef_max}.")
+        if self.off_policy_mask_threshold is not None and self.off_policy_mask_threshold < 0:
+            raise ValueError("GRPOConfig.off_policy_mask_threshold is a KL bound: None (off) or >= 0 (the paper "
+                             f"uses 0.5), got {self.off_policy_mask_threshold}.")
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            warnings.warn("loss_type='vespo' computes its own sequence-level weight; importance_sampling_level "
+                          "only changes the clip-ratio metrics. Leave it at 'token', as TRL advises.", stacklevel=4)
         if self.loss_type == "cispo" and self.epsilon_high < 1:
             warnings.warn(
                 f"loss_type='cispo' caps the importance weight at epsilon_high={self.epsilon_high}, below 1: every "
@@ -544,18 +657,11 @@ class GRPOConfig:
     @property
     def sampling_params(self) -> SamplingParams:
         """The sampling settings: each generation field, unless generation_kwargs overrides it."""
-        overrides = self.generation_kwargs or {}
-        return SamplingParams(
-            temperature=overrides.get("temperature", self.temperature),
-            top_k=overrides.get("top_k", self.top_k) or 0,
-            top_p=overrides.get("top_p", self.top_p),
-            min_p=overrides.get("min_p", self.min_p),
-            repetition_penalty=overrides.get("repetition_penalty", self.repetition_penalty),
-            do_sample=overrides.get("do_sample", True),
-            max_new_tokens=overrides.get("max_new_tokens", self.max_completion_length),
-            eos_token_id=overrides.get("eos_token_id"),
-            suppress_tokens=overrides.get("suppress_tokens"),
-            other_generation_kwargs={k: v for k, v in overrides.items() if k not in ENGINE_GENERATION_KWARGS},
+        return SamplingParams.resolve(
+            dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                 repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_completion_length,
+                 cache_implementation=self.cache_implementation),
+            self.generation_kwargs or {},
         )
 
     def warmup_steps_for(self, total_steps: int) -> int:
@@ -573,13 +679,8 @@ def _reject_unknown_fields(cls: type, kwargs: dict[str, Any]) -> None:
     for key in kwargs:
         if key in names:
             continue
-        if key in REMOVED_IN_TRL:
-            raise TypeError(f"GRPOConfig got '{key}': {REMOVED_IN_TRL[key]}.")
-        if key in NOT_YET_SUPPORTED:
-            raise TypeError(
-                f"GRPOConfig got '{key}', a TRL/transformers option that grpo does not implement yet. Remove it "
-                "(see the README's list of supported fields)."
-            )
+        if key in REMOVED_FIELDS:
+            raise TypeError(f"GRPOConfig got '{key}': {REMOVED_FIELDS[key]}.")
         raise TypeError(f"GRPOConfig got an unknown field '{key}'.{did_you_mean(key, names)}")
 
 

@@ -38,6 +38,13 @@ def accelerator_kwargs(args: Any) -> dict[str, Any]:
     return {"cpu": args.use_cpu or (args.world_size > 1 and not torch.cuda.is_available())}
 
 
+def empty_cache(device: torch.device) -> None:
+    """Return the accelerator's cached memory to the driver (torch_empty_cache_steps); nothing on CPU."""
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and hasattr(backend, "empty_cache"):
+        backend.empty_cache()
+
+
 class Processes:
     """This process's place among the processes of the run, and the collectives the trainer needs."""
 
@@ -76,13 +83,21 @@ class Processes:
         packed = self.accelerator.reduce(packed, reduction="sum")
         return dict(zip(values, packed.tolist()))
 
-    def max_each(self, values: list[int]) -> list[int]:
-        """The element-wise maximum of `values` over processes (one all-reduce)."""
+    def max_each(self, values: list[Any]) -> list[Any]:
+        """The element-wise maximum of `values` (ints or floats) over processes (one all-reduce)."""
         if self.count == 1:
             return values
-        packed = torch.tensor(values, dtype=torch.int64, device=self.accelerator.device)
+        packed = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
         torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
-        return packed.tolist()
+        return [type(v)(m) for v, m in zip(values, packed.tolist())]
+
+    def broadcast(self, value: Any) -> Any:
+        """The main process's `value` (any picklable object), on every process."""
+        if self.count == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     def wait(self) -> None:
         if self.count > 1:

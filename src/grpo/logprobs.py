@@ -24,7 +24,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from grpo.algorithm import entropy_from_logits, selective_log_softmax
-from grpo.models import accepts_logits_to_keep, lm_body_and_head, vocab_size
+from grpo.models import LINEAR_HEADS, Float32LMHead, accepts_logits_to_keep, lm_body_and_head, vocab_size
 from grpo.packing import pack_shared_prefixes, shared_prefix_hidden, supports_packing
 
 LOGITS_CHUNK_BYTES = 128 * 2**20
@@ -93,8 +93,9 @@ def token_logps(
     if not torch.is_grad_enabled():
         stats = [_chunk_stats(h, head, y, temperature) for h, y in _chunks(hidden, targets, chunk_tokens)]
         return torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])
-    if type(head) is torch.nn.Linear and not entropy_grad:
-        return _LinearTokenLogps.apply(hidden, head.weight, head.bias, targets, temperature, chunk_tokens)
+    if type(head) in LINEAR_HEADS and not entropy_grad:
+        return _LinearTokenLogps.apply(hidden, head.weight, head.bias, targets, temperature, chunk_tokens,
+                                       _head_dtype(head, hidden.device))
     stats = [checkpoint(_differentiable_chunk_stats, h, head, y, temperature, use_reentrant=False)
              for h, y in _chunks(hidden, targets, chunk_tokens)]
     logps, entropy = torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])
@@ -130,8 +131,8 @@ class _LinearTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, temperature: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = _compute_dtype(hidden.device, weight.dtype)
+                targets: torch.Tensor, temperature: float, chunk: int, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         logps, entropies, lses = [], [], []
         chunks = _chunks(hidden, targets, chunk)
@@ -174,7 +175,7 @@ class _LinearTokenLogps(torch.autograd.Function):
                 if grad_w is not None:
                     grad_w += grad_z.t() @ h
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 
 
 def _linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -212,8 +213,8 @@ def _probs_grad(probs: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, 
 def _chunk_stats(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp(y), entropy) of one chunk without autograd; an `nn.Linear` head computes as `_LinearTokenLogps`."""
-    if type(head) is torch.nn.Linear:
-        dtype = _compute_dtype(hidden.device, head.weight.dtype)
+    if type(head) in LINEAR_HEADS:
+        dtype = _head_dtype(head, hidden.device)
         bias = None if head.bias is None else head.bias.to(dtype)
         with _no_autocast(hidden.device):
             logits = _linear_logits(hidden.to(dtype), head.weight.to(dtype), bias, temperature)
@@ -241,9 +242,12 @@ def _unpack(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
-def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype `lm_head` would run its matmul in here: the autocast dtype where autocast is on."""
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+def _head_dtype(head: torch.nn.Linear, device: torch.device) -> torch.dtype:
+    """The dtype `lm_head` would run its matmul in here: float32 for a `Float32LMHead`, else the autocast dtype
+    where autocast is on, else the weight's."""
+    if isinstance(head, Float32LMHead):
+        return torch.float32
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else head.weight.dtype
 
 
 def _no_autocast(device: torch.device) -> AbstractContextManager:
@@ -270,14 +274,36 @@ def _full_logits_logps(model: Any, inputs: dict[str, Any], completion_ids: torch
     return logps, entropy
 
 
+def router_aux_loss_logps(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                          completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float = 1.0,
+                          entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probs, entropy, MoE router load-balancing loss) of a Mixture-of-Experts model, from its own forward
+    with `output_router_logits=True` (the model computes `aux_loss` itself), through the full-logits path."""
+    device = next(model.parameters()).device
+    completion_ids = completion_ids.to(device)
+    inputs = _model_inputs(prompt_ids.to(device), prompt_mask.to(device), completion_ids, completion_mask.to(device))
+    width = completion_ids.size(1)
+    kwargs = dict(inputs, logits_to_keep=width + 1) if accepts_logits_to_keep(model) else inputs
+    out = model(**kwargs, output_router_logits=True)
+    logits = out.logits[:, -(width + 1):-1] / temperature
+    entropy = entropy_from_logits(logits if entropy_grad else logits.detach())
+    return selective_log_softmax(logits, completion_ids), entropy, out.aux_loss
+
+
 class PolicyLogps(torch.nn.Module):
     """`completion_logps` of a model as a module of its own. DDP must see the forward that produces the loss in
     order to synchronise gradients, and a DDP-wrapped causal LM would only offer its full-logits forward; wrapping
-    this module instead keeps the chunked LM head under DDP."""
+    this module instead keeps the chunked LM head under DDP. `router_aux_loss`: a Mixture-of-Experts model's
+    forward, which also returns its router loss (`router_aux_loss_logps`)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, router_aux_loss: bool = False):
         super().__init__()
         self.model = model
+        self.router_aux_loss = router_aux_loss
 
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return completion_logps(self.model, *args, **kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(log-probs, entropy or None, router loss or None)."""
+        if self.router_aux_loss:
+            kwargs.pop("with_entropy", None)
+            return router_aux_loss_logps(self.model, *args, **kwargs)
+        return (*completion_logps(self.model, *args, **kwargs), None)

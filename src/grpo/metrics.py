@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,23 @@ def completion_rows(rollout: Any, reward_names: list[str], step: int) -> list[di
     return rows
 
 
+def first_row_per_prompt(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """log_unique_prompts: each prompt's first row only, as TRL's completions table shows them."""
+    seen: set[str] = set()
+    return [row for row in rows if not (row["prompt"] in seen or seen.add(row["prompt"]))]
+
+
+def run_summary(seconds: float, steps: int, completions_per_step: int, train_loss: float, epoch: float,
+                total_flos: float) -> dict[str, float]:
+    """transformers' end-of-training record (the last entry of log_history): wall time, completions and optimizer
+    steps per second over the steps this train() call ran, the mean loss per step, epoch and total_flos."""
+    seconds = max(seconds, 1e-9)
+    return {"train_runtime": round(seconds, 4),
+            "train_samples_per_second": round(steps * completions_per_step / seconds, 3),
+            "train_steps_per_second": round(steps / seconds, 3), "total_flos": total_flos,
+            "train_loss": train_loss, "epoch": epoch}
+
+
 def _text(value: Any) -> str:
     if isinstance(value, str):
         return value
@@ -197,11 +215,13 @@ class RunLog:
     the others keep the same window and history, so every process holds the same state."""
 
     def __init__(self, run_dir: Path, args: Any, resolved: dict[str, Any], history: list[dict[str, Any]],
-                 resumed_step: int, writes: bool):
+                 resumed_step: int, writes: bool, on_write: Callable[[dict[str, Any]], None] | None = None):
+        """`on_write`: called with every record once it is in the history (the trainer's callbacks' on_log)."""
         from grpo.trackers import Trackers
 
-        self.window, self.history, self.writes = MetricsWindow(), history, writes
+        self.window, self.history, self.writes, self.on_write = MetricsWindow(), history, writes, on_write
         self.num_completions_to_print = args.num_completions_to_print
+        self.unique_prompts = getattr(args, "log_unique_prompts", False)
         self.sinks: list[Any] = []
         self.completions = None
         if writes:
@@ -220,6 +240,8 @@ class RunLog:
         self.history.append(record)
         for sink in self.sinks:
             sink.write(record)
+        if self.on_write is not None:
+            self.on_write(record)
 
     def flush(self, step: int, epoch: float, rollout: Any, reward_names: list[str]) -> None:
         """Write the window's averages as the record of `step`, with the last round's completions if asked."""
@@ -232,7 +254,8 @@ class RunLog:
         if self.completions is not None:
             rows = completion_rows(rollout, reward_names, step)
             self.completions.write(rows)
-            say(format_completions_table(rows, self.num_completions_to_print))
+            say(format_completions_table(first_row_per_prompt(rows) if self.unique_prompts else rows,
+                                         self.num_completions_to_print))
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -163,6 +163,35 @@ def reference_model(policy: PreTrainedModel, source: str | PreTrainedModel,
     return ref
 
 
+def prepare_policy(model: str | PreTrainedModel, args: Any, peft_config: Any,
+                   model_init_kwargs: dict[str, Any] | None) -> Any:
+    """The policy as training needs it: loaded, wrapped in the PEFT adapter, its LM head in float32
+    (cast_lm_head_to_fp32), dropout off (disable_dropout), gradient checkpointing on (gradient_checkpointing)."""
+    model = load_causal_lm(model, model_init_kwargs)
+    if peft_config is not None:
+        model = wrap_peft(model, peft_config)
+    if args.cast_lm_head_to_fp32:
+        cast_lm_head_to_fp32(model)
+    if args.disable_dropout:
+        disable_dropout(model)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model, args.gradient_checkpointing_kwargs or {"use_reentrant": False})
+        if peft_config is not None:
+            model.enable_input_require_grads()
+    return model
+
+
+def prepare_reference(policy: PreTrainedModel, source: str | PreTrainedModel, args: Any,
+                      model_init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
+    """The frozen reference for beta > 0 (`reference_model`), prepared like the policy (dropout, float32 head)."""
+    ref = reference_model(policy, source, model_init_kwargs)
+    if args.disable_dropout:
+        disable_dropout(ref)
+    if args.cast_lm_head_to_fp32 and isinstance(source, str):  # a copy of the policy has its head cast already
+        cast_lm_head_to_fp32(ref)
+    return ref
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -186,7 +215,54 @@ def wrap_peft(model: PreTrainedModel, peft_config: Any) -> Any:
     return get_peft_model(model, peft_config)
 
 
+class Float32LMHead(torch.nn.Linear):
+    """An LM head kept in float32 whose logits are computed in float32 whatever the input's dtype or autocast
+    (ScaleRL, arXiv 2510.13786: a float32 head makes the sampled and the trained log-probs agree more closely)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return torch.nn.functional.linear(hidden.float(), self.weight.float(),
+                                              None if self.bias is None else self.bias.float())
+
+
+def cast_lm_head_to_fp32(model: Any) -> None:
+    """cast_lm_head_to_fp32: the policy's (or reference's) LM head becomes a `Float32LMHead` in place. With tied
+    embeddings the input embedding shares the float32 weight, so its output is cast back to the model's dtype."""
+    base = base_model(model)
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise ValueError(
+            f"cast_lm_head_to_fp32=True needs a plain nn.Linear LM head; this model's is a {type(head).__name__} "
+            "(a PEFT adapter on lm_head is not supported: remove 'lm_head' from target_modules), or set "
+            "cast_lm_head_to_fp32=False."
+        )
+    dtype = head.weight.dtype
+    head.float()
+    head.__class__ = Float32LMHead  # the same parameters (and tying), a float32 forward
+    embeddings = base.get_input_embeddings()
+    if embeddings is not None and embeddings.weight is head.weight and dtype != torch.float32:
+        embeddings.register_forward_hook(lambda module, inputs, output: output.to(dtype))
+
+
+def router_aux_loss_coef(model: Any, coef: float | None) -> float:
+    """The weight of a Mixture-of-Experts model's router loss, as TRL decides it: `coef`, or the model config's own
+    (0 for a model without one). A model counts as MoE when its config has `output_router_logits`."""
+    config = base_model(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if coef and not hasattr(text, "output_router_logits"):
+        raise ValueError(
+            f"GRPOConfig.router_aux_loss_coef={coef} but {type(base_model(model)).__name__} is not a "
+            "Mixture-of-Experts model that returns router logits, so there is no auxiliary loss to weight. Leave it "
+            "None."
+        )
+    if not hasattr(text, "output_router_logits"):
+        return 0.0
+    return getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
+
+
 # ---- what a model can do -----------------------------------------------------------------------------------------
+# LM heads whose logits are exactly h W^T + b (the chunked log-probs compute them from the weights)
+LINEAR_HEADS = (torch.nn.Linear, Float32LMHead)
 # Config fields of models whose logits are rescaled or soft-capped after the LM head; the forward-source check
 # (`_body_attribute`) catches these too, this is a second line of defence.
 LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logits_soft_cap",
@@ -224,7 +300,7 @@ def lm_body_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module] | No
 
 def vocab_size(head: torch.nn.Module) -> int:
     """Output width of an `nn.Linear` head or of a PEFT layer wrapping one."""
-    return head.out_features if type(head) is torch.nn.Linear else head.base_layer.out_features
+    return head.out_features if type(head) in LINEAR_HEADS else head.base_layer.out_features
 
 
 def accepts_logits_to_keep(model: Any) -> bool:
@@ -264,4 +340,4 @@ def _transforms_logits(config: Any) -> bool:
 
 def _is_linear_head(head: Any) -> bool:
     """An `nn.Linear`, or a PEFT layer (LoRA, ...) wrapping one."""
-    return type(head) is torch.nn.Linear or type(getattr(head, "base_layer", None)) is torch.nn.Linear
+    return type(head) in LINEAR_HEADS or type(getattr(head, "base_layer", None)) is torch.nn.Linear

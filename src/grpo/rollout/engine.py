@@ -17,14 +17,15 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from grpo.config import SamplingParams
 from grpo.models import accepts_logits_to_keep
 from grpo.rollout.base import Generation, eos_token_ids, left_pad, pad_and_cat
 from grpo.rollout.decoder import LeanDecoder
 from grpo.rollout.kv_cache import CopiedKV, GroupKV, use_shared_prefix
+from grpo.rollout.processors import generation_rules
 from grpo.rollout.sampling import process_logits, sample_tokens
+from grpo.sampling_params import SamplingParams
 
-RowDone = Callable[[int, list[int]], None]
+RowDone = Callable[[int, list[int], bool], None]  # (row, its tokens, whether it ended: EOS or a stop)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class RolloutEngine:
 
     def __init__(self, tokenizer: Any, params: SamplingParams, max_batch_rows: int | None = None, seed: int = 0,
                  lean: bool = True):
+        self.tokenizer = tokenizer  # stop_strings need it
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = eos_token_ids(tokenizer, params.eos_token_id)
         self.max_new_tokens = params.max_new_tokens
@@ -73,9 +75,10 @@ class RolloutEngine:
     @torch.no_grad()
     def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int,
                  max_new_tokens: list[int] | None = None, on_row_done: RowDone | None = None) -> Generation:
-        """`max_new_tokens`: a budget per row (default: max_completion_length each). `on_row_done(row, ids)` is
-        called as each row ends, with EOS or at its budget, while the others still decode (multi-turn rollouts
-        start its tool calls then); rows that run to the last step are not reported."""
+        """`max_new_tokens`: a budget per row (default: max_completion_length each). `on_row_done(row, ids, ended)`
+        is called as each row ends, with EOS or a stop string (ended) or at its budget, while the others still
+        decode (multi-turn rollouts start its tool calls then); without budgets, rows that run to
+        max_completion_length are not reported."""
         g = num_generations
         budgets = None if max_new_tokens is None else torch.tensor(max_new_tokens, dtype=torch.long)
         prompts_per_chunk = max(1, (self.max_batch_rows or len(prompt_ids) * g) // g)
@@ -103,13 +106,13 @@ class RolloutEngine:
         completion_ids = pad_and_cat([p[0] for p in pieces], self.pad_id)
         lengths = torch.cat([p[1] for p in pieces])
         completion_mask = (torch.arange(completion_ids.size(1)).unsqueeze(0) < lengths.unsqueeze(1)).long()
-        last_token = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-        is_eos = torch.isin(last_token, torch.tensor(self.eos_ids)) & (lengths > 0)
+        is_eos = torch.cat([p[2] for p in pieces]) & (lengths > 0)
         return Generation(all_prompt_ids, all_prompt_mask, completion_ids, completion_mask, is_eos)
 
     def _generate_chunk(self, model: Any, decoder: LeanDecoder | None, prompt_ids: list[list[int]], g: int,
-                        turn: Turn) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns completion ids (rows, T) right-padded and lengths (rows,)."""
+                        turn: Turn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns completion ids (rows, T) right-padded, lengths (rows,) and whether each row ended (EOS or a
+        stopping criterion such as stop_strings) rather than ran out of max_new_tokens or its budget."""
         device = next(model.parameters()).device
         budgets = None if turn.budgets is None else turn.budgets.to(device)
         max_new = self.max_new_tokens if budgets is None else int(budgets.max())
@@ -134,20 +137,33 @@ class RolloutEngine:
         logits = logits.repeat_interleave(g, dim=0)
         mask = mask.repeat_interleave(g, dim=0)
         next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1
-        seen = ids.repeat_interleave(g, dim=0).masked_fill(mask == 0, self.pad_id)  # for the repetition penalty
         penalize = self.params.repetition_penalty != 1.0
+        # generation_kwargs beyond the engine's own transforms, as transformers' processors (rollout/processors.py)
+        rules = generation_rules(model, self.params, self.eos_ids, self.pad_id, self.tokenizer, mask, max_new)
+        history = None  # each row's tokens so far, for the repetition penalty and transformers' processors
+        if penalize or rules.needs_history:
+            history = ids.repeat_interleave(g, dim=0).masked_fill(mask == 0, self.pad_id)
         rows = ids.size(0) * g
         tokens = torch.full((rows, max_new), self.pad_id, dtype=torch.long, device=device)
         lengths = torch.full((rows,), max_new, dtype=torch.long, device=device)
+        ended = torch.zeros(rows, dtype=torch.bool, device=device)
         active = torch.arange(rows, device=device)  # the original row of each row still decoding
         eos = torch.tensor(self.eos_ids, device=device)
         suppressed = self._suppressed_ids(model, device)
 
         for step in range(max_new):
-            processed = process_logits(logits, self.params, seen if penalize else None, suppressed)
+            if rules.processors is not None:
+                processed = rules.processors(history, logits.float())
+            else:
+                processed = process_logits(logits, self.params, history if penalize else None, suppressed)
             new_tokens = sample_tokens(processed, self.params, self._generator_for(device))
             tokens[active, step] = new_tokens
+            if history is not None:
+                history = torch.cat([history, new_tokens.unsqueeze(1)], dim=1)
             finished = torch.isin(new_tokens, eos)
+            if rules.stopping is not None:
+                finished |= rules.stopped(history, processed)
+            ended[active[finished]] = True  # a row cut at its budget below has not ended
             if budgets is not None:
                 finished |= budgets[active] <= step + 1
             any_finished = bool(finished.any())
@@ -155,10 +171,10 @@ class RolloutEngine:
                 lengths[active[finished]] = step + 1
                 if turn.on_row_done is not None:
                     for row in active[finished].tolist():
-                        turn.on_row_done(turn.first_row + row, tokens[row, :step + 1].tolist())
+                        turn.on_row_done(turn.first_row + row, tokens[row, :step + 1].tolist(), bool(ended[row]))
             if step == max_new - 1:
                 break
-            if any_finished:  # finished rows leave the batch and its cache
+            if any_finished:  # finished rows leave the batch, its cache and the processors' state
                 keep = fill_from_the_end(finished)
                 if keep.numel() == 0:
                     break
@@ -167,9 +183,10 @@ class RolloutEngine:
                 else:
                     cache.batch_select_indices(keep)
                 active, mask, next_position = active[keep], mask[keep], next_position[keep]
-                new_tokens, seen = new_tokens[keep], seen[keep]
-            if penalize:
-                seen = torch.cat([seen, new_tokens.unsqueeze(1)], dim=1)
+                new_tokens = new_tokens[keep]
+                if history is not None:
+                    history = history[keep]
+                rules.keep_rows(keep)
             if kv is not None:
                 logits = decoder.step(new_tokens, next_position.squeeze(1), kv)
             else:
@@ -178,7 +195,7 @@ class RolloutEngine:
                                past_key_values=cache, use_cache=True).logits[:, -1]
             next_position = next_position + 1
         used = int(lengths.max())
-        return tokens[:, :used].cpu(), lengths.cpu()
+        return tokens[:, :used].cpu(), lengths.cpu(), ended.cpu()
 
     def _suppressed_ids(self, model: Any, device: torch.device) -> torch.Tensor | None:
         """Token ids never to sample: generation_kwargs' `suppress_tokens`, else the model's generation config's

@@ -6,14 +6,15 @@ from typing import Any
 
 import torch
 
-from grpo.config import SamplingParams
 from grpo.rollout.base import Generation, eos_token_ids, left_pad, mask_after_eos, pad_and_cat
+from grpo.sampling_params import SamplingParams
 
 
 class TransformersGenerator:
     """Samples with `model.generate`, each unique prompt repeated G times, in chunks of `max_batch_rows`."""
 
     def __init__(self, tokenizer: Any, params: SamplingParams, max_batch_rows: int | None = None):
+        self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = eos_token_ids(tokenizer, params.eos_token_id)
         self.max_batch_rows = max_batch_rows
@@ -26,6 +27,8 @@ class TransformersGenerator:
         if params.suppress_tokens is not None:  # else generate reads the model's generation config's
             self.generate_kwargs["suppress_tokens"] = params.suppress_tokens
         self.generate_kwargs.update(params.other_generation_kwargs)  # any GenerationConfig name, as in TRL
+        if params.other_generation_kwargs.get("stop_strings") is not None:
+            self.generate_kwargs["tokenizer"] = tokenizer  # generate matches stop strings through it
 
     @torch.no_grad()
     def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation:

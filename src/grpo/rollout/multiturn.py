@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from grpo.data import check_prompt_ids, tokenize_prompts
-from grpo.rollout.base import Episodes, Generation, Generator, eos_token_ids, left_pad
+from grpo.rollout.base import Episodes, Generation, Generator, left_pad
 from grpo.rollout.chat_templates import tool_turn_ids
 from grpo.rollout.environments import Environments, environment_tools
 from grpo.rollout.tool_calls import ToolCallFormat, read_turn
@@ -40,7 +40,6 @@ class ToolSettings:
     max_tool_calling_iterations: int | None  # None: no limit; 0: tools are described but never run
     tool_timeout: float
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-    eos_token_id: int | list[int] | None = None  # generation_kwargs' override of the tokenizer's
 
 
 @dataclass
@@ -72,7 +71,6 @@ class MultiTurnRollout:
         self.generator, self.tokenizer, self.format = generator, tokenizer, call_format
         self.tools, self.environments, self.settings = tools, environments, settings
         self.context_limit = context_limit
-        self.eos_ids = set(eos_token_ids(tokenizer, settings.eos_token_id))
         names = [tool_name(t) for t in tools + (environments.tools if environments else [])]
         self.tool_names = list(dict.fromkeys(names))
         parameters = inspect.signature(generator.generate).parameters
@@ -115,23 +113,26 @@ class MultiTurnRollout:
         budgets = [self.settings.max_completion_length - len(e.completion_ids) for e in batch]
         contexts = [e.context() for e in batch[::g]]
         if self.reports_rows:
-            generation = self.generator.generate(model, contexts, g, max_new_tokens=budgets,
-                                                 on_row_done=lambda row, ids: self._end_turn(batch[row], ids))
+            generation = self.generator.generate(
+                model, contexts, g, max_new_tokens=budgets,
+                on_row_done=lambda row, ids, ended: self._end_turn(batch[row], ids, ended))
         else:
             generation = self.generator.generate(model, contexts, g)
         for i, episode in enumerate(batch):
-            if episode.turn_open:  # not reported: it ran to its budget, or the backend reports no rows
+            if episode.turn_open:  # not reported: the backend reports no rows
                 ids = generation.completion_ids[i][generation.completion_mask[i].bool()].tolist()
-                self._end_turn(episode, ids[:budgets[i]])
+                cut = len(ids) > budgets[i]
+                self._end_turn(episode, ids[:budgets[i]], bool(generation.is_eos[i]) and not cut)
 
-    def _end_turn(self, episode: Episode, ids: list[int]) -> None:
-        """Take a turn's tokens: its assistant message, and the start of its tool calls when it makes any."""
+    def _end_turn(self, episode: Episode, ids: list[int], ended: bool) -> None:
+        """Take a turn's tokens (`ended`: with EOS or a stop string, not cut at its budget): its assistant message,
+        and the start of its tool calls when it makes any."""
         episode.turn_open = False
         episode.completion_ids += ids
         episode.tool_mask += [1] * len(ids)
-        episode.ended_with_eos = bool(ids) and ids[-1] in self.eos_ids
+        episode.ended_with_eos = ended
         # a turn cut at its budget is not read for calls: there would be no room for an answer
-        message, calls = read_turn(self.tokenizer, ids, self.format, may_call=episode.ended_with_eos)
+        message, calls = read_turn(self.tokenizer, ids, self.format, may_call=ended)
         episode.messages.append(message)
         if calls and episode.tool_turns < self.max_tool_turns:
             episode.pending = [episode.toolbox.start(call) for call in calls]

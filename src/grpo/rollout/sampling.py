@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from grpo.config import SamplingParams
+from grpo.sampling_params import SamplingParams
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
