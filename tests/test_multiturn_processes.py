@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from test_checkpoint import _assert_same_metrics, _records
 
 TESTS = Path(__file__).resolve().parent

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scripted_model import ScriptedLlama, script_episodes
 from datasets import Dataset
 from transformers import AutoTokenizer, LlamaConfig
+
+from scripted_model import ScriptedLlama, script_episodes
 
 trl = pytest.importorskip("trl")
 from trl.chat_template_utils import qwen2_5_chat_template  # noqa: E402
