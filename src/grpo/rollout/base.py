@@ -41,8 +41,9 @@ class Generator(Protocol):
     """A generation backend. `prompt_ids` are the unique prompts of a round; each is sampled G times.
 
     A backend may also take `max_new_tokens` (one budget per row, instead of max_completion_length for all) and
-    `on_row_done(row, token_ids)` (called as each row ends with EOS or at its budget, while the others decode), as
-    the built-in engine does; multi-turn rollouts use them where they exist (see `rollout/multiturn.py`).
+    `on_row_done(row, token_ids, ended)` (called as each row ends, with EOS or a stop string (ended) or at its
+    budget, while the others decode), as the built-in engine does; multi-turn rollouts use them where they exist
+    (see `rollout/multiturn.py`).
     """
 
     def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation: ...
