@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from datasets import Dataset, IterableDataset
 
-import grpo.trainer as trainer_module
+import grpo.models as models_module
 from grpo import GRPOConfig, GRPOTrainer
 from grpo.rewards import RemoteReward
 from grpo.rollout import RolloutEngine
@@ -222,7 +222,7 @@ CATALOGUE = [
 def expensive_work(monkeypatch) -> dict[str, int]:
     """Counts model loads, generation calls and optimizer steps."""
     counts = {"load": 0, "generate": 0}
-    real_load, real_generate = trainer_module.load_causal_lm, RolloutEngine.generate
+    real_load, real_generate = models_module.load_causal_lm, RolloutEngine.generate
 
     def load(*a, **k):
         counts["load"] += 1
@@ -232,7 +232,7 @@ def expensive_work(monkeypatch) -> dict[str, int]:
         counts["generate"] += 1
         return real_generate(self, *a, **k)
 
-    monkeypatch.setattr(trainer_module, "load_causal_lm", load)
+    monkeypatch.setattr(models_module, "load_causal_lm", load)  # the policy and reference loads
     monkeypatch.setattr(RolloutEngine, "generate", generate)
     return counts
 

@@ -60,8 +60,8 @@ def test_events_come_in_transformers_order_with_its_kwargs(tmp_path, tiny_model_
     trainer = trainer_for(tmp_path, tiny_model_dir, callbacks=[recorder], eval_strategy="steps", eval_steps=1,
                           save_strategy="steps", save_steps=1)
     trainer.train()
-    per_step = ["on_step_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log", "on_log",
-                "on_evaluate", "on_save"]
+    per_step = ["on_step_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log",
+                "on_prediction_step", "on_log", "on_evaluate", "on_save"]  # one eval batch: 2 prompts x 2
     assert [name for name, _ in recorder.events] == [
         "on_init_end", "on_train_begin", "on_epoch_begin", *per_step, *per_step, "on_epoch_end", "on_log",
         "on_train_end"]

@@ -359,3 +359,34 @@ def test_a_flaky_reward_does_not_stop_a_run_under_reward_error_none(tmp_path):
                      reward_num_workers=1)
     assert all(r["rewards/reward_length_task/errors"] == 0.0 for r in records)
     assert [r["rewards/reward_flaky/errors"] for r in records] == [0.0, 8.0, 0.0]  # the second round failed
+
+
+def reward_logs(completions, log_metric, log_extra, **kwargs):
+    """Logs as TRL's reward functions may: a scalar metric and a column of the completions table."""
+    log_metric("seen", float(len(completions)))
+    log_extra("length", [len(c) for c in completions])
+    return [1.0] * len(completions)
+
+
+async def async_reward_logs(completions, log_metric, **kwargs):
+    log_metric("seen", 0.0)
+    return [0.0] * len(completions)
+
+
+def test_log_metric_and_log_extra_as_in_trl():
+    runner = RewardRunner(prepare_reward_funcs([reward_logs, async_reward_logs]))
+    try:
+        runner.score(COMPLETIONS, COMPLETIONS, [[1]] * 8, {}, None, 2)
+        metrics, rows = runner.take_logs(8)
+        assert metrics == {"seen": 4.0}  # the mean over the round's two calls, 8 and 0
+        assert rows == [{"length": len(c)} for c in COMPLETIONS]
+        assert runner.take_logs(8) == ({}, [{}] * 8)  # each round's logs are taken once
+        runner.logs.log_extra("short", [1, 2])
+        assert runner.take_logs(8)[1] == [{}] * 8  # a column without one value per completion is left out
+    finally:
+        runner.close()
+
+
+def test_log_metric_in_a_worker_process_says_it_is_not_available():
+    with pytest.raises(Exception, match="not available to reward functions in worker processes"):
+        score([reward_logs], {"num_workers": 1})

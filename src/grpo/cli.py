@@ -1,5 +1,5 @@
 """Command line: `grpo demo` shows GRPO learning on the embedded model; `grpo train` runs a YAML recipe;
-`grpo serve-reward` puts a reward function behind HTTP."""
+`grpo serve-reward` puts a reward function behind HTTP; `grpo trl-fields` writes docs/trl_fields.md."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from grpo import catalog
+from grpo import catalog, trl_fields
 from grpo.demo import DEMO_TASKS, run_demo
 from grpo.embedded import EMBEDDED_MODEL_ID
 
@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("function", help="a built-in reward name (e.g. math_accuracy) or 'package.module:function'")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on, 0 for any free one (default: 8000)")
+    commands.add_parser(
+        "trl-fields", help="print the table of TRL's GRPOConfig fields and what grpo does with each (Markdown)",
+        description="Every field of TRL's GRPOConfig with grpo's status: honoured, accepted and ignored (and "
+        "why), or refused unless left at TRL's default (and what to do instead). docs/trl_fields.md is this "
+        "output: grpo trl-fields > docs/trl_fields.md",
+    )
     return parser
 
 
@@ -206,6 +212,7 @@ COMMANDS = {
     "plot": lambda args, extra: _plot(args),
     "report": lambda args, extra: _report(args),
     "serve-reward": lambda args, extra: _serve_reward(args),
+    "trl-fields": lambda args, extra: sys.stdout.write(trl_fields.render_markdown()),
 }
 
 

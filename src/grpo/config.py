@@ -394,7 +394,7 @@ class GRPOConfig(TRLFields):
         _check_optimizer(self.optim)
         if self.num_generations_eval is None:
             self.num_generations_eval = self.num_generations
-        if self.eval_steps is None:
+        if self.eval_steps is None and self.eval_strategy == "steps":  # as transformers: unset when not evaluating
             self.eval_steps = self.logging_steps
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
         if isinstance(self.report_to, str):
@@ -471,6 +471,8 @@ class GRPOConfig(TRLFields):
                 raise ValueError(f"GRPOConfig.{name} must be a positive integer, got {value!r}.")
         for name in ("logging_steps", "eval_steps", "save_steps"):  # as in transformers: < 1 is a fraction
             value = getattr(self, name)
+            if value is None and name == "eval_steps":
+                continue
             if not (isinstance(value, (int, float)) and (0 < value < 1 or (value >= 1 and value == int(value)))):
                 raise ValueError(f"GRPOConfig.{name} must be a positive integer or a fraction of max_steps in "
                                  f"(0, 1), got {value!r}.")

@@ -132,6 +132,7 @@ def completion_rows(rollout: Any, reward_names: list[str], step: int) -> list[di
             value = rollout.rewards_per_func[i, j].item()
             row[name] = value if math.isfinite(value) else None
         row["advantage"] = rollout.advantages[i].item()
+        row.update(rollout.extra[i] if i < len(rollout.extra) else {})  # reward functions' log_extra columns
         rows.append(row)
     return rows
 

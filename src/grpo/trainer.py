@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -243,7 +244,10 @@ class GRPOTrainer(GenerationRounds, Evaluation):
                 load_weights(self._unwrapped_model(), Path(self.state.best_model_checkpoint))
         self.save_model()
         self.callbacks.event("on_train_end", self.state)
-        return TrainOutput(self.state.global_step, summary["train_loss"], summary)
+        # transformers' progress and printer callbacks pop total_flos from the summary they log, which is the dict
+        # train() returns: its metrics never hold it, though log_history does
+        metrics = {k: v for k, v in summary.items() if k != "total_flos"}
+        return TrainOutput(self.state.global_step, summary["train_loss"], metrics)
 
     def _run_steps(self, position: RunPosition, config: dict[str, Any], bar: ProgressBar) -> None:
         """Optimizer steps until max_steps or a callback stops the run; the callbacks' TrainerControl decides
@@ -265,7 +269,6 @@ class GRPOTrainer(GenerationRounds, Evaluation):
                 epoch_index = epoch
                 rollout, generated, extra_rounds = self._generate_round(self.processes.shard(rows), rounds)
                 position.rounds_consumed += 1 + extra_rounds
-                position.epoch = position.rounds_consumed / rounds_per_epoch if rounds_per_epoch else epoch
                 position.rollout, position.plan = rollout, self._optimizer_steps(rollout)
                 position.next_step = 0
                 position.round_reward = generated["reward"]
@@ -283,7 +286,7 @@ class GRPOTrainer(GenerationRounds, Evaluation):
             guard.record(step, is_finite_step(step_metrics), self._last_checkpoint_message)
             if args.sync_ref_model and step % args.ref_model_sync_steps == 0:
                 self._sync_ref_model()
-            self.state.epoch = position.epoch
+            self.state.epoch = position.epoch = self._epoch(position, rounds_per_epoch)
             bar.update(position.round_reward, round_tokens)
             round_tokens = 0  # a round's tokens count once, however many steps it feeds
             if args.torch_empty_cache_steps and step % args.torch_empty_cache_steps == 0:
@@ -297,6 +300,15 @@ class GRPOTrainer(GenerationRounds, Evaluation):
             if (control.should_save or (last and args.save_strategy == "steps")) and guard.healthy:
                 self._save_checkpoint(position, config)
         callbacks.event("on_epoch_end", self.state)
+
+    def _epoch(self, position: RunPosition, rounds_per_epoch: int) -> float:
+        """transformers' epoch, which grows with every optimizer step: rounds done, the current one by the share of
+        its steps taken, over the rounds of an epoch. An IterableDataset's length is unknown: the share of max_steps
+        done, as transformers counts it."""
+        if not rounds_per_epoch:
+            return self.state.global_step / self.state.max_steps
+        left = 1 - position.next_step / len(position.plan)
+        return (position.rounds_consumed - left) / rounds_per_epoch
 
     def _last_checkpoint_message(self) -> str:
         found = checkpoints(self.args.output_dir)
@@ -465,8 +477,10 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         args, max_steps = self.args, self._total_steps()
         steps_per_epoch = 0 if self.train_source.is_iterable else (
             len(self.train_source) // args.prompts_per_generation * args.steps_per_round)
+        # an IterableDataset's length is unknown: transformers' "no limit" on epochs
+        epochs = math.ceil(max_steps / steps_per_epoch) if steps_per_epoch else sys.maxsize
         state = TrainerState(max_steps=max_steps, train_batch_size=args.per_device_train_batch_size,
-                             num_train_epochs=math.ceil(max_steps / steps_per_epoch) if steps_per_epoch else 1,
+                             num_train_epochs=epochs,
                              is_local_process_zero=self.processes.is_main,
                              is_world_process_zero=self.processes.is_main)
         state.compute_steps(args, max_steps)

@@ -59,7 +59,9 @@ class Evaluation:
     def _score_for_evaluation(self, rows: list[dict[str, Any]], g: int) -> tuple[Rollout, dict[str, float]]:
         """An evaluation batch: generated and scored as in training, plus TRL's eval loss and its statistics."""
         rollout, metrics = self.generate_and_score(rows, g, for_loss=False)
-        return rollout, metrics | self._evaluation_loss(rollout)
+        metrics |= self._evaluation_loss(rollout)
+        self.callbacks.event("on_prediction_step", self.state)  # one per eval batch, as transformers' loop
+        return rollout, metrics
 
     @torch.no_grad()
     def _evaluation_loss(self, rollout: Rollout) -> dict[str, float]:

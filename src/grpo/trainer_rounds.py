@@ -81,6 +81,7 @@ class GenerationRounds:
                           zip(generation.completion_ids, generation.completion_mask)]
         rewards_per_func, reward_errors = self.reward_runner.score(repeated_prompts, completions, completion_ids,
                                                                    columns, trainer_state=self.state, group_size=g)
+        logged_metrics, logged_extra = self.reward_runner.take_logs(len(completions))  # log_metric / log_extra
         # A training round is global: advantages and metrics see every process's rows, as one process would.
         spread = self.processes if for_loss else Processes.alone()
         all_rewards_per_func = spread.gather(rewards_per_func)
@@ -91,7 +92,7 @@ class GenerationRounds:
             prompt_ids=generation.prompt_ids, prompt_mask=generation.prompt_mask,
             completion_ids=generation.completion_ids, completion_mask=generation.completion_mask,
             is_eos=generation.is_eos, advantages=spread.own_rows(advantages), rewards_per_func=rewards_per_func,
-            tool_mask=generation.tool_mask, prompts=repeated_prompts, completions=completions,
+            tool_mask=generation.tool_mask, prompts=repeated_prompts, completions=completions, extra=logged_extra,
         )
         chunk = args.per_device_train_batch_size
         with distributed.full_weights(self.policy_logps), self._autocast():
@@ -111,4 +112,5 @@ class GenerationRounds:
         metrics.update(spread.sum(reward_errors) if reward_errors else {})  # reward_error="none": failed rows
         if episodes.tool_counts is not None:  # tools ran: TRL's tools/ metrics, and grpo's per tool
             metrics.update(tool_metrics(spread.sum(episodes.tool_counts), len(lengths)))
+        metrics.update(logged_metrics)  # this process's calls (TRL averages over processes; the main one writes)
         return rollout, {"num_tokens": float(self.state.num_input_tokens_seen), **metrics}

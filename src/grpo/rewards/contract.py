@@ -5,9 +5,10 @@ A reward function is called as f(prompts=..., completions=..., completion_ids=..
 returns one value per completion: a number, or None for "not applicable" (skipped in the weighted sum; a
 completion with no applicable reward gets advantage 0). Async functions run concurrently. A string is a
 reward model (a sequence-classification checkpoint); a `PreTrainedModel` is one already loaded; an http(s)://
-URL is a reward server (grpo.rewards.remote). TRL silently broadcasts a wrong-length return; here it is an error
-that names the function. How the functions are called (time limit, error policy, worker processes) is
-grpo.rewards.runner's business.
+URL is a reward server (grpo.rewards.remote). A wrong-length return is an error, as in TRL 1.16; so are NaN and
+inf, which TRL takes as None and as a reward (tests/trl_parity/test_parity_rewards.py), each naming the function.
+The functions also get TRL's `log_metric` and `log_extra` (grpo.rewards.runner.RewardLogs). How the functions are
+called (time limit, error policy, worker processes) is grpo.rewards.runner's business.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ from typing import Any
 from grpo.rewards.calls import CallOutcome
 
 CONTRACT_REMINDER = (
-    "and keyword arguments prompts, completions, completion_ids, trainer_state and one per dataset column; accept "
-    "**kwargs for the ones you don't use, and return None for a completion the function cannot score."
+    "and keyword arguments prompts, completions, completion_ids, trainer_state, log_metric, log_extra and one per "
+    "dataset column; accept **kwargs for the ones you don't use, and return None for a completion the function "
+    "cannot score."
 )
 
 

@@ -53,7 +53,7 @@ class RemoteReward:
         return f"RemoteReward({self.url!r})"
 
     def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float | None]:
-        columns = {k: v for k, v in kwargs.items() if k != "trainer_state"}
+        columns = {k: v for k, v in kwargs.items() if k not in ("trainer_state", "log_extra", "log_metric")}
         rewards: list[float | None] = []
         for start in range(0, len(completions), self.batch_size):
             stop = start + self.batch_size

@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import copy
 import math
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,38 @@ from grpo.rewards.pool import Task, WorkerPool, check_picklable
 Piece = tuple[int, int, CallOutcome | None]
 
 
+class RewardLogs:
+    """TRL's `log_metric(name, value)` and `log_extra(column, values)`, handed to every reward function: scalar
+    metrics, averaged over a round's calls and logged with its metrics, and extra columns of the completions table
+    (completions.jsonl). A function in a worker process or behind a URL gets neither: its calls happen elsewhere."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, list[float]] = defaultdict(list)
+        self.extra: dict[str, list[Any]] = defaultdict(list)
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metrics[name].append(float(value))
+
+    def log_extra(self, column: str, values: list[Any]) -> None:
+        self.extra[column].extend(values)
+
+    def take(self, n: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """(each metric's mean, one dict of extra columns per completion) logged since the last take; a column
+        with a value per completion is kept, any other is dropped with a notice."""
+        metrics = {name: sum(values) / len(values) for name, values in self.metrics.items()}
+        rows: list[dict[str, Any]] = [{} for _ in range(n)]
+        for column, values in self.extra.items():
+            if len(values) != n:
+                print_line(f"grpo: log_extra('{column}', ...) got {len(values)} values for {n} completions this "
+                           "round; the column is left out of the completions table.")
+                continue
+            for row, value in zip(rows, values):
+                row[column] = value
+        self.metrics.clear()
+        self.extra.clear()
+        return metrics, rows
+
+
 class RewardRunner:
     """Calls a run's reward functions on each round: `score` returns the (N, F) rewards and the error counts."""
 
@@ -48,6 +81,7 @@ class RewardRunner:
         self.num_workers = num_workers
         self.pool = WorkerPool(num_workers, say) if self.pooled else None
         self._explained: set[str] = set()  # functions whose first failure was printed with its traceback
+        self.logs = RewardLogs()  # what the functions logged through log_metric / log_extra; see `take_logs`
 
     @classmethod
     def from_config(cls, reward_funcs: list[RewardFunction], args: Any) -> RewardRunner:
@@ -64,7 +98,7 @@ class RewardRunner:
         each function as `rewards/<func>/errors`. Rows of a group (`group_size` in a row) share a chunk."""
         n = len(completions)
         kwargs = dict(columns, prompts=prompts, completions=completions, completion_ids=completion_ids,
-                      trainer_state=trainer_state)
+                      trainer_state=trainer_state, log_extra=self.logs.log_extra, log_metric=self.logs.log_metric)
         columns_out: dict[int, list[float]] = {}
         failed: dict[int, int] = {}
 
@@ -89,6 +123,10 @@ class RewardRunner:
         errors = {f"rewards/{r.name}/errors": float(failed[i]) for i, r in enumerate(self.reward_funcs)}
         return rewards.T.reshape(n, len(self.reward_funcs)), errors if self.on_error == "none" else {}
 
+    def take_logs(self, n: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """What the reward functions logged since the last call: (metric means, extra columns per completion)."""
+        return self.logs.take(n)
+
     # ---- where the calls run ---------------------------------------------------------------------------------
     def _call_here(self, reward: RewardFunction, kwargs: dict[str, Any], n: int) -> CallOutcome:
         notice = StillRunningNotice(reward.name, f"{n} completions, in the trainer's process", self.say)
@@ -104,7 +142,8 @@ class RewardRunner:
             return {}
         # environments live in this process (their get_reward reads them here); a worker would get copies
         portable = {k: v for k, v in kwargs.items() if k != "environments"}
-        portable["trainer_state"] = _portable_state(kwargs["trainer_state"])
+        portable.update(trainer_state=_portable_state(kwargs["trainer_state"]), log_extra=_logs_elsewhere,
+                        log_metric=_logs_elsewhere)
         bounds = chunk_bounds(n, self.num_workers, group_size)
         tasks, owners = [], []
         for i in self.pooled:
@@ -184,6 +223,12 @@ def chunk_bounds(n: int, parts: int, group_size: int = 1) -> list[tuple[int, int
     parts = max(1, min(parts, groups))
     edges = [group_size * (groups * k // parts) for k in range(parts + 1)]
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def _logs_elsewhere(*args: Any) -> None:
+    """log_extra / log_metric in a worker process: the logs would stay in the worker, so calls say so."""
+    raise RuntimeError("log_metric and log_extra are not available to reward functions in worker processes "
+                       "(reward_num_workers > 0): log from a function that runs in the trainer's process")
 
 
 def _portable_state(state: Any) -> Any:

@@ -101,6 +101,7 @@ class Rollout:
     tool_mask: torch.Tensor | None = None  # (N, C) multi-turn: 0 on tool turns' tokens, which the loss leaves out
     prompts: list[Any] = field(default_factory=list)
     completions: list[Any] = field(default_factory=list)
+    extra: list[dict[str, Any]] = field(default_factory=list)  # per row: columns reward functions gave log_extra
 
     def __len__(self) -> int:
         return self.completion_ids.size(0)
