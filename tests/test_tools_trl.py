@@ -119,8 +119,7 @@ def by_prompt(seen) -> dict:
 def test_tools_behave_as_in_trl(smollm2_dir, tmp_path):
     theirs, their_metrics = run(trl, smollm2_dir, tmp_path, EPISODES, [add, fail], tools=[add, fail])
     ours, our_metrics = run(grpo, smollm2_dir, tmp_path, EPISODES, [add, fail], tools=[add, fail])
-    # TRL also passes log_extra / log_metric (its reward-logging hooks, not part of tool calling)
-    assert set(ours) == set(theirs) - {"log_extra", "log_metric"}, "the reward functions' keyword arguments"
+    assert set(ours) == set(theirs), "the reward functions' keyword arguments"
     assert by_prompt(ours) == by_prompt(theirs)  # the whole exchange, message by message
     exchange = by_prompt(ours)[repr(next(p for p in ours["prompts"] if p[-1]["content"] == "q"))]
     assert [m["role"] for m in exchange] == ["assistant", "tool", "assistant"]
@@ -138,7 +137,7 @@ def test_environments_behave_as_in_trl(smollm2_dir, tmp_path):
     bump = Counter().bump
     theirs, their_metrics = run(trl, smollm2_dir, tmp_path, ENV_EPISODES, [bump], environment_factory=Counter)
     ours, our_metrics = run(grpo, smollm2_dir, tmp_path, ENV_EPISODES, [bump], environment_factory=Counter)
-    assert set(ours) == set(theirs) - {"log_extra", "log_metric"}
+    assert set(ours) == set(theirs)
     assert "environments" in ours and all(isinstance(e, Counter) for e in ours["environments"])
     assert by_prompt(ours) == by_prompt(theirs)
     their_names = {k for k in their_metrics if k.startswith(("rewards/", "tools/"))}
