@@ -194,10 +194,11 @@ def test_faults_are_failure_turns_not_crashes(tmp_path, scripted):
     assert messages[6][2] == assistant("!")
     assert metrics["tools/call_frequency"] == 1.0
     assert metrics["tools/failure_frequency"] == 1.0
-    # per tool: the known tools' own calls; the malformed and unknown ones count in the totals only
+    # per tool: a malformed call counts under the tool it names; an unknown name in the totals only
     assert metrics["tools/fail/failure_frequency"] == 1.0 and metrics["tools/hang/failure_frequency"] == 1.0
     assert metrics["tools/fail/call_frequency"] == pytest.approx(2 / 8)
-    assert metrics["tools/add/call_frequency"] == 0.0
+    assert metrics["tools/add/call_frequency"] == pytest.approx(2 / 8)
+    assert metrics["tools/add/failure_frequency"] == 1.0 and metrics["tools/add_later/call_frequency"] == 0.0
 
 
 def repeated_calls(turns: int) -> list[tuple[str, str]]:

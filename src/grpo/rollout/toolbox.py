@@ -150,7 +150,7 @@ class ToolCounts:
     def record(self, result: ToolResult) -> None:
         self.calls += 1
         self.failures += int(result.failed)
-        if result.name in self.tool_names:  # unknown names and malformed calls count in the totals only
+        if result.name in self.tool_names:  # unknown names count in the totals only (a malformed call: its name's)
             counts = self.per_tool.setdefault(result.name, [0, 0])
             counts[0] += 1
             counts[1] += int(result.failed)
