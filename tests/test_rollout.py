@@ -177,11 +177,11 @@ def test_out_of_memory_halves_the_chunk_and_retries(monkeypatch):
     real = engine._generate_chunk
     chunk_sizes = []
 
-    def tight_memory(model, decoder, prompt_ids, g):
+    def tight_memory(model, decoder, prompt_ids, g, turn):
         chunk_sizes.append(len(prompt_ids))
         if len(prompt_ids) > 1:
             raise torch.OutOfMemoryError("simulated")
-        return real(model, decoder, prompt_ids, g)
+        return real(model, decoder, prompt_ids, g, turn)
 
     monkeypatch.setattr(engine, "_generate_chunk", tight_memory)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)

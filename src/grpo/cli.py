@@ -130,7 +130,8 @@ def run_train(config_path: str | None, overrides: dict[str, str], resume: str | 
 
     recipe = load_recipe(config_path, overrides)
     run = build_run(recipe)
-    resolved = {key: recipe[key] for key in ("model", "dataset", "reward_funcs")} | run["args"].to_dict()
+    resolved = {key: recipe[key] for key in ("model", "dataset", "reward_funcs", "tools") if key in recipe}
+    resolved |= run["args"].to_dict()
     trainer = GRPOTrainer(**run)
     args = run["args"]
     # run.yaml may only be written once it is sure that this run owns output_dir

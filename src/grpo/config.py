@@ -222,6 +222,10 @@ class GRPOConfig(TRLFields):
     """Shuffle the prompt order every epoch (seeded by `seed`)."""
     chat_template_kwargs: dict[str, Any] | None = None
     """Extra arguments for `apply_chat_template` on conversational prompts, e.g. {"enable_thinking": False}."""
+    chat_template_path: str | None = None
+    """Replace the tokenizer's chat template (TRL's SFTConfig field): a .jinja/.j2 file, a tokenizer's directory or
+    hub id whose template is copied, or a template grpo ships: "chatml_tools" (ChatML with Qwen2.5-style tool
+    calls, for SmolLM2 and other ChatML models whose own template renders no tools). No tokens are added."""
 
     # ---- generation ----------------------------------------------------------------------------------------
     num_generations: int = 8
@@ -358,6 +362,15 @@ class GRPOConfig(TRLFields):
     max_dynamic_sampling_rounds: int = 3
     """Most extra generation rounds dynamic sampling may run per training round."""
 
+    # ---- tools and environments (docs/tools.md) ------------------------------------------------------------
+    max_tool_calling_iterations: int | None = None
+    """Most tool turns per completion (`tools=` or `environment_factory=`): after that many, a turn's calls are not
+    run and the completion ends. None: no limit (within max_completion_length); 0: tools are described to the
+    model but never run."""
+    tool_timeout: float = 10.0
+    """Seconds a tool call may run (not in TRL). A call past it is cut off: the model gets an error as the tool's
+    result and the call counts as a failure (an async tool is cancelled, a sync one abandoned in its thread)."""
+
     def __new__(cls, *args: Any, **kwargs: Any) -> GRPOConfig:
         _reject_unknown_fields(cls, kwargs)
         return super().__new__(cls)
@@ -483,6 +496,12 @@ class GRPOConfig(TRLFields):
                 f"GRPOConfig.reward_timeout must be None (no limit) or a number of seconds > 0, got "
                 f"{self.reward_timeout!r}."
             )
+        if self.max_tool_calling_iterations is not None and (
+                not isinstance(self.max_tool_calling_iterations, int) or self.max_tool_calling_iterations < 0):
+            raise ValueError(f"GRPOConfig.max_tool_calling_iterations must be None (no limit) or an integer >= 0, got "
+                             f"{self.max_tool_calling_iterations!r}.")
+        if not self.tool_timeout > 0:
+            raise ValueError(f"GRPOConfig.tool_timeout must be a number of seconds > 0, got {self.tool_timeout!r}.")
         if self.temperature <= 0:
             raise ValueError(f"GRPOConfig.temperature must be > 0, got {self.temperature}.")
         if not 0 < self.top_p <= 1:

@@ -80,6 +80,12 @@ class PromptSource:
             raise TypeError("an IterableDataset has no length")
         return len(self.dataset)
 
+    def column(self, name: str, max_rows: int = 50_000) -> list[Any] | None:
+        """A column's values where reading them is cheap (a Dataset of at most `max_rows` rows), else None."""
+        if self.is_iterable or name not in self.columns or len(self.dataset) > max_rows:
+            return None
+        return list(self.dataset[name])
+
     def rounds(self, prompts_per_round: int, seed: int, shuffle: bool, skip: int = 0
                ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         """Yield (epoch, rows) forever, one round of unique prompts at a time; the caller decides when to stop.

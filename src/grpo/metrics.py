@@ -108,6 +108,19 @@ def round_metrics(reward_names: list[str], rewards_per_func: torch.Tensor, rewar
     return metrics
 
 
+def tool_metrics(counts: dict[str, float], num_completions: int) -> dict[str, float]:
+    """TRL's tool metrics from a round's summed calls and failures (`ToolCounts.sums`, all processes): calls per
+    completion and failures per call, in total and for each tool (tools/<name>/...; not in TRL)."""
+    def frequencies(prefix: str, calls: float, failures: float) -> dict[str, float]:
+        return {f"{prefix}call_frequency": calls / max(num_completions, 1),
+                f"{prefix}failure_frequency": failures / calls if calls else 0.0}
+
+    metrics = frequencies("tools/", counts["calls"], counts["failures"])
+    for name in [key.removesuffix("/calls") for key in counts if key.endswith("/calls")]:
+        metrics.update(frequencies(f"tools/{name}/", counts[f"{name}/calls"], counts[f"{name}/failures"]))
+    return metrics
+
+
 def completion_rows(rollout: Any, reward_names: list[str], step: int) -> list[dict[str, Any]]:
     """One record per completion of a round: prompt, completion, each reward (None where not applicable) and
     the advantage, texts flattened for display."""
@@ -144,7 +157,14 @@ def run_summary(seconds: float, steps: int, completions_per_step: int, train_los
 def _text(value: Any) -> str:
     if isinstance(value, str):
         return value
-    return " / ".join(str(m.get("content", "")) for m in value)
+    return " / ".join(_message_text(m) for m in value)
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    """A message's content, with its tool calls written out (a turn that only calls has no content)."""
+    calls = [call.get("function", call) for call in message.get("tool_calls") or []]
+    written = [f"{c.get('name')}({json.dumps(c.get('arguments'))})" for c in calls]
+    return " ".join([str(message.get("content") or ""), *written]).strip()
 
 
 class ProgressBar:

@@ -14,6 +14,7 @@ from typing import Any
 PANELS: list[tuple[str, list[str]]] = [
     ("reward", ["reward"]),
     ("eval reward", ["eval_reward"]),
+    ("tool calls", ["tools/call_frequency", "tools/failure_frequency"]),  # calls per completion, failed share
     ("kl", ["kl"]),
     ("entropy", ["entropy"]),
     ("completion length", ["completions/mean_length", "completions/min_length", "completions/max_length"]),

@@ -4,6 +4,7 @@
     dataset: grpo:length                   # a built-in task, a local .json/.jsonl/.csv/.parquet file, or a hub id
     # dataset: {path: data.jsonl, split: train, columns: {question: prompt}}
     reward_funcs: [length]                 # built-in names, "package.module:function" or a reward server's URL
+    # tools: [calculator]                  # optional: built-in tools or "package.module:function" (docs/tools.md)
     # reward_funcs: [{name: accuracy, weight: 1.0}, {name: my_pkg.rewards:format_reward, weight: 0.2}]
     learning_rate: 2.0e-3                  # ...and any other GRPOConfig field
 """
@@ -21,8 +22,10 @@ from grpo.config import GRPOConfig, did_you_mean
 from grpo.embedded import TASKS
 from grpo.rewards import builtin, reasoning, sandbox
 from grpo.rewards.remote import is_reward_url
+from grpo.tools import BUILTIN_TOOLS
 
 RUN_KEYS = ("model", "dataset", "reward_funcs")
+OPTIONAL_RUN_KEYS = ("tools",)
 BUILTIN_REWARDS = {
     "length": builtin.length_reward, "accuracy": builtin.accuracy_reward,
     "math_accuracy": reasoning.math_accuracy_reward, "strict_format": reasoning.strict_format_reward,
@@ -44,10 +47,10 @@ def load_recipe(config_path: str | None, overrides: dict[str, str]) -> dict[str,
         recipe[key] = yaml.safe_load(raw) if raw != "" else ""
     fields = {f.name: f for f in dataclasses.fields(GRPOConfig)}
     for key in list(recipe):
-        if key in RUN_KEYS:
+        if key in RUN_KEYS or key in OPTIONAL_RUN_KEYS:
             continue
         if key not in fields:
-            raise ValueError(f"unknown setting '{key}'.{did_you_mean(key, [*RUN_KEYS, *fields])}")
+            raise ValueError(f"unknown setting '{key}'.{did_you_mean(key, [*RUN_KEYS, *OPTIONAL_RUN_KEYS, *fields])}")
         recipe[key] = _coerce(key, recipe[key], str(fields[key].type))
     for key in RUN_KEYS:
         if key not in recipe:
@@ -88,14 +91,17 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
 
 def build_run(recipe: dict[str, Any]) -> dict[str, Any]:
     """GRPOTrainer keyword arguments for a recipe."""
-    settings = {k: v for k, v in recipe.items() if k not in RUN_KEYS}
+    settings = {k: v for k, v in recipe.items() if k not in RUN_KEYS and k not in OPTIONAL_RUN_KEYS}
     args = GRPOConfig(**settings)
     funcs, weights = resolve_rewards(recipe["reward_funcs"])
     if weights is not None:
         if args.reward_weights is not None:
             raise ValueError("give reward weights either in reward_funcs entries or in reward_weights, not both.")
         args.reward_weights = weights
-    return dict(model=recipe["model"], args=args, reward_funcs=funcs, train_dataset=load_prompts(recipe["dataset"]))
+    run = dict(model=recipe["model"], args=args, reward_funcs=funcs, train_dataset=load_prompts(recipe["dataset"]))
+    if recipe.get("tools"):
+        run["tools"] = [tool_by_name(str(name)) for name in recipe["tools"]]
+    return run
 
 
 def resolve_rewards(spec: Any) -> tuple[list[Any], list[float] | None]:
@@ -122,11 +128,25 @@ def reward_by_name(name: str) -> Any:
             f"unknown reward '{name}': use a built-in ({', '.join(BUILTIN_REWARDS)}), an import path "
             "'package.module:function' or a reward server's URL 'http://host:port/path'."
         )
-    module_name, _, attribute = name.partition(":")
+    return _imported(name, "reward")
+
+
+def tool_by_name(name: str) -> Any:
+    """A built-in tool's name (grpo.tools) or an import path "package.module:function"."""
+    if name in BUILTIN_TOOLS:
+        return BUILTIN_TOOLS[name]
+    if ":" not in name:
+        raise ValueError(f"unknown tool '{name}': use a built-in ({', '.join(BUILTIN_TOOLS)}) or an import path "
+                         "'package.module:function'.")
+    return _imported(name, "tool")
+
+
+def _imported(path: str, what: str) -> Any:
+    module_name, _, attribute = path.partition(":")
     try:
         return getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import reward '{name}': {e}") from e
+        raise ValueError(f"cannot import {what} '{path}': {e}") from e
 
 
 def load_prompts(spec: Any) -> Any:

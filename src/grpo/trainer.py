@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from grpo.checkpoint import (
     save_checkpoint,
 )
 from grpo.config import GRPOConfig
-from grpo.data import PromptSource, check_prompt_lengths
+from grpo.data import PromptSource, check_prompt_lengths, context_length
 from grpo.distributed import Processes, accelerator_kwargs, check_distributed_support
 from grpo.guard import NonFiniteGuard, is_finite_step
 from grpo.logprobs import PolicyLogps, completion_logps
@@ -54,7 +54,7 @@ from grpo.metrics import ProgressBar, RunLog, run_summary
 from grpo.models import load_tokenizer, prepare_policy, prepare_reference, router_aux_loss_coef
 from grpo.optim import create_optimizer, create_scheduler
 from grpo.rewards import RewardRunner, prepare_reward_funcs
-from grpo.rollout import Generator, Rollout, default_generator
+from grpo.rollout import Generator, Rollout, RolloutSpec, default_generator, set_chat_template
 from grpo.run_state import EntropyControl, RunPosition, TrainerState
 from grpo.trainer_eval import Evaluation
 from grpo.trainer_rounds import GenerationRounds
@@ -67,7 +67,7 @@ class GRPOTrainer(GenerationRounds, Evaluation):
     def __init__(
         self,
         model: str | PreTrainedModel,
-        reward_funcs: Any,
+        reward_funcs: Any = None,
         args: GRPOConfig | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
@@ -77,6 +77,9 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         optimizers: tuple[Any, Any] = (None, None),
         quantization_config: Any = None,
         peft_config: Any = None,
+        tools: list[Callable[..., Any]] | None = None,
+        rollout_func: Callable[..., dict[str, Any]] | None = None,
+        environment_factory: Any = None,
         generator: Generator | None = None,
     ):
         self.args = args = args if args is not None else GRPOConfig()
@@ -101,15 +104,22 @@ class GRPOTrainer(GenerationRounds, Evaluation):
                 f"{args.prompts_per_generation} unique prompts (generation_batch_size {args.generation_batch_size} / "
                 f"num_generations {args.num_generations}). Add prompts or lower the batch size."
             )
-        self.reward_funcs = prepare_reward_funcs(reward_funcs, reward_processing_classes, args.model_init_kwargs)
+        # tools, environments or a rollout_func (docs/tools.md), checked before a model loads; environments with a
+        # get_reward() add a reward function each (weight 1, after the run's own), as in TRL
+        own_rollout = None if rollout_func is None else (lambda prompts: rollout_func(prompts, self))  # TRL's call
+        self.rollout_spec = RolloutSpec(tools, environment_factory, own_rollout, self.train_source)
+        environment_rewards = self.rollout_spec.reward_functions()
+        self.reward_funcs = prepare_reward_funcs(reward_funcs, reward_processing_classes, args.model_init_kwargs,
+                                                 environment_rewards)
         self.reward_runner = RewardRunner.from_config(self.reward_funcs, args)  # worker processes start here
-        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
-        if len(weights) != len(self.reward_funcs):
+        own_funcs = len(self.reward_funcs) - len(environment_rewards)
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * own_funcs
+        if len(weights) != own_funcs:
             raise ValueError(
-                f"GRPOConfig.reward_weights has {len(weights)} weights for {len(self.reward_funcs)} reward "
+                f"GRPOConfig.reward_weights has {len(weights)} weights for {own_funcs} reward "
                 "functions; give one weight per function."
             )
-        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        self.reward_weights = torch.tensor([*weights, *[1.0] * len(environment_rewards)], dtype=torch.float32)
         if args.use_vllm:
             raise NotImplementedError("use_vllm=True: the vLLM backend is not implemented yet; set use_vllm=False.")
 
@@ -124,11 +134,14 @@ class GRPOTrainer(GenerationRounds, Evaluation):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
         model_source = model
         self.processing_class = load_tokenizer(model, processing_class, model_init_kwargs)
+        if args.chat_template_path is not None:
+            set_chat_template(self.processing_class, args.chat_template_path)
         if self.train_source.conversational and not getattr(self.processing_class, "chat_template", None):
             raise ValueError(
                 "train_dataset has conversational prompts (lists of messages) but the tokenizer has no chat "
                 "template. Set tokenizer.chat_template, or give prompts as plain strings."
             )
+        self.rollout_spec.check_template(self.processing_class, args, self.train_source.conversational)
         self.model = prepare_policy(model, args, peft_config, model_init_kwargs).to(self.device)
         self.router_aux_loss_coef = router_aux_loss_coef(self.model, args.router_aux_loss_coef)  # 0: no MoE loss
         self.policy_logps = PolicyLogps(self.model, self.router_aux_loss_coef != 0)  # the training forward
@@ -145,6 +158,8 @@ class GRPOTrainer(GenerationRounds, Evaluation):
             self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
         self.generator = generator or default_generator(self.processing_class, args, self.processes.rank)
+        self.round_source = self.rollout_spec.round_source(self.generator, self.processing_class, args,
+                                                           context_length(self._unwrapped_model().config))
         self.state = TrainerState()
         self.optimizer, self.lr_scheduler = optimizers  # as in transformers: (None, None) builds AdamW + schedule
         self._shuffle = torch.Generator().manual_seed(args.seed)
@@ -181,7 +196,7 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         if checkpoint is not None:
             check_resumable(checkpoint, config, model_signature(self._unwrapped_model()), self.processes.count)
         check_prompt_lengths(self.train_source, self.processing_class, self._unwrapped_model().config,
-                             args.max_completion_length, args.chat_template_kwargs)
+                             args.max_completion_length, self.rollout_spec.template_kwargs(args.chat_template_kwargs))
         self.state = self._new_state()
         self._create_optimizer_and_scheduler(self.state.max_steps)
         self.callbacks.set_optimizer(self.optimizer, self.lr_scheduler)
@@ -379,9 +394,12 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         return None if tensor is None else tensor.to(self.device)
 
     def _loss_mask(self, batch: Rollout) -> torch.Tensor:
-        """The completion mask, less truncated completions when mask_truncated_completions (DAPO overlong
-        filtering). Attention still sees their tokens; only the loss and its normaliser leave them out."""
+        """The completion mask, less tool turns' tokens, less truncated completions when mask_truncated_completions
+        (DAPO overlong filtering). Attention still sees their tokens; only the loss and its normaliser leave them
+        out."""
         mask = batch.completion_mask.float()
+        if batch.tool_mask is not None:  # tool results are part of what the policy sees, not of what it did
+            mask = mask * batch.tool_mask.float()
         return mask * batch.is_eos.unsqueeze(1).float() if self.args.mask_truncated_completions else mask
 
     @torch.no_grad()

@@ -16,10 +16,9 @@ import torch
 from grpo import distributed
 from grpo.algorithm import MULTI_OBJECTIVE_AGGREGATIONS, all_equal_groups, combine_rewards
 from grpo.batching import plan_steps, split_to_counts
-from grpo.data import check_prompt_ids, context_length, tokenize_prompts
 from grpo.distributed import Processes
 from grpo.logprobs import completion_logps_in_chunks
-from grpo.metrics import round_metrics
+from grpo.metrics import round_metrics, tool_metrics
 from grpo.rollout import Rollout
 
 
@@ -69,21 +68,15 @@ class GenerationRounds:
         """Sample G completions per prompt, score them, and compute advantages and (`for_loss`) the old and
         reference log-probs the loss needs."""
         args, g = self.args, num_generations or self.args.num_generations
-        prompts = [row["prompt"] for row in rows]
-        prompt_ids = tokenize_prompts(self.processing_class, prompts, args.chat_template_kwargs)
-        # train() checked a Dataset's prompts up front; an IterableDataset's are checked here, round by round
-        check_prompt_ids(prompts, prompt_ids, self.processing_class, args.max_completion_length,
-                         context_length(self._unwrapped_model().config))
         self.model.eval()
         with distributed.full_weights(self.policy_logps), self._autocast(generation=True):
-            generation = self.generator.generate(self._unwrapped_model(), prompt_ids, g)
-        texts = self.processing_class.batch_decode(generation.completion_ids, skip_special_tokens=True)
-        conversational = self.train_source.conversational
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-        repeated_prompts = [p for p in prompts for _ in range(g)]
+            # one turn each, or turns with tools, or a rollout_func: whichever grpo.rollout.rounds chose
+            episodes = self.round_source.generate(self._unwrapped_model(), rows, g)
+        generation, repeated_prompts, completions = episodes.generation, episodes.prompts, episodes.completions
         columns = {} if args.remove_unused_columns else {
             name: [row[name] for row in rows for _ in range(g)] for name in rows[0] if name != "prompt"
         }
+        columns.update(episodes.reward_kwargs)  # environments, a rollout_func's extra keys
         completion_ids = [ids[mask.bool()].tolist() for ids, mask in
                           zip(generation.completion_ids, generation.completion_mask)]
         rewards_per_func, reward_errors = self.reward_runner.score(repeated_prompts, completions, completion_ids,
@@ -99,7 +92,7 @@ class GenerationRounds:
             prompt_ids=generation.prompt_ids, prompt_mask=generation.prompt_mask,
             completion_ids=generation.completion_ids, completion_mask=generation.completion_mask,
             is_eos=generation.is_eos, advantages=spread.own_rows(advantages), rewards_per_func=rewards_per_func,
-            prompts=repeated_prompts, completions=completions, extra=logged_extra,
+            tool_mask=generation.tool_mask, prompts=repeated_prompts, completions=completions, extra=logged_extra,
         )
         chunk = args.per_device_train_batch_size
         with distributed.full_weights(self.policy_logps), self._autocast():
@@ -109,12 +102,15 @@ class GenerationRounds:
             if args.beta > 0 and for_loss:
                 with self._reference_model() as ref:
                     rollout.ref_logps = completion_logps_in_chunks(ref, rollout, args.temperature, chunk)
+        model_tokens = generation.model_token_mask()  # lengths and token counts leave tool turns out, as in TRL
         if for_loss:  # num_tokens counts training tokens only
-            tokens = spread.sum({"tokens": float(generation.prompt_mask.sum() + generation.completion_mask.sum())})
+            tokens = spread.sum({"tokens": float(generation.prompt_mask.sum() + model_tokens.sum())})
             self.state.num_input_tokens_seen += int(tokens["tokens"])
-        lengths = spread.gather(rollout.completion_mask.sum(1).float())
+        lengths = spread.gather(model_tokens.sum(1).float())
         metrics = round_metrics([r.name for r in self.reward_funcs], all_rewards_per_func, rewards, group_std,
                                 lengths, spread.gather(rollout.is_eos.long()).bool())
         metrics.update(spread.sum(reward_errors) if reward_errors else {})  # reward_error="none": failed rows
+        if episodes.tool_counts is not None:  # tools ran: TRL's tools/ metrics, and grpo's per tool
+            metrics.update(tool_metrics(spread.sum(episodes.tool_counts), len(lengths)))
         metrics.update(logged_metrics)  # this process's calls (TRL averages over processes; the main one writes)
         return rollout, {"num_tokens": float(self.state.num_input_tokens_seen), **metrics}

@@ -83,6 +83,7 @@ HONOURED_FIELDS: dict[str, str] = {
     "remove_unused_columns": "",
     "shuffle_dataset": "",
     "chat_template_kwargs": "",
+    "max_tool_calling_iterations": "tool turns per completion with tools= or environment_factory= (docs/tools.md)",
     # generation
     "num_generations": "",
     "generation_batch_size": "",
@@ -239,7 +240,6 @@ REFUSED_FIELDS: dict[str, tuple[Any, str]] = {
                         "(or deepspeed_zero3.yaml)"),
     "debug": ("", "leave it unset"),
     "ds3_gather_for_generation": (True, "leave it True: grpo gathers ZeRO-3 weights to generate"),
-    "max_tool_calling_iterations": (None, "leave it unset: multi-turn tool calling is not implemented yet"),
     "log_completions_hub_repo": (None, "log_completions=True writes completions.jsonl to output_dir; upload it "
                                        "yourself"),
 }
@@ -267,6 +267,8 @@ GRPO_ONLY_FIELDS: dict[str, str] = {
     "reward_num_workers": "worker processes for synchronous reward functions",
     "dynamic_sampling": "DAPO dynamic sampling",
     "max_dynamic_sampling_rounds": "extra generations dynamic sampling may run per round",
+    "tool_timeout": "seconds one tool call may run before it is cut off as a failure (docs/tools.md)",
+    "chat_template_path": "TRL's SFTConfig field: replace the tokenizer's chat template (e.g. grpo's chatml_tools)",
 }
 
 

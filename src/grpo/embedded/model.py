@@ -17,12 +17,21 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from grpo.paths import build_in_own_process, cache_dir, is_secondary_rank
 
 EMBEDDED_MODEL_ID = "grpo:tiny"
-_VERSION = "v2"  # bump when the recipe below changes, so stale caches are rebuilt
+_VERSION = "v3"  # bump when the recipe below changes, so stale caches are rebuilt
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHARACTERS = [chr(i) for i in range(32, 127)] + ["\n"]
+# Each message as <|role|>\ncontent</s>\n. With tools (docs/tools.md) a system turn lists them, an assistant turn
+# writes its calls as <tool_call>{"name": ..., "arguments": ...}</tool_call>, and a result is a <|tool|> turn;
+# conversations without tools render as they always did.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if tools %}<|system|>\nTools, called as <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>:"
+    "{% for tool in tools %}{{ '\\n' + (tool | tojson) }}{% endfor %}</s>\n{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set call = call['function'] if call['function'] is defined else call %}"
+    "<tool_call>{\"name\": \"{{ call['name'] }}\", \"arguments\": {{ call['arguments'] | tojson }}}</tool_call>"
+    "{% endfor %}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 

@@ -11,6 +11,8 @@ text), so held-out evaluation means what it says whatever the number of prompts 
 - `format`: the course's think/answer layout, shown once by a worked example earlier in the chat, scored by
   the strict and soft format rewards and a per-tag partial credit.
 - `format_word_problems`: both at once, the answer read from the `<answer>` tag.
+- `calculator_word_problems`: word problems after two worked examples that call a `calculator` tool, for
+  training with `tools=[grpo.tools.calculator]` (docs/tools.md).
 """
 
 from __future__ import annotations
@@ -41,6 +43,28 @@ FORMAT_EXAMPLE = [
 ]
 
 
+
+
+def _calculator_turns(expression: str, result: str, answer: str) -> list[dict[str, Any]]:
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+    return [{"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "name": "calculator", "content": result}, {"role": "assistant", "content": answer}]
+
+
+# SmolLM2-135M-Instruct, shown the calculator's schema, calls it in about 1 sample of 10 000; after these two
+# worked examples, with the question asking for it, in about 1 of 9 (0.5 of 100 after the examples alone): a start
+# from which RL can learn when the calculator pays.
+CALCULATOR_INSTRUCTION = " Use the calculator tool to compute the answer."
+CALCULATOR_EXAMPLES = [
+    {"role": "user", "content": "Ana has 7 apples. She buys 5 more. How many apples does Ana have now?"
+                                + CALCULATOR_INSTRUCTION},
+    *_calculator_turns("7 + 5", "12", "Ana has 12 apples."),
+    {"role": "user", "content": "There are 3 boxes with 4 books in each box. How many books are there in all?"
+                                + CALCULATOR_INSTRUCTION},
+    *_calculator_turns("3 * 4", "12", "There are 12 books."),
+]
+
+
 def _split_of(text: str) -> str:
     """'eval' for one prompt in five, by a hash of its text (stable across machines and Python runs)."""
     return "eval" if hashlib.sha256(text.encode()).digest()[0] % 5 == 0 else "train"
@@ -59,7 +83,7 @@ def _take(candidates: Iterator[dict[str, Any]], num_prompts: int, split: str) ->
     raise ValueError(f"this task has fewer than {num_prompts} distinct {split} prompts; ask for fewer.")
 
 
-def _chat(text: str, example: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+def _chat(text: str, example: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     return [*(example or []), {"role": "user", "content": text}]
 
 
@@ -126,17 +150,23 @@ def _word_problems(rng: random.Random) -> Iterator[dict[str, Any]]:
 
 
 def word_problems_task(num_prompts: int = 64, seed: int = 0, split: str = "train",
-                       example: list[dict[str, str]] | None = None) -> Dataset:
+                       example: list[dict[str, Any]] | None = None, instruction: str = "") -> Dataset:
     """Arithmetic word problems (one operation on two numbers from 2 to 12) as chat prompts, with the answer in
     an `answers` column, as in the course's `problem_reward` example."""
     rows = _take(_word_problems(random.Random(seed)), num_prompts, split)
-    return Dataset.from_dict({"prompt": [_chat(r["text"], example) for r in rows],
+    return Dataset.from_dict({"prompt": [_chat(r["text"] + instruction, example) for r in rows],
                               "answers": [r["answers"] for r in rows]})
 
 
 def format_task(num_prompts: int = 64, seed: int = 0, split: str = "train") -> Dataset:
     """Word problems after one worked example in the <think>/<answer> layout (FORMAT_EXAMPLE)."""
     return word_problems_task(num_prompts, seed, split, example=FORMAT_EXAMPLE)
+
+
+def calculator_task(num_prompts: int = 64, seed: int = 0, split: str = "train") -> Dataset:
+    """Word problems after two worked examples that call the calculator (CALCULATOR_EXAMPLES)."""
+    return word_problems_task(num_prompts, seed, split, example=CALCULATOR_EXAMPLES,
+                              instruction=CALCULATOR_INSTRUCTION)
 
 
 @dataclass(frozen=True)
@@ -159,4 +189,5 @@ TASKS: dict[str, Task] = {
                    chat=True),
     "format_word_problems": Task(format_task, [tag_count_reward, soft_format_reward, strict_format_reward,
                                                problem_reward], [0.25, 0.25, 0.25, 1.0], chat=True),
+    "calculator_word_problems": Task(calculator_task, [problem_reward], chat=True),
 }

@@ -47,12 +47,16 @@ def reward_func_name(func: Any) -> str:
 
 
 def prepare_reward_funcs(
-    reward_funcs: Any, reward_processing_classes: Any = None, model_init_kwargs: dict[str, Any] | None = None
+    reward_funcs: Any, reward_processing_classes: Any = None, model_init_kwargs: dict[str, Any] | None = None,
+    environment_rewards: list[RewardFunc] | tuple[()] = (),
 ) -> list[RewardFunction]:
-    """Normalise `reward_funcs` to a list of named callables, loading reward models given as paths."""
+    """Normalise `reward_funcs` to a list of named callables, loading reward models given as paths, then add the
+    `get_reward` functions of the environments (which alone may be the run's rewards, as in TRL)."""
     funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    if not funcs:
-        raise ValueError("reward_funcs is empty: pass at least one reward function.")
+    funcs = [] if funcs == [None] else funcs
+    if not funcs and not environment_rewards:
+        raise ValueError("reward_funcs is empty: pass at least one reward function (or an environment_factory whose "
+                         "environments define get_reward()).")
     if reward_processing_classes is not None and not isinstance(reward_processing_classes, (list, tuple)):
         reward_processing_classes = [reward_processing_classes]
     if reward_processing_classes is not None and len(reward_processing_classes) != len(funcs):
@@ -74,6 +78,7 @@ def prepare_reward_funcs(
                 "server's http(s):// URL."
             )
         prepared.append(RewardFunction(reward_func_name(func), func, _is_coroutine_function(func)))
+    prepared += [RewardFunction(reward_func_name(f), f, _is_coroutine_function(f)) for f in environment_rewards]
     taken: set[str] = set()
     for reward in prepared:  # metric names must be unique: suffix repeats with the first free _k
         name, k = reward.name, 0

@@ -1,9 +1,10 @@
 """Scoring a round: every reward function called once, under the time limit, the error policy and the pool.
 
-Where each function runs: async functions concurrently on a private event loop; reward models in the trainer's
-process; other synchronous functions in the trainer's process too, or, with `num_workers` > 0, in worker
-processes, each function's completions cut into that many chunks of whole groups. The coroutines are started
-first and run while the pool works and then the in-process calls run, one after another.
+Where each function runs: async functions concurrently on a private event loop; reward models and environments'
+`get_reward` in the trainer's process; other synchronous functions in the trainer's process too, or, with
+`num_workers` > 0, in worker processes (without the `environments` argument, whose instances stay here), each
+function's completions cut into that many chunks of whole groups. The coroutines are started first and run while
+the pool works and then the in-process calls run, one after another.
 
 A failed call (an exception, a timeout, a dead worker, or a return value `validate_rewards` refuses) stops the run
 with an error that names the function under `on_error="raise"`; under `on_error="none"` its completions score None
@@ -18,13 +19,13 @@ import asyncio
 import concurrent.futures
 import copy
 import math
-import threading
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from grpo.background_loop import background_loop
 from grpo.metrics import say as print_line
 from grpo.rewards.calls import CallOutcome, StillRunningNotice, call_async, call_in_thread, call_reward
 from grpo.rewards.contract import RewardFunction, RewardModel, validate_rewards
@@ -73,8 +74,8 @@ class RewardRunner:
     def __init__(self, reward_funcs: list[RewardFunction], timeout: float | None = None, on_error: str = "raise",
                  num_workers: int = 0, say: Callable[[str], None] = print_line):
         self.reward_funcs, self.timeout, self.on_error, self.say = reward_funcs, timeout, on_error, say
-        self.pooled = [i for i, r in enumerate(reward_funcs)
-                       if num_workers > 0 and not r.is_async and not isinstance(r.func, RewardModel)]
+        self.pooled = [i for i, r in enumerate(reward_funcs) if num_workers > 0 and not r.is_async
+                       and not isinstance(r.func, RewardModel) and not getattr(r.func, "runs_in_process", False)]
         for i in self.pooled:  # before the run starts, not at its first round
             check_picklable(reward_funcs[i].name, reward_funcs[i].func)
         self.num_workers = num_workers
@@ -139,8 +140,10 @@ class RewardRunner:
     def _run_pooled(self, kwargs: dict[str, Any], n: int, group_size: int) -> dict[int, list[Piece]]:
         if self.pool is None:
             return {}
-        portable = dict(kwargs, trainer_state=_portable_state(kwargs["trainer_state"]),
-                        log_extra=_logs_elsewhere, log_metric=_logs_elsewhere)
+        # environments live in this process (their get_reward reads them here); a worker would get copies
+        portable = {k: v for k, v in kwargs.items() if k != "environments"}
+        portable.update(trainer_state=_portable_state(kwargs["trainer_state"]), log_extra=_logs_elsewhere,
+                        log_metric=_logs_elsewhere)
         bounds = chunk_bounds(n, self.num_workers, group_size)
         tasks, owners = [], []
         for i in self.pooled:
@@ -169,7 +172,7 @@ class RewardRunner:
                 for notice in notices:
                     notice.cancel()
 
-        return asyncio.run_coroutine_threadsafe(gather(), _event_loop())
+        return asyncio.run_coroutine_threadsafe(gather(), background_loop())
 
     # ---- the error policy ------------------------------------------------------------------------------------
     def _settle(self, i: int, pieces: list[Piece], completions: list[Any]) -> tuple[list[float], int]:
@@ -235,17 +238,3 @@ def _portable_state(state: Any) -> Any:
     snapshot = copy.copy(state)
     snapshot.log_history = []
     return snapshot
-
-
-_loop: asyncio.AbstractEventLoop | None = None
-_loop_lock = threading.Lock()
-
-
-def _event_loop() -> asyncio.AbstractEventLoop:
-    """A private event loop in a daemon thread: works from scripts and from notebooks, whose loop already runs."""
-    global _loop
-    with _loop_lock:
-        if _loop is None:
-            _loop = asyncio.new_event_loop()
-            threading.Thread(target=_loop.run_forever, daemon=True, name="grpo-rewards").start()
-    return _loop

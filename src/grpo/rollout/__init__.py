@@ -1,13 +1,17 @@
-"""Generation backends behind one small interface, and the `Rollout` batch they feed."""
+"""Generation backends behind one small interface, the `Rollout` batch they feed, and multi-turn rollouts (tools,
+environments, a user's rollout_func) built on them."""
 
 from typing import Any
 
 from grpo.config import GRPOConfig
-from grpo.rollout.base import Generation, Generator, Rollout
+from grpo.rollout.base import Episodes, Generation, Generator, Rollout
+from grpo.rollout.chat_templates import set_chat_template
 from grpo.rollout.engine import RolloutEngine
 from grpo.rollout.hf_generate import TransformersGenerator
+from grpo.rollout.rounds import RolloutSpec, RoundSource
 
-__all__ = ["Generation", "Generator", "Rollout", "RolloutEngine", "TransformersGenerator", "default_generator"]
+__all__ = ["Episodes", "Generation", "Generator", "Rollout", "RolloutEngine", "RolloutSpec", "RoundSource",
+           "TransformersGenerator", "default_generator", "set_chat_template"]
 
 
 def default_generator(tokenizer: Any, args: GRPOConfig, rank: int = 0) -> Generator:

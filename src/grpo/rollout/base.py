@@ -18,10 +18,33 @@ class Generation:
     completion_ids: torch.Tensor  # (N, C) right-padded; the EOS token, if sampled, is kept and masked in
     completion_mask: torch.Tensor  # (N, C) 1 up to and including the first EOS
     is_eos: torch.Tensor  # (N,) bool: the completion ended with EOS rather than at max_completion_length
+    tool_mask: torch.Tensor | None = None  # (N, C) multi-turn: 1 on the model's tokens, 0 on tool turns' tokens
+
+    def model_token_mask(self) -> torch.Tensor:
+        """1 on the tokens the model sampled: the completion mask, less tool turns."""
+        return self.completion_mask if self.tool_mask is None else self.completion_mask * self.tool_mask
+
+
+@dataclass
+class Episodes:
+    """A round from a multi-turn rollout (tools, environments) or a user's `rollout_func`: the tokens, and what the
+    reward functions see, one entry per completion."""
+
+    generation: Generation
+    prompts: list[Any]  # each completion's prompt as the model saw it (an environment's reset may add to it)
+    completions: list[Any]  # conversations: the whole exchange, assistant turns, tool calls and tool results
+    reward_kwargs: dict[str, list[Any]] = field(default_factory=dict)  # environments, rollout_func's extra keys
+    tool_counts: dict[str, float] | None = None  # calls and failures (`ToolCounts.sums`), when tools ran
 
 
 class Generator(Protocol):
-    """A generation backend. `prompt_ids` are the unique prompts of a round; each is sampled G times."""
+    """A generation backend. `prompt_ids` are the unique prompts of a round; each is sampled G times.
+
+    A backend may also take `max_new_tokens` (one budget per row, instead of max_completion_length for all) and
+    `on_row_done(row, token_ids, ended)` (called as each row ends, with EOS or a stop string (ended) or at its
+    budget, while the others decode), as the built-in engine does; multi-turn rollouts use them where they exist
+    (see `rollout/multiturn.py`).
+    """
 
     def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation: ...
 
@@ -33,14 +56,16 @@ def eos_token_ids(tokenizer: Any, eos_token_id: int | list[int] | None) -> list[
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
+def left_pad(sequences: list[list[int]], pad_id: int, right: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of the sequences padded to the longest with `pad_id` on the left (`right`: on the right)."""
+    width = max((len(s) for s in sequences), default=0)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
         if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
+            columns = slice(0, len(s)) if right else slice(width - len(s), width)
+            ids[i, columns] = torch.tensor(s)
+            mask[i, columns] = 1
     return ids, mask
 
 
@@ -73,6 +98,7 @@ class Rollout:
     rewards_per_func: torch.Tensor  # (N, F), NaN where a function returned None
     old_logps: torch.Tensor | None = None  # (N, C) policy log-probs at generation time, when off-policy
     ref_logps: torch.Tensor | None = None  # (N, C) reference-model log-probs, when beta > 0
+    tool_mask: torch.Tensor | None = None  # (N, C) multi-turn: 0 on tool turns' tokens, which the loss leaves out
     prompts: list[Any] = field(default_factory=list)
     completions: list[Any] = field(default_factory=list)
     extra: list[dict[str, Any]] = field(default_factory=list)  # per row: columns reward functions gave log_extra
@@ -110,7 +136,7 @@ class Rollout:
         prompt_start = int((batch.prompt_mask.sum(0) > 0).int().argmax())
         completion_end = int(batch.completion_mask.sum(1).max())
         batch.prompt_ids, batch.prompt_mask = batch.prompt_ids[:, prompt_start:], batch.prompt_mask[:, prompt_start:]
-        for name in ("completion_ids", "completion_mask", "old_logps", "ref_logps"):
+        for name in ("completion_ids", "completion_mask", "old_logps", "ref_logps", "tool_mask"):
             value = getattr(batch, name)
             if value is not None:
                 setattr(batch, name, value[:, :completion_end])

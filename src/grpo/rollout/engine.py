@@ -9,6 +9,8 @@ rows are dropped), so finished completions stop costing compute.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +24,18 @@ from grpo.rollout.kv_cache import CopiedKV, GroupKV, use_shared_prefix
 from grpo.rollout.processors import generation_rules
 from grpo.rollout.sampling import process_logits, sample_tokens
 from grpo.sampling_params import SamplingParams
+
+RowDone = Callable[[int, list[int], bool], None]  # (row, its tokens, whether it ended: EOS or a stop)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What a multi-turn rollout adds to a chunk's decoding: each row's token budget and who to tell as rows end
+    (`first_row`: the chunk's first row in the whole call)."""
+
+    budgets: torch.Tensor | None
+    first_row: int
+    on_row_done: RowDone | None
 
 
 class RolloutEngine:
@@ -59,25 +73,35 @@ class RolloutEngine:
             self._device_generator.set_state(device_state)
 
     @torch.no_grad()
-    def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int) -> Generation:
-        prompts_per_chunk = max(1, (self.max_batch_rows or len(prompt_ids) * num_generations) // num_generations)
-        capacity = max(len(ids) for ids in prompt_ids) + self.max_new_tokens
-        rows = min(len(prompt_ids), prompts_per_chunk) * num_generations
+    def generate(self, model: Any, prompt_ids: list[list[int]], num_generations: int,
+                 max_new_tokens: list[int] | None = None, on_row_done: RowDone | None = None) -> Generation:
+        """`max_new_tokens`: a budget per row (default: max_completion_length each). `on_row_done(row, ids, ended)`
+        is called as each row ends, with EOS or a stop string (ended) or at its budget, while the others still
+        decode (multi-turn rollouts start its tool calls then); without budgets, rows that run to
+        max_completion_length are not reported."""
+        g = num_generations
+        budgets = None if max_new_tokens is None else torch.tensor(max_new_tokens, dtype=torch.long)
+        prompts_per_chunk = max(1, (self.max_batch_rows or len(prompt_ids) * g) // g)
+        longest = self.max_new_tokens if budgets is None else int(budgets.max())
+        capacity = max(len(ids) for ids in prompt_ids) + longest
+        rows = min(len(prompt_ids), prompts_per_chunk) * g
         decoder = LeanDecoder.from_model(model, capacity, rows) if self.lean else None
         pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
         start = 0
         while start < len(prompt_ids):
             chunk = prompt_ids[start:start + prompts_per_chunk]
+            rows_of_chunk = slice(start * g, (start + len(chunk)) * g)
             try:
-                pieces.append(self._generate_chunk(model, decoder, chunk, num_generations))
+                pieces.append(self._generate_chunk(model, decoder, chunk, g, Turn(
+                    None if budgets is None else budgets[rows_of_chunk], start * g, on_row_done)))
             except torch.OutOfMemoryError:
-                if prompts_per_chunk == 1:
+                if prompts_per_chunk == 1 or on_row_done is not None:  # reported rows may have started tools
                     raise
                 prompts_per_chunk = max(1, prompts_per_chunk // 2)
                 torch.cuda.empty_cache()
                 continue
             start += len(chunk)
-        repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
+        repeated = [ids for ids in prompt_ids for _ in range(g)]
         all_prompt_ids, all_prompt_mask = left_pad(repeated, self.pad_id)
         completion_ids = pad_and_cat([p[0] for p in pieces], self.pad_id)
         lengths = torch.cat([p[1] for p in pieces])
@@ -85,16 +109,18 @@ class RolloutEngine:
         is_eos = torch.cat([p[2] for p in pieces]) & (lengths > 0)
         return Generation(all_prompt_ids, all_prompt_mask, completion_ids, completion_mask, is_eos)
 
-    def _generate_chunk(self, model: Any, decoder: LeanDecoder | None, prompt_ids: list[list[int]], g: int
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _generate_chunk(self, model: Any, decoder: LeanDecoder | None, prompt_ids: list[list[int]], g: int,
+                        turn: Turn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns completion ids (rows, T) right-padded, lengths (rows,) and whether each row ended (EOS or a
-        stopping criterion such as stop_strings) rather than ran out of max_new_tokens."""
+        stopping criterion such as stop_strings) rather than ran out of max_new_tokens or its budget."""
         device = next(model.parameters()).device
+        budgets = None if turn.budgets is None else turn.budgets.to(device)
+        max_new = self.max_new_tokens if budgets is None else int(budgets.max())
         ids, mask = (t.to(device) for t in left_pad(prompt_ids, self.pad_id))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         shared = decoder is not None and use_shared_prefix(mask, g, decoder.embed.weight.dtype, decoder.head_dim)
         # a shared prefix keeps the prompts' cache as it is; copies get room for the completions after them
-        cache = _preallocated_cache(model.config, ids.size(1) + (0 if shared else self.max_new_tokens))
+        cache = _preallocated_cache(model.config, ids.size(1) + (0 if shared else max_new))
         if decoder is not None:
             logits = decoder.prefill(ids, mask, positions, cache)
         else:
@@ -104,7 +130,7 @@ class RolloutEngine:
             cache, logits = out.past_key_values, out.logits[:, -1]
         kv: CopiedKV | GroupKV | None  # the lean decoder's cache
         if shared:  # each prompt's keys and values stored once, read once per step by all G of its samples
-            kv = GroupKV.from_prefill(cache, mask, g, self.max_new_tokens)
+            kv = GroupKV.from_prefill(cache, mask, g, max_new)
         else:  # one prefill per prompt, its cache copied to its G samples
             cache.batch_repeat_interleave(g)
             kv = CopiedKV(cache, mask.repeat_interleave(g, dim=0)) if decoder is not None else None
@@ -113,20 +139,19 @@ class RolloutEngine:
         next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1
         penalize = self.params.repetition_penalty != 1.0
         # generation_kwargs beyond the engine's own transforms, as transformers' processors (rollout/processors.py)
-        rules = generation_rules(model, self.params, self.eos_ids, self.pad_id, self.tokenizer, mask,
-                                 self.max_new_tokens)
+        rules = generation_rules(model, self.params, self.eos_ids, self.pad_id, self.tokenizer, mask, max_new)
         history = None  # each row's tokens so far, for the repetition penalty and transformers' processors
         if penalize or rules.needs_history:
             history = ids.repeat_interleave(g, dim=0).masked_fill(mask == 0, self.pad_id)
         rows = ids.size(0) * g
-        tokens = torch.full((rows, self.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
-        lengths = torch.full((rows,), self.max_new_tokens, dtype=torch.long, device=device)
+        tokens = torch.full((rows, max_new), self.pad_id, dtype=torch.long, device=device)
+        lengths = torch.full((rows,), max_new, dtype=torch.long, device=device)
         ended = torch.zeros(rows, dtype=torch.bool, device=device)
         active = torch.arange(rows, device=device)  # the original row of each row still decoding
         eos = torch.tensor(self.eos_ids, device=device)
         suppressed = self._suppressed_ids(model, device)
 
-        for step in range(self.max_new_tokens):
+        for step in range(max_new):
             if rules.processors is not None:
                 processed = rules.processors(history, logits.float())
             else:
@@ -138,11 +163,16 @@ class RolloutEngine:
             finished = torch.isin(new_tokens, eos)
             if rules.stopping is not None:
                 finished |= rules.stopped(history, processed)
+            ended[active[finished]] = True  # a row cut at its budget below has not ended
+            if budgets is not None:
+                finished |= budgets[active] <= step + 1
             any_finished = bool(finished.any())
             if any_finished:
                 lengths[active[finished]] = step + 1
-                ended[active[finished]] = True
-            if step == self.max_new_tokens - 1:
+                if turn.on_row_done is not None:
+                    for row in active[finished].tolist():
+                        turn.on_row_done(turn.first_row + row, tokens[row, :step + 1].tolist(), bool(ended[row]))
+            if step == max_new - 1:
                 break
             if any_finished:  # finished rows leave the batch, its cache and the processors' state
                 keep = fill_from_the_end(finished)
