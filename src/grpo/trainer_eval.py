@@ -6,6 +6,7 @@ evaluation itself (batches of prompts, mean reward, pass@k) is `grpo.evaluate`'s
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -39,7 +40,10 @@ class Evaluation:
             self._eval_rows = list(source.dataset)  # read once, at the first evaluation
         rows = self._eval_rows if eval_dataset is None else list(source.dataset)
         started, g, metrics = time.perf_counter(), args.num_generations_eval, None
-        with distributed.full_weights(self.policy_logps):  # FSDP: all gather, main evaluates
+        with contextlib.ExitStack() as gathered:  # FSDP: every process gathers, then the main one evaluates
+            gathered.enter_context(distributed.full_weights(self.policy_logps))
+            if args.beta > 0 and self.ref_model is not None:  # the eval loss's KL runs the reference on main only
+                gathered.enter_context(distributed.full_weights(self.ref_model))
             if self.processes.is_main:
                 results = evaluate(self._score_for_evaluation, rows, ks=[1], pass_threshold=1.0, num_generations=g,
                                    reward_names=[r.name for r in self.reward_funcs],
