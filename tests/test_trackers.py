@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -50,6 +51,9 @@ def test_trackio_local_store(tmp_path, tiny_model_dir, monkeypatch):
     import sqlite3
 
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    for name, module in list(sys.modules.items()):  # trackio reads TRACKIO_DIR once, when an earlier test imports it
+        if name.startswith("trackio") and hasattr(module, "TRACKIO_DIR"):
+            monkeypatch.setattr(module, "TRACKIO_DIR", tmp_path / "trackio")
     monkeypatch.setenv("TRACKIO_PROJECT", "grpo-test")
     _, history = run(tmp_path, tiny_model_dir, "trackio", run_name="trackio-test")
     store = sqlite3.connect(tmp_path / "trackio" / "grpo-test.db")

@@ -256,6 +256,11 @@ def full_weights(root: torch.nn.Module) -> Iterator[None]:
     root._get_fsdp_state()._lazy_init()
     groups = [g for m in units for g in m._get_fsdp_state()._fsdp_param_groups]
     after_forward = [g.post_forward_mesh_info for g in groups]
+    # FSDP records every forward's module order to prefetch in the next backward; forwards in this block are
+    # not followed by one, and their number differs between processes (the main one alone may evaluate), so
+    # their records are dropped at the end, else the processes would prefetch different units and deadlock.
+    forward_order = [g.comm_ctx.post_forward_order for g in groups]
+    recorded = [(len(order), len(g._post_forward_indices)) for g, order in zip(groups, forward_order)]
     for unit in units:
         unit.unshard()
     for group in groups:  # no reshard after each forward: the next forward would all-gather again
@@ -265,8 +270,9 @@ def full_weights(root: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         _GATHERED.discard(root)
-        for group, info in zip(groups, after_forward):
+        for group, info, order, (orders, indices) in zip(groups, after_forward, forward_order, recorded):
             group.post_forward_mesh_info = info
+            del order[orders:], group._post_forward_indices[indices:]
         for unit in units:
             unit.reshard()
 
