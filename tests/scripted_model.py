@@ -12,6 +12,7 @@ short (the tiny model's context is 1024 tokens): a system line naming the tools,
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import torch
@@ -126,3 +127,34 @@ def script_episodes(model: ScriptedLlama, tokenizer: Any, episodes: list[list[tu
         start = len(prompt_ids) + max_completion_length + 2
     model.script = script.table
     return rows, expected
+
+
+# Tools the scripted episodes call (their docstrings are the schema the chat template shows).
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first.
+        b: The second.
+    """
+    return a + b
+
+
+async def add_later(a: int, b: int) -> int:
+    """Add two integers, asynchronously.
+
+    Args:
+        a: The first.
+        b: The second.
+    """
+    await asyncio.sleep(0.01)
+    return a + b
+
+
+def fail(x: str) -> str:
+    """Always fails.
+
+    Args:
+        x: Anything.
+    """
+    raise ValueError("boom")

@@ -5,7 +5,6 @@ completion budget are each checked against what they must produce."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 
@@ -16,39 +15,10 @@ from grpo import GRPOConfig, GRPOTrainer
 from grpo.algorithm import StepCounts, micro_batch_loss
 from grpo.data import tokenize_prompts
 from grpo.rollout import RolloutEngine
-from scripted_model import call, ids, script_episodes, scripted_model_and_tokenizer, tool_turn
+from scripted_model import add, add_later, call, fail, ids, script_episodes, scripted_model_and_tokenizer, tool_turn
 
 G = 2  # completions per prompt: the G rows of a prompt follow the same script
 
-
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: The first.
-        b: The second.
-    """
-    return a + b
-
-
-async def add_later(a: int, b: int) -> int:
-    """Add two integers, asynchronously.
-
-    Args:
-        a: The first.
-        b: The second.
-    """
-    await asyncio.sleep(0.01)
-    return a + b
-
-
-def fail(x: str) -> str:
-    """Always fails.
-
-    Args:
-        x: Anything.
-    """
-    raise ValueError("boom")
 
 
 HANG_RELEASE = threading.Event()

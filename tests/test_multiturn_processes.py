@@ -29,33 +29,7 @@ SCRIPT = textwrap.dedent('''
     sys.path.insert(0, sys.argv[4])
     from grpo import GRPOConfig, GRPOTrainer
     from grpo.rollout import RolloutEngine
-    from scripted_model import call, script_episodes, scripted_model_and_tokenizer, tool_turn
-
-    def add(a: int, b: int) -> int:
-        """Add two integers.
-
-        Args:
-            a: The first.
-            b: The second.
-        """
-        return a + b
-
-    async def add_later(a: int, b: int) -> int:
-        """Add two integers, asynchronously.
-
-        Args:
-            a: The first.
-            b: The second.
-        """
-        return a + b
-
-    def fail(x: str) -> str:
-        """Always fails.
-
-        Args:
-            x: Anything.
-        """
-        raise ValueError("boom")
+    from scripted_model import add, add_later, call, fail, script_episodes, scripted_model_and_tokenizer, tool_turn
 
     def reward(completions, **kwargs):
         time.sleep(0.2)  # rounds take long enough for the test to kill the run between two of them

@@ -13,32 +13,13 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, LlamaConfig
 
-from scripted_model import ScriptedLlama, script_episodes
+from scripted_model import ScriptedLlama, add, fail, script_episodes
 
 trl = pytest.importorskip("trl")
 from trl.chat_template_utils import qwen2_5_chat_template  # noqa: E402
 
 import grpo  # noqa: E402
 from grpo.rollout import RolloutEngine  # noqa: E402
-
-
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: The first.
-        b: The second.
-    """
-    return a + b
-
-
-def fail(x: str) -> str:
-    """Always fails.
-
-    Args:
-        x: Anything.
-    """
-    raise ValueError("boom")
 
 
 class Counter:
