@@ -14,7 +14,8 @@ machine's speed hits both alike.
 
 Config (both trainers, TRL's names): per_device_train_batch_size = G, gradient_accumulation_steps 2 (two
 G-completion groups a step, on-policy), beta 0, loss "dapo", temperature 1, top_p 1, top_k 0, AdamW, the same
-learning rate and seed, gradient checkpointing on (both defaults), float32 unless --bf16. Reward: completion
+learning rate and seed, gradient checkpointing on (TRL's default; --gradient-checkpointing default gives each
+trainer its own: grpo turns it on only when memory needs it), float32 unless --bf16. Reward: completion
 tokens / L for the random models (completions run to the limit: the same work every step), the course's
 -|20 - characters| for smollm2 (completions shorten as it learns; "time to target" is the wall time until the
 step whose reward first reaches --target).
@@ -119,9 +120,11 @@ def settings(opts: argparse.Namespace, output_dir: str) -> dict[str, Any]:
                 gradient_accumulation_steps=2, num_generations=opts.g, max_completion_length=opts.length,
                 learning_rate=opts.learning_rate, seed=opts.seed, beta=0.0, loss_type="dapo", scale_rewards="group",
                 temperature=1.0, top_p=1.0, top_k=0, num_iterations=1, epsilon=0.2, max_grad_norm=1.0,
-                weight_decay=0.0, lr_scheduler_type="linear", gradient_checkpointing=True, logging_steps=1,
+                weight_decay=0.0, lr_scheduler_type="linear", logging_steps=1,
                 report_to="none", disable_tqdm=True, bf16=cuda or opts.bf16, use_cpu=not cuda,
-                log_completions=False, shuffle_dataset=True, save_strategy="no")
+                log_completions=False, shuffle_dataset=True, save_strategy="no",
+                **({} if opts.gradient_checkpointing == "default" else
+                   dict(gradient_checkpointing=opts.gradient_checkpointing == "on")))
 
 
 def lora_config(mode: str) -> Any:
@@ -197,7 +200,7 @@ def run_trl(opts: argparse.Namespace, vocab_size: int, output_dir: str) -> list[
 
 
 def run_grpo(opts: argparse.Namespace, vocab_size: int, output_dir: str) -> list[dict[str, Any]]:
-    import grpo.trainer
+    import grpo.trainer_rounds
     from grpo import GRPOConfig, GRPOTrainer
 
     config = GRPOConfig(**settings(opts, output_dir))
@@ -206,7 +209,7 @@ def run_grpo(opts: argparse.Namespace, vocab_size: int, output_dir: str) -> list
     clock, phases = PhaseClock(), []
     clock.wrap(trainer.generator, "generate", "generation")
     clock.wrap(trainer.reward_runner, "score", "rewards")
-    clock.wrap(grpo.trainer, "completion_logps_in_chunks", "old/ref logps")
+    clock.wrap(grpo.trainer_rounds, "completion_logps_in_chunks", "old/ref logps")
     clock.wrap(trainer.policy_logps, "forward", "train forward")
     clock.wrap(trainer, "_backward", "backward")
     clock.wrap(trainer, "_optimizer_step", "optimizer")
@@ -250,6 +253,7 @@ def run_worker(trainer: str, case: dict[str, Any], opts: argparse.Namespace) -> 
                    "--steps", str(case["steps"]), "--result", result.name, "--device", opts.device,
                    "--learning-rate", str(opts.learning_rate), "--seed", str(opts.seed)]
         command += (["--threads", str(opts.threads)] if opts.threads else []) + (["--bf16"] if opts.bf16 else [])
+        command += ["--gradient-checkpointing", opts.gradient_checkpointing]
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -374,6 +378,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.9, help="reward whose first crossing is timed")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (both trainers)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--gradient-checkpointing", default="on", choices=["on", "off", "default"],
+                        help="both trainers on or off, or each its default (TRL: on; grpo: on only when memory "
+                             "needs it)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per trainer (default: torch's)")
     for hidden in ("--worker", "--model", "--model-dir", "--length", "--g", "--mode", "--result"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)

@@ -1,11 +1,13 @@
 """Generation throughput: grpo's rollout engine vs transformers `generate`, same model and prompts, one run.
 
-    python benchmarks/rollout_speed.py [--sizes tiny small] [--lengths 64 256] [--repeats 3] [--prompt-len 8 40]
+    python benchmarks/rollout_speed.py [--sizes tiny small smollm2] [--lengths 64 256] [--repeats 3] [--prompt-len 8 40]
 
 Sampling with G = 8 completions per prompt; completion lengths vary (see benchmarks/models.py). Tokens/s counts
 generated completion tokens (up to and including EOS); the mean completion length of each backend is printed
 too (same model, same distribution: they should agree up to sampling noise). Runs alternate between the two
-backends so that drift in machine speed hits both alike; the median of the repeats is reported.
+backends so that drift in machine speed hits both alike; the median of the repeats is reported. `smollm2` is
+SmolLM2-135M-Instruct (grpo.catalog, fetched once) with its tokenizer and the chat-templated prompts of the
+built-in chat_length task (--prompt-len does not apply).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,9 +34,21 @@ def timed(generator, model, prompt_ids, g) -> tuple[float, int]:
     return time.perf_counter() - start, int(out.completion_mask.sum())
 
 
+def real_model(num_prompts: int) -> tuple[Any, Any, list[list[int]]]:
+    """SmolLM2-135M-Instruct, its tokenizer, and `num_prompts` chat-templated prompts as token ids."""
+    from grpo import catalog
+    from grpo.data import tokenize_prompts
+    from grpo.embedded.tasks import chat_length_task
+    from grpo.models import load_causal_lm, load_tokenizer
+
+    path = str(catalog.fetch("smollm2-135m-instruct"))
+    tokenizer = load_tokenizer(path, None, None)
+    return load_causal_lm(path), tokenizer, tokenize_prompts(tokenizer, chat_length_task(num_prompts)["prompt"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=[*sorted(SIZES), "smollm2"])
     parser.add_argument("--lengths", nargs="+", type=int, default=[64, 256])
     parser.add_argument("--prompts", type=int, default=4, help="unique prompts per round (x G = rows)")
     parser.add_argument("--num-generations", type=int, default=8)
@@ -48,15 +63,19 @@ def main() -> None:
               f"{'grpo tok/s':>10} {'ratio':>6}")
     print(header + "\n" + "-" * len(header))
     for size in opts.sizes:
-        model = build(size).to(opts.device)
+        if size == "smollm2":
+            model, tokenizer, prompt_ids = real_model(opts.prompts)
+        else:
+            model, tokenizer = build(size), IdTokenizer()
+            prompt_ids = prompts(opts.prompts, model.config.vocab_size, min_len=opts.prompt_len[0],
+                                 max_len=opts.prompt_len[1])
+        model = model.to(opts.device)
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        prompt_ids = prompts(opts.prompts, model.config.vocab_size, min_len=opts.prompt_len[0],
-                             max_len=opts.prompt_len[1])
         for max_new in opts.lengths:
             args = GRPOConfig(num_generations=opts.num_generations, per_device_train_batch_size=opts.num_generations,
                               max_completion_length=max_new)
-            backends = {"hf": TransformersGenerator(IdTokenizer(), args.sampling_params),
-                        "grpo": RolloutEngine(IdTokenizer(), args.sampling_params, seed=0)}
+            backends = {"hf": TransformersGenerator(tokenizer, args.sampling_params),
+                        "grpo": RolloutEngine(tokenizer, args.sampling_params, seed=0)}
             torch.manual_seed(0)
             # warm-up, a whole round each: one-time costs (oneDNN generating code for new shapes, building the
             # decode kernel) are not timed

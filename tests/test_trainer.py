@@ -207,6 +207,36 @@ def test_gradient_checkpointing_trains(tmp_path, tiny_model_dir):
     assert trainer.state.log_history[-2]["grad_norm"] > 0
 
 
+def test_activation_estimate_and_the_checkpointing_rule_by_hand():
+    from types import SimpleNamespace
+
+    from grpo.models import activation_bytes, needs_gradient_checkpointing
+
+    # SmolLM2-135M's shape: 30 layers, h = 576, i = 1536 -> 10 h + 5 i = 5760 + 7680 = 13440 values a layer and
+    # token; 1000 float32 tokens: 1000 x 30 x 13440 x 4 = 1 612 800 000 bytes
+    smollm2 = SimpleNamespace(num_hidden_layers=30, hidden_size=576, intermediate_size=1536)
+    assert activation_bytes(smollm2, 1000, 4) == 1_612_800_000
+    assert activation_bytes(smollm2, 1000, 2) == 806_400_000
+    # free 20 GB, 135M trainable parameters: (20e9 - 12 x 135e6) / 2 = (20e9 - 1.62e9) / 2 = 9.19e9 bytes
+    assert not needs_gradient_checkpointing(9_190_000_000, 135_000_000, 20_000_000_000)
+    assert needs_gradient_checkpointing(9_190_000_001, 135_000_000, 20_000_000_000)
+
+
+@pytest.mark.parametrize("free_bytes, expected", [(64 * 2**30, False), (2**20, True)])
+def test_gradient_checkpointing_by_default_is_chosen_by_memory(tmp_path, tiny_model_dir, monkeypatch, capsys,
+                                                               free_bytes, expected):
+    import grpo.trainer
+
+    monkeypatch.setattr(grpo.trainer, "free_memory_bytes", lambda device: free_bytes)
+    args = small_args(tmp_path, gradient_checkpointing=None, max_steps=1)
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8))
+    assert not trainer.model.is_gradient_checkpointing  # decided when training starts, from the prompts
+    trainer.train()
+    assert trainer.model.is_gradient_checkpointing is expected
+    assert f"gradient checkpointing {'on' if expected else 'off'}" in capsys.readouterr().out
+    assert trainer.state.log_history[-2]["grad_norm"] > 0
+
+
 def test_zero_reward_spread_warns(tmp_path, tiny_model_dir):
     def constant(completions, **kwargs):
         return [1.0] * len(completions)

@@ -186,8 +186,10 @@ class GRPOConfig(TRLFields):
     bf16: bool | None = None
     """bfloat16 autocast for forward passes. None (TRL: True) means on where the device supports bf16 (CUDA
     with bf16 support), off on CPU, where it is slower than float32."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass to save memory (TRL's default is True)."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass to save memory, at the cost of a second forward. None (TRL:
+    True) decides when training starts: on only when one training forward's activations would take more than
+    half the memory left (`models.needs_gradient_checkpointing`); the decision is printed."""
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
     """Arguments for `gradient_checkpointing_enable` (default {"use_reentrant": False})."""
     tf32: bool | None = None

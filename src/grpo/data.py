@@ -176,11 +176,14 @@ def check_lengths(prompt_lengths: list[int], max_completion_length: int, limit: 
 
 
 def check_prompt_lengths(source: PromptSource, tokenizer: Any, model_config: Any, max_completion_length: int,
-                         chat_template_kwargs: dict[str, Any] | None = None, max_rows: int = 50_000) -> None:
+                         chat_template_kwargs: dict[str, Any] | None = None, max_rows: int = 50_000) -> int | None:
     """Check every prompt of a Dataset before training starts: it has ordinary tokens and fits the context (an
-    IterableDataset, or one of more than `max_rows` rows, is checked round by round instead)."""
+    IterableDataset, or one of more than `max_rows` rows, is checked round by round instead). Returns the longest
+    prompt's token count (None when not checked here)."""
     if source.is_iterable or len(source) > max_rows:
-        return
+        return None
     prompts = source.dataset["prompt"]
-    check_prompt_ids(prompts, tokenize_prompts(tokenizer, prompts, chat_template_kwargs), tokenizer,
-                     max_completion_length, context_length(model_config), where="train_dataset[{i}]")
+    prompt_ids = tokenize_prompts(tokenizer, prompts, chat_template_kwargs)
+    check_prompt_ids(prompts, prompt_ids, tokenizer, max_completion_length, context_length(model_config),
+                     where="train_dataset[{i}]")
+    return max(map(len, prompt_ids), default=0)

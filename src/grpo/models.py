@@ -174,10 +174,8 @@ def prepare_policy(model: str | PreTrainedModel, args: Any, peft_config: Any,
         cast_lm_head_to_fp32(model)
     if args.disable_dropout:
         disable_dropout(model)
-    if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model, args.gradient_checkpointing_kwargs or {"use_reentrant": False})
-        if peft_config is not None:
-            model.enable_input_require_grads()
+    if args.gradient_checkpointing:  # None: decided when training starts (needs_gradient_checkpointing)
+        enable_gradient_checkpointing(model, args.gradient_checkpointing_kwargs)
     return model
 
 
@@ -198,13 +196,71 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def enable_gradient_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:
+def enable_gradient_checkpointing(model: Any, kwargs: dict[str, Any] | None) -> None:
+    kwargs = kwargs or {"use_reentrant": False}
     # transformers 5.23 renamed gradient checkpointing to activation checkpointing; older versions lack the new name.
     base = base_model(model)
     if hasattr(base, "activation_checkpointing_enable"):
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if base is not model:  # PEFT: a frozen embedding's output must require grad for the recomputed layers
+        model.enable_input_require_grads()
+
+
+# ---- gradient checkpointing chosen by memory (gradient_checkpointing=None) ------------------------------------
+def activation_bytes(config: Any, tokens: int, dtype_bytes: int) -> int:
+    """Memory a decoder keeps for the backward pass of one forward over `tokens` tokens without gradient
+    checkpointing, estimated as
+
+        A = tokens x L x (10 h + 5 i) x dtype_bytes
+
+    with L layers, hidden size h and MLP size i. Per layer and token: the two norms' inputs and outputs, q, k, v,
+    the attention output and the residual sum (about 10 h values), and the MLP's gate, up, activation, product
+    and the down projection's input (5 i). Counted without k/v sharing (grouped-query attention keeps less)."""
+    text = getattr(config, "text_config", None) or config
+    hidden = text.hidden_size
+    mlp = getattr(text, "intermediate_size", None) or 4 * hidden
+    return tokens * text.num_hidden_layers * (10 * hidden + 5 * mlp) * dtype_bytes
+
+
+def needs_gradient_checkpointing(activations: int, trainable_parameters: int, free_bytes: int) -> bool:
+    """On when a forward's activations A exceed half the memory left once the trainable parameters' gradients
+    and AdamW's two moments (3 x 4 bytes a parameter, not allocated before the first step) are set aside:
+
+        A > (free - 12 P) / 2
+
+    Half, not all: the backward's own buffers, the LM head's chunks and the allocator need room too."""
+    return activations > (free_bytes - 12 * trainable_parameters) / 2
+
+
+def choose_gradient_checkpointing(model: Any, args: Any, prompt_tokens: int, dtype_bytes: int, free_bytes: int
+                                  ) -> tuple[bool, int]:
+    """(on, estimated activation bytes) for gradient_checkpointing=None: one training forward holds at most
+    per_device_train_batch_size rows of `prompt_tokens` (the longest prompt) plus max_completion_length tokens,
+    fewer when max_tokens_per_micro_batch cuts it."""
+    config = base_model(model).config
+    row = prompt_tokens + args.max_completion_length
+    tokens = args.per_device_train_batch_size * row
+    if args.max_tokens_per_micro_batch is not None:
+        tokens = min(tokens, max(args.max_tokens_per_micro_batch, row))
+    activations = activation_bytes(config, tokens, dtype_bytes)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return needs_gradient_checkpointing(activations, trainable, free_bytes), activations
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory this process can still use: the GPU's free memory, or on CPU the system's available memory
+    (MemAvailable) shared by the processes of this machine (LOCAL_WORLD_SIZE)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as meminfo:  # free pages exclude the page cache the kernel would give back
+            available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        pass
+    return available // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
 
 
 def wrap_peft(model: PreTrainedModel, peft_config: Any) -> Any:

@@ -51,7 +51,15 @@ from grpo.distributed import Processes, accelerator_kwargs, check_distributed_su
 from grpo.guard import NonFiniteGuard, is_finite_step
 from grpo.logprobs import PolicyLogps, completion_logps
 from grpo.metrics import ProgressBar, RunLog, run_summary
-from grpo.models import load_tokenizer, prepare_policy, prepare_reference, router_aux_loss_coef
+from grpo.models import (
+    choose_gradient_checkpointing,
+    enable_gradient_checkpointing,
+    free_memory_bytes,
+    load_tokenizer,
+    prepare_policy,
+    prepare_reference,
+    router_aux_loss_coef,
+)
 from grpo.optim import create_optimizer, create_scheduler
 from grpo.rewards import RewardRunner, prepare_reward_funcs
 from grpo.rollout import Generator, Rollout, RolloutSpec, default_generator, set_chat_template
@@ -195,8 +203,10 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         self.processes.wait()  # every process has seen output_dir before the main one writes to it
         if checkpoint is not None:
             check_resumable(checkpoint, config, model_signature(self._unwrapped_model()), self.processes.count)
-        check_prompt_lengths(self.train_source, self.processing_class, self._unwrapped_model().config,
-                             args.max_completion_length, self.rollout_spec.template_kwargs(args.chat_template_kwargs))
+        longest_prompt = check_prompt_lengths(self.train_source, self.processing_class, self._unwrapped_model().config,
+                                              args.max_completion_length,
+                                              self.rollout_spec.template_kwargs(args.chat_template_kwargs))
+        checkpointing = self._choose_gradient_checkpointing(longest_prompt)  # before FSDP shards the model
         self.state = self._new_state()
         self._create_optimizer_and_scheduler(self.state.max_steps)
         self.callbacks.set_optimizer(self.optimizer, self.lr_scheduler)
@@ -213,6 +223,8 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         log.window.values.update(window_values)
         if checkpoint is not None:
             log.say(f"grpo: resuming from {checkpoint} at step {self.state.global_step}")
+        if checkpointing:
+            log.say(checkpointing)
         log.say(
             f"grpo: {self.state.max_steps} optimizer steps, {args.generation_batch_size} completions per round "
             f"({args.prompts_per_generation} prompts x {args.num_generations}), run directory {run_dir}"
@@ -540,6 +552,24 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         model = self._unwrapped_model()
         with model.disable_adapter():  # PEFT: the base model, adapter off, is the reference
             yield model
+
+    def _choose_gradient_checkpointing(self, longest_prompt: int | None) -> str | None:
+        """gradient_checkpointing=None: on only if a training forward's activations would not fit in memory
+        (models.needs_gradient_checkpointing); every process takes the main one's decision. Returns the notice."""
+        args, model = self.args, self._unwrapped_model()
+        if args.gradient_checkpointing is not None:
+            return None
+        if longest_prompt is None:  # an IterableDataset: assume prompts as long as the context allows
+            longest_prompt = (context_length(model.config) or 4096) - args.max_completion_length
+        wide = self.use_bf16 or next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+        free = free_memory_bytes(self.device)
+        on, activations = choose_gradient_checkpointing(model, args, longest_prompt, 2 if wide else 4, free)
+        on = self.processes.broadcast(on)
+        if on:
+            enable_gradient_checkpointing(model, args.gradient_checkpointing_kwargs)
+        return (f"grpo: gradient checkpointing {'on' if on else 'off'} (a training forward's activations: about "
+                f"{activations / 2**30:.1f} GiB; free memory: {free / 2**30:.1f} GiB). Set gradient_checkpointing "
+                "to choose.")
 
     def save_model(self, output_dir: str | None = None, merge_adapter: bool = False) -> None:
         """Write the model (or PEFT adapter) and tokenizer in `save_pretrained` format. With `merge_adapter`, a

@@ -68,7 +68,8 @@ HONOURED_FIELDS: dict[str, str] = {
     "full_determinism": "",
     "bf16": "None: on where the device supports bf16 (CUDA), off on CPU",
     "tf32": "CUDA only",
-    "gradient_checkpointing": "",
+    "gradient_checkpointing": "None (TRL: True): on only when a training forward's activations would not fit in "
+                              "half the free memory",
     "gradient_checkpointing_kwargs": "",
     "torch_empty_cache_steps": "",
     "use_cpu": "",
