@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from grpo import GRPOConfig, GRPOTrainer, packing
 from grpo.logprobs import completion_logps
-from grpo.packing import PADDING, PROMPT, pack_shared_prefixes
+from grpo.packing import PADDING, PROMPT, pack_shared_prefixes, packing_saves_work
 
 COMMON = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2)
@@ -69,6 +69,8 @@ def test_log_probs_entropies_and_gradients_equal_the_unpacked_forward(arch, atte
     model = ARCHS[arch]()
     model.config._attn_implementation = attention
     ids, mask = completions(), COMPLETION_MASK
+    packed = pack_shared_prefixes(PROMPTS, (PROMPTS > 0).long(), ids, mask)
+    assert packing_saves_work(packed, 5, 9, model.config)  # so share_prefix=True does take the packed path
     results = {}
     for share in (False, True):
         model.zero_grad()
@@ -95,6 +97,32 @@ def test_lora_gradients_equal_the_unpacked_forward():
         (logps * mask).sum().backward()
         grads[share] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     assert grads[True] and all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(grads[True], grads[False]))
+
+
+def test_packing_only_where_it_saves_work_by_hand():
+    from types import SimpleNamespace
+
+    # h 4, i 8, 2 heads of 2 (kv heads 2): p = 2 h^2 + 2 h kv + 3 h i = 32 + 32 + 96 = 160; k = 3 h / p = 0.075
+    config = SimpleNamespace(hidden_size=4, intermediate_size=8, num_attention_heads=2, num_key_value_heads=2)
+    packed = pack_shared_prefixes(torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long),
+                                  torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
+    assert packed.input_ids.shape == (1, 10)  # 2 prompt + 2 x 4 completion tokens: 10 x (1 + 0.75) = 17.5
+    assert packing_saves_work(packed, 2, 8, config)  # unpacked 2 x 8 x (1 + 0.6) = 25.6
+    assert not packing_saves_work(packed, 2, 6, config)  # 2 x 6 x (1 + 0.45) = 17.4
+    assert packing_saves_work(packed, 2, 6, SimpleNamespace())  # sizes unknown: pack
+
+
+def test_long_completions_of_a_short_prompt_are_not_packed(monkeypatch):
+    """A 3-token prompt and 8 completions of 40 tokens: one 323-token packed sequence would cost more attention
+    than the 8 rows of 43 it replaces, so the forward stays unpacked."""
+    calls = []
+    monkeypatch.setattr("grpo.logprobs.shared_prefix_hidden", lambda body, packed: calls.append(1))
+    torch.manual_seed(0)
+    model = ARCHS["llama"]()
+    prompt = torch.tensor([[5, 6, 7]] * 8)
+    ids = torch.randint(11, 90, (8, 40))
+    logps, _ = completion_logps(model, prompt, torch.ones_like(prompt), ids, torch.ones_like(ids))
+    assert calls == [] and logps.shape == (8, 40)
 
 
 def test_bf16_autocast_log_probs_stay_close_to_float32():

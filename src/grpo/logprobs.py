@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from grpo.algorithm import entropy_from_logits, selective_log_softmax
 from grpo.models import LINEAR_HEADS, Float32LMHead, accepts_logits_to_keep, lm_body_and_head, vocab_size
-from grpo.packing import pack_shared_prefixes, shared_prefix_hidden, supports_packing
+from grpo.packing import pack_shared_prefixes, packing_saves_work, shared_prefix_hidden, supports_packing
 
 LOGITS_CHUNK_BYTES = 128 * 2**20
 """Budget for one chunk of float32 logits: tokens per chunk = LOGITS_CHUNK_BYTES / (4 * vocab). The LM head's
@@ -66,7 +66,8 @@ def completion_logps(
     body, head = parts
     width = completion_ids.size(1)
     packed = pack_shared_prefixes(prompt_ids, prompt_mask, completion_ids, completion_mask) if share_prefix else None
-    if packed is not None and supports_packing(body, packed.input_ids.size(1)):
+    if (packed is not None and supports_packing(body, packed.input_ids.size(1))
+            and packing_saves_work(packed, *inputs["input_ids"].shape, body.config)):
         hidden = shared_prefix_hidden(body, packed)
     else:
         hidden = body(**inputs).last_hidden_state[:, -(width + 1):-1]  # position t predicts completion token t

@@ -20,6 +20,7 @@ predicted by the hidden state of the token before it: the last prompt token for 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -91,6 +92,31 @@ def supports_packing(body: torch.nn.Module, length: int) -> bool:
         return False
     window = getattr(config, "sliding_window", None)
     return window is None or not getattr(config, "use_sliding_window", True) or window >= length
+
+
+def packing_saves_work(packed: SharedPrefixBatch, rows: int, width: int, config: Any) -> bool:
+    """Whether the packed forward costs less than the unpacked one (`rows` rows of `width` tokens). A forward
+    over S sequences of L tokens costs about
+
+        S L (1 + k L),   k = 6 h / (2 p) = 3 h / p
+
+    token-equivalents: each token goes through a layer's p weights (2 p FLOPs), and attention runs over every
+    query-key pair of a sequence, masked or not (QK^T and AV are 4 h FLOPs a pair; counted as 6 h for the softmax
+    and mask, which matches measurement better). Packing removes the G - 1 copies of a prompt but puts a group's
+    G completions in one sequence, whose attention grows with its square, so it pays for long prompts and short
+    completions. Measured on SmolLM2-135M (30-token prompts x 8, forward + backward): packed 5% faster at 64
+    completion tokens, 46% slower at 256. p = 2 h^2 + 2 h kv + 3 h i (q, o; k, v; the gated MLP) from the config;
+    a config without those sizes keeps packing."""
+    config = getattr(config, "text_config", None) or config
+    hidden, mlp = getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not (hidden and mlp and heads):
+        return True
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    k = 3 * hidden / (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp)
+    sequences, length = packed.input_ids.shape
+    return sequences * length * (1 + k * length) < rows * width * (1 + k * width)
 
 
 def shared_prefix_hidden(body: torch.nn.Module, packed: SharedPrefixBatch) -> torch.Tensor:
