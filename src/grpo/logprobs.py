@@ -24,7 +24,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from grpo.algorithm import entropy_from_logits, selective_log_softmax
-from grpo.models import LINEAR_HEADS, Float32LMHead, accepts_logits_to_keep, lm_body_and_head, vocab_size
+from grpo.models import LINEAR_HEADS, Float32LMHead, accepts_logits_to_keep, lm_body_and_head, text_config, vocab_size
 from grpo.packing import pack_shared_prefixes, packing_saves_work, shared_prefix_hidden, supports_packing
 
 LOGITS_CHUNK_BYTES = 128 * 2**20
@@ -67,7 +67,7 @@ def completion_logps(
     width = completion_ids.size(1)
     packed = pack_shared_prefixes(prompt_ids, prompt_mask, completion_ids, completion_mask) if share_prefix else None
     if (packed is not None and supports_packing(body, packed.input_ids.size(1))
-            and packing_saves_work(packed, *inputs["input_ids"].shape, body.config)):
+            and packing_saves_work(packed, *inputs["input_ids"].shape, text_config(body.config))):
         hidden = shared_prefix_hidden(body, packed)
     else:
         hidden = body(**inputs).last_hidden_state[:, -(width + 1):-1]  # position t predicts completion token t

@@ -208,6 +208,11 @@ def enable_gradient_checkpointing(model: Any, kwargs: dict[str, Any] | None) -> 
         model.enable_input_require_grads()
 
 
+def text_config(config: Any) -> Any:
+    """The language model's part of a config (a multimodal config nests it; a text model's is the config)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 # ---- gradient checkpointing chosen by memory (gradient_checkpointing=None) ------------------------------------
 def activation_bytes(config: Any, tokens: int, dtype_bytes: int) -> int:
     """Memory a decoder keeps for the backward pass of one forward over `tokens` tokens without gradient
@@ -218,7 +223,7 @@ def activation_bytes(config: Any, tokens: int, dtype_bytes: int) -> int:
     with L layers, hidden size h and MLP size i. Per layer and token: the two norms' inputs and outputs, q, k, v,
     the attention output and the residual sum (about 10 h values), and the MLP's gate, up, activation, product
     and the down projection's input (5 i). Counted without k/v sharing (grouped-query attention keeps less)."""
-    text = getattr(config, "text_config", None) or config
+    text = text_config(config)
     hidden = text.hidden_size
     mlp = getattr(text, "intermediate_size", None) or 4 * hidden
     return tokens * text.num_hidden_layers * (10 * hidden + 5 * mlp) * dtype_bytes
@@ -304,7 +309,7 @@ def router_aux_loss_coef(model: Any, coef: float | None) -> float:
     """The weight of a Mixture-of-Experts model's router loss, as TRL decides it: `coef`, or the model config's own
     (0 for a model without one). A model counts as MoE when its config has `output_router_logits`."""
     config = base_model(model).config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     if coef and not hasattr(text, "output_router_logits"):
         raise ValueError(
             f"GRPOConfig.router_aux_loss_coef={coef} but {type(base_model(model)).__name__} is not a "
@@ -390,7 +395,7 @@ def _body_attribute(cls: type) -> str | None:
 
 
 def _transforms_logits(config: Any) -> bool:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     return any(getattr(text, name, None) is not None for name in LOGIT_TRANSFORM_FIELDS)
 
 

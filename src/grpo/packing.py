@@ -106,8 +106,7 @@ def packing_saves_work(packed: SharedPrefixBatch, rows: int, width: int, config:
     G completions in one sequence, whose attention grows with its square, so it pays for long prompts and short
     completions. Measured on SmolLM2-135M (benchmarks/packed_training.py: a 30-token prompt x 8, forward +
     backward): packed 12% faster at 64 completion tokens, 63% slower at 256. p = 2 h^2 + 2 h kv + 3 h i (q, o;
-    k, v; the gated MLP) from the config; a config without those sizes keeps packing."""
-    config = getattr(config, "text_config", None) or config
+    k, v; the gated MLP) from the (text) config; a config without those sizes keeps packing."""
     hidden, mlp = getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None)
     heads = getattr(config, "num_attention_heads", None)
     if not (hidden and mlp and heads):
