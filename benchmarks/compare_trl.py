@@ -147,11 +147,13 @@ class PhaseClock:
         original = getattr(owner, name)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            synchronize()
             started = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
                 label = phase if isinstance(phase, str) else phase(args, kwargs)
+                synchronize()
                 self.seconds[label] += time.perf_counter() - started
 
         setattr(owner, name, timed)
@@ -159,6 +161,12 @@ class PhaseClock:
     def lap(self) -> dict[str, float]:
         seconds, self.seconds = dict(self.seconds), defaultdict(float)
         return seconds
+
+
+def synchronize() -> None:
+    """On a GPU a phase's kernels run after its Python returns: wait for them so each phase is charged its own."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def by_grad(args: Any, kwargs: Any) -> str:
@@ -284,27 +292,29 @@ def summarize(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
         times_to_target.append(reached)
     curves = [[s["reward"] for s in r["steps"]] for r in results]
     phases = {p: statistics.mean(s["phases"].get(p, 0.0) for s in steps) for p in PHASES}
-    step_time = statistics.median(s["step_time"] for s in steps)
-    phases["other"] = max(0.0, statistics.mean(s["step_time"] for s in steps) - sum(phases.values()))
+    step_time, mean_step_time = (f(s["step_time"] for s in steps) for f in (statistics.median, statistics.mean))
+    phases["other"] = max(0.0, mean_step_time - sum(phases.values()))
     reached = [t for t in times_to_target if t is not None]
-    return dict(step_time=step_time, tokens_per_s=statistics.median(s["generated"] / s["step_time"] for s in steps),
+    return dict(step_time=step_time, mean_step_time=mean_step_time,
+                tokens_per_s=statistics.median(s["generated"] / s["step_time"] for s in steps),
                 trained=statistics.mean(s["trained"] for s in steps), phases=phases,
                 rewards=[statistics.mean(r) for r in zip(*curves)], peak_mib=max(r["peak_mib"] for r in results),
                 time_to_target=statistics.mean(reached) if len(reached) == len(results) else None)
 
 
-def matmul_flops(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of a size x size matmul: 2 size^3 / seconds."""
+def matmul_flops(device: str, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Best FLOP/s of a size x size matmul (2048 on CPU, 8192 on a GPU, ten products per timing there, so that
+    one timing is long next to a launch): 2 size^3 / seconds."""
+    size, products = (8192, 10) if device == "cuda" else (2048, 1)
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(repeats + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        for _ in range(products):
+            a @ b
+        synchronize()
+        best = min(best, (time.perf_counter() - start) / products)
     return 2 * size**3 / best
 
 
@@ -312,6 +322,10 @@ def ratio(ours: float | None, theirs: float | None, inverse: bool = False) -> st
     if ours is None or not theirs:
         return "-"
     return f"{theirs / ours:.2f}x" if inverse else f"{ours / theirs:.2f}x"
+
+
+def percent(fraction: float) -> str:
+    return f"{fraction:.0%}" if fraction >= 0.01 else f"{fraction:.2%}"  # a GPU's MFU on a small model is tiny
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -336,12 +350,12 @@ def report(case: dict[str, Any], stats: dict[str, dict[str, Any]], params: int, 
         trl, ours = stats["trl"][key], stats["grpo"][key]
         lines.append(f"| {name} | {fmt(trl, spec)} | {fmt(ours, spec)} | "
                      f"{ratio(ours, trl, inverse=lower_is_better)} |")
-    lines.append(f"| train forward+backward MFU | {mfu['trl']:.0%} | {mfu['grpo']:.0%} | "
+    lines.append(f"| train forward+backward MFU | {percent(mfu['trl'])} | {percent(mfu['grpo'])} | "
                  f"{ratio(mfu['grpo'], mfu['trl'])} |")
-    for phase in (*PHASES, "other"):
+    for phase in (*PHASES, "other"):  # means over the steps, their shares of the mean step
         trl, ours = stats["trl"]["phases"][phase], stats["grpo"]["phases"][phase]
-        lines.append(f"| {phase} s / step (share) | {trl:.2f} ({trl / stats['trl']['step_time']:.0%}) | "
-                     f"{ours:.2f} ({ours / stats['grpo']['step_time']:.0%}) | {ratio(ours, trl, inverse=True)} |")
+        lines.append(f"| {phase} s / step (share) | {trl:.2f} ({trl / stats['trl']['mean_step_time']:.0%}) | "
+                     f"{ours:.2f} ({ours / stats['grpo']['mean_step_time']:.0%}) | {ratio(ours, trl, inverse=True)} |")
     for t in TRAINERS:
         lines.append(f"\nreward per step, {t + ':':<5} {' '.join(f'{r:.2f}' for r in stats[t]['rewards'])}")
     return lines

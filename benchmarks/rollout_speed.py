@@ -1,6 +1,7 @@
 """Generation throughput: grpo's rollout engine vs transformers `generate`, same model and prompts, one run.
 
     python benchmarks/rollout_speed.py [--sizes tiny small smollm2] [--lengths 64 256] [--repeats 3] [--prompt-len 8 40]
+                                       [--dtype float32] [--engine-copies bfloat16] [--device cuda]
 
 Sampling with G = 8 completions per prompt; completion lengths vary (see benchmarks/models.py). Tokens/s counts
 generated completion tokens (up to and including EOS); the mean completion length of each backend is printed
@@ -56,8 +57,14 @@ def main() -> None:
     parser.add_argument("--prompt-len", nargs=2, type=int, default=[8, 40], metavar=("MIN", "MAX"),
                         help="prompt lengths in tokens (default 8 40; chat-templated questions are often 100-300)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the model's weights (bfloat16: what a GPU run would use)")
+    parser.add_argument("--engine-copies", default="float32", choices=["float32", "bfloat16"],
+                        help="the engine's CPU weight copies (bfloat16: what bf16=True uses; the model and "
+                             "generate stay in --dtype)")
     opts = parser.parse_args()
-    print(f"device={opts.device} threads={torch.get_num_threads()} torch={torch.__version__} "
+    print(f"device={opts.device} dtype={opts.dtype} engine copies={opts.engine_copies} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__} "
           f"G={opts.num_generations} prompts/round={opts.prompts} prompt_len={opts.prompt_len[0]}-{opts.prompt_len[1]}")
     header = (f"{'model':<6} {'params':>7} {'max_new':>7} {'hf len':>7} {'grpo len':>8} {'hf tok/s':>9} "
               f"{'grpo tok/s':>10} {'ratio':>6}")
@@ -69,13 +76,14 @@ def main() -> None:
             model, tokenizer = build(size), IdTokenizer()
             prompt_ids = prompts(opts.prompts, model.config.vocab_size, min_len=opts.prompt_len[0],
                                  max_len=opts.prompt_len[1])
-        model = model.to(opts.device)
+        model = model.to(opts.device, getattr(torch, opts.dtype))
         params = sum(p.numel() for p in model.parameters()) / 1e6
         for max_new in opts.lengths:
             args = GRPOConfig(num_generations=opts.num_generations, per_device_train_batch_size=opts.num_generations,
                               max_completion_length=max_new)
             backends = {"hf": TransformersGenerator(tokenizer, args.sampling_params),
-                        "grpo": RolloutEngine(tokenizer, args.sampling_params, seed=0)}
+                        "grpo": RolloutEngine(tokenizer, args.sampling_params, seed=0,
+                                              copy_dtype=getattr(torch, opts.engine_copies))}
             torch.manual_seed(0)
             # warm-up, a whole round each: one-time costs (oneDNN generating code for new shapes, building the
             # decode kernel) are not timed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The user's cache, before the session isolates its own: real models are fetched into it once, not per session.
@@ -19,6 +20,17 @@ def _isolated_cache(tmp_path_factory):
 
     if kernel() is not None:  # built once here, so that the processes the tests launch find it in the cache
         build()
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the device-agnostic equivalence tests run: `GRPO_TEST_DEVICE` (default cpu). CI runs them on the CPU;
+    on a machine with a GPU, `GRPO_TEST_DEVICE=cuda python -m pytest -k device` runs the same assertions there
+    (benchmarks/cuda_check.sh does)."""
+    name = os.environ.get("GRPO_TEST_DEVICE", "cpu")
+    if name != "cpu" and not torch.cuda.is_available():
+        pytest.fail(f"GRPO_TEST_DEVICE={name} but torch sees no GPU")
+    return torch.device(name)
 
 
 @pytest.fixture(params=["kernel", "torch"])

@@ -56,17 +56,17 @@ def build(arch: str) -> torch.nn.Module:
     return model
 
 
-def decode_logits(decoder: LeanDecoder, model: torch.nn.Module, continuation: torch.Tensor, shared: bool = False
-                  ) -> list[torch.Tensor]:
-    """Prefill PROMPTS through the lean layers (checking the logits against transformers'), then feed
-    `continuation` (rows, steps) one token at a time through the lean step, over a copied (or `shared`: one per
-    prompt) KV cache; the logits after each token."""
+def decode_logits(decoder: LeanDecoder, model: torch.nn.Module, continuation: torch.Tensor, shared: bool = False,
+                  prefill_atol: float = 1e-4) -> list[torch.Tensor]:
+    """Prefill PROMPTS through the lean layers (checking the logits against transformers' to `prefill_atol`),
+    then feed `continuation` (rows, steps) one token at a time through the lean step, over a copied (or
+    `shared`: one per prompt) KV cache; the logits after each token."""
     ids, mask = left_pad(PROMPTS, PAD)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = _preallocated_cache(model.config, ids.size(1) + (0 if shared else continuation.size(1)))
     prompt_logits = decoder.prefill(ids, mask, positions, cache)
     expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-    torch.testing.assert_close(prompt_logits, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(prompt_logits, expected, rtol=prefill_atol, atol=prefill_atol)
     kv = GroupKV.from_prefill(cache, mask, 1, continuation.size(1)) if shared else CopiedKV(cache, mask)
     logits, position = [], positions[:, -1]
     for token in continuation.unbind(1):
@@ -160,6 +160,25 @@ def test_folded_rms_norm_by_hand():
     full = FoldedRMSNorm.of(norm, order=torch.tensor([0, 1]))
     torch.testing.assert_close(full(x), torch.tensor([[3.0, 8.0]]) / 13 ** 0.5)
     assert interleaved_pairs(6).tolist() == [0, 3, 1, 4, 2, 5]  # rotate-half pairs (i, i + 3) side by side
+
+
+@pytest.mark.parametrize("kv", ["copied", "shared"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@torch.no_grad()
+def test_bf16_copies_stay_close_to_the_float32_step(arch, kv, attention):
+    """bf16=True on CPU: the layers' copies multiply in bfloat16 (where oneDNN can; float32 copies elsewhere),
+    the activations and the LM head stay float32. Logits of these random models (|logit| < 0.4) agree with
+    transformers' float32 forward to 5e-3 (measured: 7e-4; bfloat16 keeps 8 bits of mantissa, 2 layers deep)."""
+    model = build(arch)
+    decoder = LeanDecoder.from_model(model, capacity=32, rows=len(PROMPTS), copy_dtype=torch.bfloat16)
+    expected = torch.bfloat16 if decoder_module.bf16_copies_supported() else torch.float32
+    layer = decoder.layers[0]
+    assert [p.weight.dtype for p in (*layer.qkv, layer.o, *layer.gate_up, layer.down)] == [expected] * 4
+    assert decoder.lm_head.weight.dtype == torch.float32
+    continuation = torch.randint(3, VOCAB, (len(PROMPTS), 5), generator=torch.Generator().manual_seed(1))
+    ours = torch.stack(decode_logits(decoder, model, continuation, shared=kv == "shared", prefill_atol=5e-3), dim=1)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, full_forward_logits(model, continuation), rtol=0, atol=5e-3)
 
 
 def test_bfloat16_weights_are_used_as_they_are():

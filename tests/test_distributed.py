@@ -107,8 +107,21 @@ def _launch(script: Path, root: Path, processes: int, mode: str, per_device: int
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra_env or {})
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 and finished_then_aborted(root, mode, processes, done.stderr):
+        return
     first_error = done.stderr.find("Traceback")  # a child's, or the launcher's; a crash (a signal) prints none
     assert done.returncode == 0, done.stderr[first_error:first_error + 4000] + "\n...\n" + done.stderr[-3000:]
+
+
+def finished_then_aborted(root: Path, mode: str, processes: int, stderr: str) -> bool:
+    """Every process ran its program to the end and destroyed its process group (the exit reports, written by
+    the last exit handler, say so), and then one aborted in C++ teardown: gloo's exit race
+    (pytorch/pytorch#190489; distributed.destroy_process_group_at_exit makes it rare, not impossible: a test_fsdp
+    launch did it once, 2026-12-04, in the third of three full-suite runs). The run's results are complete; the
+    tests check them."""
+    reports = [root / f"exit-{mode}-{rank}.txt" for rank in range(processes)]
+    return ("terminate called without an active exception" in stderr
+            and all(report.exists() and report.read_text() == "destroyed" for report in reports))
 
 
 def launch_two_processes(script: Path, directory: Path, cases: list[dict], extra_env: dict[str, str] | None = None

@@ -1,5 +1,6 @@
 """Shared-prefix packing (grpo.packing): the layout by hand, and log-probs and gradients equal to the unpacked
-forward's to float rounding (stated: 1e-5 absolute on log-probs and gradients, float32, models of size ~50k)."""
+forward's to float rounding (stated: 1e-5 absolute on log-probs and gradients, float32, models of size ~50k).
+Tests taking `device` run on GRPO_TEST_DEVICE too (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -64,17 +65,17 @@ def test_nothing_to_share_or_an_empty_prompt_keeps_the_plain_layout():
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_log_probs_entropies_and_gradients_equal_the_unpacked_forward(arch, attention):
+def test_log_probs_entropies_and_gradients_equal_the_unpacked_forward(arch, attention, device):
     torch.manual_seed(0)
-    model = ARCHS[arch]()
+    model = ARCHS[arch]().to(device)
     model.config._attn_implementation = attention
-    ids, mask = completions(), COMPLETION_MASK
-    packed = pack_shared_prefixes(PROMPTS, (PROMPTS > 0).long(), ids, mask)
+    prompts, ids, mask = PROMPTS.to(device), completions().to(device), COMPLETION_MASK.to(device)
+    packed = pack_shared_prefixes(prompts, (prompts > 0).long(), ids, mask)
     assert packing_saves_work(packed, 5, 9, model.config)  # so share_prefix=True does take the packed path
     results = {}
     for share in (False, True):
         model.zero_grad()
-        logps, entropy = completion_logps(model, PROMPTS, (PROMPTS > 0).long(), ids, mask, 0.7, with_entropy=True,
+        logps, entropy = completion_logps(model, prompts, (prompts > 0).long(), ids, mask, 0.7, with_entropy=True,
                                           share_prefix=share)
         (logps * mask).sum().backward()
         results[share] = (logps.detach() * mask, entropy * mask, [p.grad.clone() for p in model.parameters()])
@@ -125,15 +126,15 @@ def test_long_completions_of_a_short_prompt_are_not_packed(monkeypatch):
     assert calls == [] and logps.shape == (8, 40)
 
 
-def test_bf16_autocast_log_probs_stay_close_to_float32():
+def test_bf16_autocast_log_probs_stay_close_to_float32(device):
     """bf16 has 8 bits of mantissa: log-probs of a random model (about -4.5) agree to within 0.05."""
     torch.manual_seed(0)
-    model = ARCHS["llama"]()
-    ids, mask = completions(), COMPLETION_MASK
+    model = ARCHS["llama"]().to(device)
+    prompts, ids, mask = PROMPTS.to(device), completions().to(device), COMPLETION_MASK.to(device)
     with torch.no_grad():
-        full, _ = completion_logps(model, PROMPTS, (PROMPTS > 0).long(), ids, mask)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            half, _ = completion_logps(model, PROMPTS, (PROMPTS > 0).long(), ids, mask)
+        full, _ = completion_logps(model, prompts, (prompts > 0).long(), ids, mask)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            half, _ = completion_logps(model, prompts, (prompts > 0).long(), ids, mask)
     torch.testing.assert_close(half * mask, full * mask, rtol=0, atol=5e-2)
 
 

@@ -43,11 +43,12 @@ class RolloutEngine:
 
     `max_batch_rows` bounds the rows decoded at once (a round larger than that is processed in chunks of whole
     prompt groups); on a CUDA out-of-memory error the chunk is halved and retried. Llama-family models decode
-    with `LeanDecoder` (`lean=False`: always through transformers' forward).
+    with `LeanDecoder` (`lean=False`: always through transformers' forward); `copy_dtype` bfloat16 (the
+    trainer's bf16=True) makes its CPU weight copies bfloat16 where the CPU multiplies them natively.
     """
 
     def __init__(self, tokenizer: Any, params: SamplingParams, max_batch_rows: int | None = None, seed: int = 0,
-                 lean: bool = True):
+                 lean: bool = True, copy_dtype: torch.dtype = torch.float32):
         self.tokenizer = tokenizer  # stop_strings need it
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = eos_token_ids(tokenizer, params.eos_token_id)
@@ -56,6 +57,7 @@ class RolloutEngine:
         self.max_batch_rows = max_batch_rows
         self.generator = torch.Generator().manual_seed(seed)
         self.lean = lean
+        self.copy_dtype = copy_dtype
         self._device_generator: torch.Generator | None = None  # created from `generator` on first CUDA use
 
     def state_dict(self) -> dict[str, Any]:
@@ -85,7 +87,7 @@ class RolloutEngine:
         longest = self.max_new_tokens if budgets is None else int(budgets.max())
         capacity = max(len(ids) for ids in prompt_ids) + longest
         rows = min(len(prompt_ids), prompts_per_chunk) * g
-        decoder = LeanDecoder.from_model(model, capacity, rows) if self.lean else None
+        decoder = LeanDecoder.from_model(model, capacity, rows, copy_dtype=self.copy_dtype) if self.lean else None
         pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
         start = 0
         while start < len(prompt_ids):
