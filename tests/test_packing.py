@@ -100,6 +100,26 @@ def test_lora_gradients_equal_the_unpacked_forward():
     assert grads[True] and all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(grads[True], grads[False]))
 
 
+def test_gather_rows_sums_a_repeated_row_in_a_fixed_order():
+    """A group's last prompt token predicts the first token of each of its completions, so its row repeats in
+    `predictors`. With several CPU threads the backward of rows[index] summed repeats in a varying order (at
+    this size its gradients differed from the first repeat on, 2 threads); gather_rows' must not: five passes
+    bit-identical, and equal to rows[index]'s values and (to rounding) gradients."""
+    torch.manual_seed(0)
+    rows = torch.randn(4000, 256, requires_grad=True)
+    index, weights = torch.randint(0, 4000, (16, 300)), torch.randn(16, 300, 256)
+    grads = []
+    for _ in range(5):
+        rows.grad = None
+        (packing.gather_rows(rows, index) * weights).sum().backward()
+        grads.append(rows.grad.clone())
+    assert all(torch.equal(grad, grads[0]) for grad in grads[1:])
+    rows.grad = None
+    (rows[index] * weights).sum().backward()
+    torch.testing.assert_close(grads[0], rows.grad)
+    assert torch.equal(packing.gather_rows(rows, index), rows[index])
+
+
 def test_packing_only_where_it_saves_work_by_hand():
     from types import SimpleNamespace
 

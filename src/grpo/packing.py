@@ -126,5 +126,18 @@ def shared_prefix_hidden(body: torch.nn.Module, packed: SharedPrefixBatch) -> to
     mask = packed.attention_mask(additive_dtype=dtype if eager else None)
     hidden = body(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
                   use_cache=False).last_hidden_state
-    return hidden.reshape(-1, hidden.size(-1))[packed.predictors]
+    return gather_rows(hidden.reshape(-1, hidden.size(-1)), packed.predictors)
+
+
+def gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows[index] (index of any shape; the result gains rows' last dim), with a backward that sums the gradient
+    of a repeated index in a fixed order. A group's last prompt token predicts the first token of all G
+    completions, so `predictors` repeats it: on CPU the backward of `rows[index]` (index_put_ with accumulate)
+    sums repeats in an order that varies with thread timing, so two runs with the same seed drifted apart in the
+    last bits (the demo: gradients first differed about 40 steps in, 2 threads); index_select's backward
+    (index_add_) sums them in index order. On CUDA it is the other way round (index_add_ uses atomics,
+    index_put_ sorts)."""
+    if rows.device.type == "cuda":
+        return rows[index]
+    return rows.index_select(0, index.flatten()).view(*index.shape, rows.size(-1))
 
