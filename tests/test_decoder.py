@@ -166,7 +166,7 @@ def test_folded_rms_norm_by_hand():
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @torch.no_grad()
 def test_bf16_copies_stay_close_to_the_float32_step(arch, kv, attention):
-    """bf16=True on CPU: the layers' copies multiply in bfloat16 (where oneDNN can; float32 copies elsewhere),
+    """copy_dtype bfloat16: the layers' copies multiply in bfloat16 (where oneDNN can; float32 copies elsewhere),
     the activations and the LM head stay float32. Logits of these random models (|logit| < 0.4) agree with
     transformers' float32 forward to 5e-3 (measured: 7e-4; bfloat16 keeps 8 bits of mantissa, 2 layers deep)."""
     model = build(arch)

@@ -110,7 +110,7 @@ def test_lean_decoder_logits_match_transformers_forward(smollm2_on_device):
 
 
 def test_bf16_copies_keep_smollm2s_next_token_distribution(smollm2):
-    """bf16=True on CPU decodes from bfloat16 copies of the layers (rollout/decoder.py): after 30 layers the
+    """The engine's bfloat16 copies of the layers (`copy_dtype`, rollout/decoder.py): after 30 layers the
     next-token distribution of each chat prompt stays within KL 2e-3 nats of float32's (measured 1e-4 to 4e-4)
     with the same most likely token."""
     model, tokenizer = smollm2

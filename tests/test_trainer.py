@@ -362,10 +362,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_model_dir):
     record = trained_history(trainer)[-1]
     assert record["grad_norm"] > 0 and record["entropy"] > 0
     assert next(trainer.model.parameters()).dtype == torch.float32  # weights stay fp32; autocast computes in bf16
-    assert trainer.generator.copy_dtype == torch.bfloat16  # the engine decodes from bf16 copies where it can
-    fp32 = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=small_args(tmp_path / "fp32", max_steps=1),
-                       train_dataset=length_task(8))
-    assert fp32.generator.copy_dtype == torch.float32
+    assert trainer.generator.copy_dtype == torch.float32  # bf16 sampling weights would hide small updates
 
 
 def test_entropy_bonus_pushes_when_rewards_carry_no_signal(tmp_path, tiny_model_dir):

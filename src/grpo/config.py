@@ -184,9 +184,9 @@ class GRPOConfig(TRLFields):
     full_determinism: bool = False
     """transformers' `enable_full_determinism(seed)`: deterministic kernels only (slower)."""
     bf16: bool | None = None
-    """bfloat16 autocast for forward passes; on CPU the engine also decodes from bfloat16 copies of the weights
-    where the CPU multiplies bf16 natively. None (TRL: True) means on where the device supports bf16 (CUDA with
-    bf16 support), off on CPU, where training passes under autocast are no faster than float32."""
+    """bfloat16 autocast for forward passes (on CPU the engine still samples from float32 weight copies: see
+    `RolloutEngine`). None (TRL: True) means on where the device supports bf16 (CUDA with bf16 support), off on
+    CPU, where training passes under autocast are no faster than float32."""
     gradient_checkpointing: bool | None = None
     """Recompute activations in the backward pass to save memory, at the cost of a second forward. None (TRL:
     True) decides when training starts: on only when one training forward's activations would take more than

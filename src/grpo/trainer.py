@@ -165,8 +165,7 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         self.use_bf16 = args.bf16 if args.bf16 is not None else (
             self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
-        self.generator = generator or default_generator(self.processing_class, args, self.processes.rank,
-                                                        bf16=self.use_bf16)
+        self.generator = generator or default_generator(self.processing_class, args, self.processes.rank)
         self.round_source = self.rollout_spec.round_source(self.generator, self.processing_class, args,
                                                            context_length(self._unwrapped_model().config))
         self.state = TrainerState()
@@ -527,8 +526,8 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         return run_dir, resolved
 
     def _autocast(self, generation: bool = False) -> Any:
-        # A CPU decode step under autocast would cast every weight to bf16 at every token; the engine's lean step
-        # copies the weights once per round instead (in bf16 where the CPU has it: default_generator's bf16).
+        # A CPU decode step under autocast would cast every weight to bf16 at every token; the engine's float32
+        # lean step (weights copied once per round) is faster there, so on CPU bf16 is for training passes only.
         if not self.use_bf16 or (generation and self.device.type == "cpu"):
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)

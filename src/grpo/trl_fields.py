@@ -66,8 +66,7 @@ HONOURED_FIELDS: dict[str, str] = {
     "max_grad_norm": "",
     "seed": "",
     "full_determinism": "",
-    "bf16": "None: on where the device supports bf16 (CUDA), off on CPU; True on CPU also makes the engine decode "
-            "from bf16 weight copies",
+    "bf16": "None: on where the device supports bf16 (CUDA), off on CPU",
     "tf32": "CUDA only",
     "gradient_checkpointing": "None (TRL: True): on only when a training forward's activations would not fit in "
                               "half the free memory",

@@ -3,8 +3,6 @@ environments, a user's rollout_func) built on them."""
 
 from typing import Any
 
-import torch
-
 from grpo.config import GRPOConfig
 from grpo.rollout.base import Episodes, Generation, Generator, Rollout
 from grpo.rollout.chat_templates import set_chat_template
@@ -16,12 +14,12 @@ __all__ = ["Episodes", "Generation", "Generator", "Rollout", "RolloutEngine", "R
            "TransformersGenerator", "default_generator", "set_chat_template"]
 
 
-def default_generator(tokenizer: Any, args: GRPOConfig, rank: int = 0, bf16: bool = False) -> Generator:
-    """The configured backend: the built-in engine, or transformers `generate`. `bf16`: the run trains in
-    bfloat16, so the engine may decode in it too (on CPU: bfloat16 weight copies, `LeanDecoder`)."""
+def default_generator(tokenizer: Any, args: GRPOConfig, rank: int = 0) -> Generator:
+    """The configured backend: the built-in engine, or transformers `generate`. The engine samples from float32
+    weight copies on CPU even when training runs in bf16 (`RolloutEngine`'s `copy_dtype` says why)."""
     if args.generation_backend == "transformers":
         return TransformersGenerator(tokenizer, args.sampling_params, max_batch_rows=args.generation_max_batch_rows)
     # each process samples its own stream; one stream for all would correlate the processes' samples
     return RolloutEngine(tokenizer, args.sampling_params, max_batch_rows=args.generation_max_batch_rows,
-                         seed=args.seed + rank, copy_dtype=torch.bfloat16 if bf16 else torch.float32)
+                         seed=args.seed + rank)
 

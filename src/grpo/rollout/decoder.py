@@ -19,8 +19,9 @@ small ops:
   into the cache together, with one copy. The prompts' prefill runs through the same layers (`prefill`), so
   its keys are laid out alike; attention scores do not change, as q and k are reordered together.
 
-With bf16=True (`copy_dtype` bfloat16) the layers' copies are bfloat16 where oneDNN multiplies them natively,
-between float32 activations, the LM head float32: the step's matrix multiplies stream half the bytes.
+With `copy_dtype` bfloat16 the layers' copies are bfloat16 where oneDNN multiplies them natively, between
+float32 activations, the LM head float32: the step's matrix multiplies stream half the bytes. For generation from
+fixed weights only: the trainer keeps float32 copies (`RolloutEngine` says why).
 
 Elsewhere (on a GPU, under autocast, in bfloat16, or with a norm class of its own) the step uses the model's own
 weights, rotate-half, and `F.rms_norm` for the four models' own RMSNorm classes (bit-identical, tested).
@@ -238,10 +239,9 @@ class LeanDecoder:
         exactly. `capacity`: the longest sequence (prompt + completion) it will decode; `rows`: about how many
         rows it decodes at once. `copy`: fold the weights into copies laid out for decoding (default on CPU in
         float32, where that is much faster and memory is cheap; on a GPU the original weights are used, one
-        kernel per linear, and nothing is copied but merged LoRA weights). `copy_dtype` bfloat16 (the trainer's
-        bf16=True on CPU): the layers' copies multiply in bfloat16 where oneDNN can (`bf16_copies_supported`),
-        between float32 activations; the LM head stays float32, so sampling sees logits rounded no coarser
-        than float32's."""
+        kernel per linear, and nothing is copied but merged LoRA weights). `copy_dtype` bfloat16: the layers'
+        copies multiply in bfloat16 where oneDNN can (`bf16_copies_supported`), between float32 activations; the
+        LM head stays float32, so logits are not rounded to bfloat16."""
         if hasattr(model, "get_base_model"):  # a PEFT model: its LoRA linears are merged below
             if model.active_peft_config.is_prompt_learning:
                 return None
