@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks of a session that is lent a GPU (the `device` tool), as one prepared script:
 #
-#   bash benchmarks/cuda_check.sh STAGE...     # stages: setup stash model tests realtests demo rollout compare lora
+#   bash benchmarks/cuda_check.sh STAGE...     # stages: setup stash model tests realtests demo rollout compare lora learning
 #
 # setup    install the wheels carried in .gpu/whl (trl, datasets, gguf: the GPU image lacks them) into /tmp/site
 # stash    keep the first half of the SmolLM2 GGUF file (.gpuA/part00) on the machine for the next call
@@ -15,6 +15,7 @@
 # compare  benchmarks/compare_trl.py on SmolLM2, G 8, completions of 64 and 256 tokens, bf16, each trainer's
 #          default gradient checkpointing
 # lora     the same at 64 tokens with LoRA
+# learning benchmarks/sampler_precision.py: float32 against bf16-autocast generation, the same bf16 training
 #
 # Why two halves: a call carries at most 64 MiB and the GGUF file is 94 MiB; a warm machine keeps the first
 # call's files for the second. Each stage writes $OUT/<stage>.log and prints its tail.
@@ -107,12 +108,16 @@ compare() {
         --time-all-lengths --steps 8 --learning-rate 1e-5 --target -60 --gradient-checkpointing default
 }
 
+learning() {  # does float32 generation learn faster than bf16 autocast generation on CUDA too (README)?
+    python3 benchmarks/sampler_precision.py --device $DEVICE --samplers float32 autocast
+}
+
 lora() {
     python3 benchmarks/compare_trl.py --device $DEVICE --models smollm2 --num-generations 8 --completion-lengths 64 \
         --modes lora --steps 8 --learning-rate 1e-5 --target -60 --gradient-checkpointing default
 }
 
-declare -A LIMIT=([setup]=120 [stash]=30 [model]=120 [tests]=150 [realtests]=150 [demo]=120 [rollout]=150 [compare]=330 [lora]=150)
+declare -A LIMIT=([setup]=120 [stash]=30 [model]=120 [tests]=150 [realtests]=150 [demo]=120 [rollout]=150 [compare]=330 [lora]=150 [learning]=300)
 for name in "$@"; do
     stage "$name" "${LIMIT[$name]}" bash -c "$(declare -f "$name"); $name"
 done
