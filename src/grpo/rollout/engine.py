@@ -48,8 +48,8 @@ class RolloutEngine:
     generation from fixed weights only. The trainer never sets it: a sampler whose weights are rounded to
     bfloat16 misses most small updates (after one Adam step at lr 5e-5 only 16% of SmolLM2's matrix entries
     change their bfloat16 value) and disagrees with the float32 policy by 1.7e-2 per token in log-prob (float32
-    copies: 9e-6); SmolLM2 on the length task (lr 5e-5, 12 steps) reached reward -153 with bfloat16 copies
-    against -12 with float32 ones, bf16 training in both.
+    copies: 9e-6); SmolLM2 on the length task (lr 5e-5, 12 steps, benchmarks/sampler_precision.py) reached
+    reward -153 and -18 with bfloat16 copies against -12 and -12 with float32 ones (seeds 42 and 7).
     """
 
     def __init__(self, tokenizer: Any, params: SamplingParams, max_batch_rows: int | None = None, seed: int = 0,
