@@ -72,9 +72,9 @@ def sample_tokens(processed: torch.Tensor, params: SamplingParams, generator: to
     Sampling inverts the CDF with one uniform draw per row: the first v with cumsum(p)_v > u. It is exact, and
     far cheaper than `torch.multinomial` or a Gumbel race, which draw a random number per vocabulary entry.
     """
+    if params.greedy:  # on the logits: softmax can round two close ones to the same probability, a false tie
+        return processed.argmax(dim=-1)
     probs = torch.softmax(processed, dim=-1)
-    if params.greedy:
-        return probs.argmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
     u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.size(1) - 1)
