@@ -292,7 +292,8 @@ def summarize(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
         times_to_target.append(reached)
     curves = [[s["reward"] for s in r["steps"]] for r in results]
     phases = {p: statistics.mean(s["phases"].get(p, 0.0) for s in steps) for p in PHASES}
-    step_time, mean_step_time = (f(s["step_time"] for s in steps) for f in (statistics.median, statistics.mean))
+    step_times = [s["step_time"] for s in steps]
+    step_time, mean_step_time = statistics.median(step_times), statistics.mean(step_times)
     phases["other"] = max(0.0, mean_step_time - sum(phases.values()))
     reached = [t for t in times_to_target if t is not None]
     return dict(step_time=step_time, mean_step_time=mean_step_time,

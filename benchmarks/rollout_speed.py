@@ -60,8 +60,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the model's weights (bfloat16: what a GPU run would use)")
     parser.add_argument("--engine-copies", default="float32", choices=["float32", "bfloat16"],
-                        help="the engine's CPU weight copies (bfloat16: what bf16=True uses; the model and "
-                             "generate stay in --dtype)")
+                        help="the engine's CPU weight copies (bfloat16: RolloutEngine(copy_dtype=), which training "
+                             "does not use; the model and generate stay in --dtype)")
     opts = parser.parse_args()
     print(f"device={opts.device} dtype={opts.dtype} engine copies={opts.engine_copies} "
           f"threads={torch.get_num_threads()} torch={torch.__version__} "

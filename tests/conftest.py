@@ -25,8 +25,8 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """Where the device-agnostic equivalence tests run: `GRPO_TEST_DEVICE` (default cpu). CI runs them on the CPU;
-    on a machine with a GPU, `GRPO_TEST_DEVICE=cuda python -m pytest -k device` runs the same assertions there
-    (benchmarks/cuda_check.sh does)."""
+    on a machine with a GPU, `GRPO_TEST_DEVICE=cuda` runs the same assertions there (benchmarks/cuda_check.sh's
+    `tests` and `realtests` stages name the tests that take this fixture)."""
     name = os.environ.get("GRPO_TEST_DEVICE", "cpu")
     if name != "cpu" and not torch.cuda.is_available():
         pytest.fail(f"GRPO_TEST_DEVICE={name} but torch sees no GPU")

@@ -64,12 +64,9 @@ class Projection:
     layout: str
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "packed":
-            if self.weight.dtype != x.dtype:  # a bfloat16 copy: multiply in bfloat16, hand back x's dtype
-                out = torch.ops.mkldnn._linear_pointwise(x.to(self.weight.dtype), self.weight, self.bias, "none", [],
-                                                         "")
-                return out.to(x.dtype)
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if self.layout == "packed":  # a bfloat16 copy multiplies in bfloat16 and hands back x's dtype
+            out = torch.ops.mkldnn._linear_pointwise(x.to(self.weight.dtype), self.weight, self.bias, "none", [], "")
+            return out.to(x.dtype)
         if self.layout == "transposed":
             return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
         return F.linear(x, self.weight, self.bias)
