@@ -262,8 +262,11 @@ def run_worker(trainer: str, case: dict[str, Any], opts: argparse.Namespace) -> 
                    "--learning-rate", str(opts.learning_rate), "--seed", str(opts.seed)]
         command += (["--threads", str(opts.threads)] if opts.threads else []) + (["--bf16"] if opts.bf16 else [])
         command += ["--gradient-checkpointing", opts.gradient_checkpointing]
+        env = dict(os.environ)
+        if trainer == "trl" and opts.trl_keeps_freed_memory:  # what grpo's cpu_keep_freed_memory sets, for TRL
+            env |= {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}
         started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"{trainer} worker failed:\n{done.stderr[-4000:]}")
         out = json.loads(Path(result.name).read_text())
@@ -397,6 +400,9 @@ def main() -> None:
                         help="both trainers on or off, or each its default (TRL: on; grpo: on only when memory "
                              "needs it)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per trainer (default: torch's)")
+    parser.add_argument("--trl-keeps-freed-memory", action="store_true",
+                        help="run TRL with glibc's malloc keeping freed memory (MALLOC_MMAP_MAX_=0, no trimming), as "
+                             "grpo's cpu_keep_freed_memory does in-process: how much of the gap is the allocator")
     for hidden in ("--worker", "--model", "--model-dir", "--length", "--g", "--mode", "--result"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -414,7 +420,8 @@ def main() -> None:
 
     print(f"device={opts.device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"transformers={transformers.__version__} trl={trl.__version__} steps={opts.steps} lr={opts.learning_rate} "
-          f"seed={opts.seed} {'bf16' if opts.bf16 else 'float32'}")
+          f"seed={opts.seed} {'bf16' if opts.bf16 else 'float32'}"
+          f"{' (TRL: malloc keeps freed memory)' if opts.trl_keeps_freed_memory else ''}")
     lines = []
     dtype = torch.bfloat16 if opts.bf16 or opts.device == "cuda" else torch.float32
     for model in opts.models:

@@ -226,21 +226,45 @@ def test_rows_without_completion_tokens_keep_a_graph():
     logps.sum().backward()  # an all-padding micro-batch must not break the backward pass
 
 
-@pytest.mark.parametrize("chunk_tokens, backward_head_passes", [(10_000, 0), (5, 4)])
-def test_backward_recomputes_the_logits_only_when_they_did_not_fit_in_one_chunk(monkeypatch, chunk_tokens,
-                                                                                backward_head_passes):
-    """Within the budget the forward keeps softmax(z / T) for backward; beyond it each chunk is recomputed."""
+@pytest.mark.parametrize("chunk_tokens, keep_tokens, backward_head_passes",
+                         [(10_000, None, 0), (5, None, 4), (5, 17, 0), (5, 16, 4)])
+def test_backward_recomputes_the_logits_only_where_they_were_not_kept(monkeypatch, chunk_tokens, keep_tokens,
+                                                                     backward_head_passes):
+    """The forward keeps softmax(z / T) of every chunk for backward where all N = 17 tokens are within
+    `keep_tokens` (default: one chunk); otherwise the backward recomputes each chunk. Gradients equal autograd's
+    through the full logits either way."""
     calls = []
     original = logprobs._linear_logits
     monkeypatch.setattr(logprobs, "_linear_logits", lambda *a: calls.append(1) or original(*a))
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50)
     hidden = torch.randn(17, 8, requires_grad=True)
-    targets = torch.randint(0, 50, (17,))
-    logps, _ = logprobs.token_logps(hidden, head, targets, 0.7, chunk_tokens)
+    targets, weights = torch.randint(0, 50, (17,)), torch.randn(17)
+    logps, _ = logprobs.token_logps(hidden, head, targets, 0.7, chunk_tokens, keep_tokens=keep_tokens)
     forward_passes = len(calls)
-    logps.sum().backward()
+    (logps * weights).sum().backward()
     assert forward_passes == -(-17 // min(chunk_tokens, 17))
     assert len(calls) - forward_passes == backward_head_passes
-    expected = torch.log_softmax(head(hidden.detach()) / 0.7, -1).gather(1, targets[:, None]).squeeze(1)
-    torch.testing.assert_close(logps, expected)
+    grads = [hidden.grad, head.weight.grad, head.bias.grad]
+    hidden.grad = head.weight.grad = head.bias.grad = None
+    expected = torch.log_softmax(head(hidden) / 0.7, -1).gather(1, targets[:, None]).squeeze(1)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(logps, expected.detach())
+    for grad, autograd in zip(grads, [hidden.grad, head.weight.grad, head.bias.grad]):
+        torch.testing.assert_close(grad, autograd)
+
+
+def test_the_head_keeps_its_probabilities_where_the_layers_keep_their_activations(monkeypatch):
+    """completion_logps keeps every chunk's probabilities without gradient checkpointing (no recomputation in
+    the backward) and only one chunk's worth with it."""
+    seen = []
+    original = logprobs.token_logps
+    monkeypatch.setattr(logprobs, "token_logps", lambda *a: seen.append(a[-1]) or original(*a))
+    torch.manual_seed(0)
+    model = make_model("llama")
+    model.train()
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        completion_logps(model, *batch(), chunk_bytes=chunk_bytes(3))
+    assert seen == [18, 3]  # 7 + 4 + 6 + 1 completion tokens; a chunk of 3

@@ -4,13 +4,23 @@ Tests taking `device` run on GRPO_TEST_DEVICE too (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from grpo import GRPOConfig, GRPOTrainer, packing
 from grpo.logprobs import completion_logps
-from grpo.packing import PADDING, PROMPT, pack_shared_prefixes, packing_saves_work
+from grpo.packing import (
+    GROUPED_ATTENTION,
+    PADDING,
+    PROMPT,
+    GroupedAttention,
+    grouped_attention,
+    pack_shared_prefixes,
+    packing_saves_work,
+)
 
 COMMON = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2)
@@ -131,19 +141,108 @@ def test_packing_only_where_it_saves_work_by_hand():
     assert packing_saves_work(packed, 2, 8, config)  # unpacked 2 x 8 x (1 + 0.6) = 25.6
     assert not packing_saves_work(packed, 2, 6, config)  # 2 x 6 x (1 + 0.45) = 17.4
     assert packing_saves_work(packed, 2, 6, SimpleNamespace())  # sizes unknown: pack
+    # attention by the layout (P 2, C 4, B 2): 1 x 2^2 + 2 x 4 x (2 + 4) = 52 pairs: 10 + 0.075 x 52 = 13.9
+    assert packing_saves_work(packed, 2, 6, config, grouped=True)  # 17.4
+    assert not packing_saves_work(packed, 2, 5, config, grouped=True)  # 2 x 5 + 0.075 x 2 x 25 = 13.75
 
 
-def test_long_completions_of_a_short_prompt_are_not_packed(monkeypatch):
-    """A 3-token prompt and 8 completions of 40 tokens: one 323-token packed sequence would cost more attention
-    than the 8 rows of 43 it replaces, so the forward stays unpacked."""
+def count_grouped_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = GroupedAttention.__call__
+    monkeypatch.setattr(GroupedAttention, "__call__",
+                        lambda self, *args, **kwargs: calls.append(1) or original(self, *args, **kwargs))
+    return calls
+
+
+def test_grouped_attention_equals_the_masked_attention_by_hand():
+    """`GroupedAttention` against SDPA under the packed mask over every pair: three sequences (prompts of 3, 2
+    and 5 tokens), rows of 4, 2, 3, 4 and 1 tokens and an empty one, 4 query heads on 2 key/value heads. Outputs
+    and the gradients of queries, keys and values equal to 1e-6 at every token that is not padding."""
+    prompts = torch.cat([PROMPTS, PROMPTS[:1]])
+    mask = torch.cat([COMPLETION_MASK, torch.zeros(1, 4, dtype=torch.long)])
+    packed = pack_shared_prefixes(prompts, (prompts > 0).long(), torch.randint(11, 90, (6, 4)), mask)
+    sequences, width = packed.input_ids.shape
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(sequences, 4, width, 8, generator=generator, requires_grad=True)
+    key, value = (torch.randn(sequences, 2, width, 8, generator=generator, requires_grad=True) for _ in range(2))
+    weights = torch.randn(sequences, width, 4, 8, generator=generator) * (packed.segments != PADDING)[..., None, None]
+    results = []
+    for grouped in (True, False):
+        if grouped:
+            out = GroupedAttention.of(packed)(query, key, value, scale=0.3)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1),
+                attn_mask=packed.attention_mask(), scale=0.3).transpose(1, 2)
+        grads = torch.autograd.grad((out * weights).sum(), (query, key, value))
+        results.append((out * (weights != 0), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-6)
+    for grouped_grad, masked_grad in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(grouped_grad, masked_grad, rtol=0, atol=1e-6)
+
+
+def test_grouped_attention_runs_under_sdpa_only_and_restores_the_config(monkeypatch):
+    """The packed forward of an SDPA model goes through `GroupedAttention` (once per layer) and leaves the
+    model's attention implementation as it found it, also when the forward raises; eager attention keeps the
+    masked path."""
+    calls = count_grouped_calls(monkeypatch)
+    torch.manual_seed(0)
+    model = ARCHS["llama"]()
+    ids = completions()
+    for attention, expected in (("sdpa", 2), ("eager", 0)):
+        calls.clear()
+        model.config._attn_implementation = attention
+        completion_logps(model, PROMPTS, (PROMPTS > 0).long(), ids, COMPLETION_MASK)
+        assert len(calls) == expected and model.config._attn_implementation == attention
+    model.config._attn_implementation = "sdpa"
+    with pytest.raises(RuntimeError, match="boom"), grouped_attention(model.model):
+        assert model.config._attn_implementation == GROUPED_ATTENTION
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_gradients_under_gradient_checkpointing_equal_the_unpacked_forward(monkeypatch):
+    """Checkpointing recomputes each layer in the backward, which must save the tensors the forward saved: a
+    packed forward alone keeps the masked attention (the backward is outside its reach), one inside a
+    `grouped_attention` scope that also holds the backward (as the trainer's step does) goes by the layout."""
+    calls = count_grouped_calls(monkeypatch)
+    torch.manual_seed(0)
+    model = ARCHS["llama"]()
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    ids = completions()
+    grads = {}
+    for share, scope in ((False, None), (True, None), (True, "grouped")):
+        model.zero_grad()
+        calls.clear()
+        with grouped_attention(model) if scope else contextlib.nullcontext():
+            logps, _ = completion_logps(model, PROMPTS, (PROMPTS > 0).long(), ids, COMPLETION_MASK,
+                                        share_prefix=share)
+            (logps * COMPLETION_MASK).sum().backward()
+        assert len(calls) == (4 if scope else 0)  # 2 layers, each forward once and recomputed once
+        grads[share, scope] = [p.grad.clone() for p in model.parameters()]
+    for packed in ((True, None), (True, "grouped")):
+        for packed_grad, plain_grad in zip(grads[packed], grads[False, None]):
+            torch.testing.assert_close(packed_grad, plain_grad, rtol=0, atol=1e-5)
+
+
+def test_long_completions_of_a_short_prompt_are_packed_only_with_attention_by_the_layout(monkeypatch):
+    """A 3-token prompt and 8 completions of 40 tokens: under eager attention one 323-token packed sequence would
+    score more pairs than the 8 rows of 43 it replaces, so the forward stays unpacked; under SDPA attention runs by
+    the layout (8 x 40 x 43 pairs), so it packs."""
     calls = []
-    monkeypatch.setattr("grpo.logprobs.shared_prefix_hidden", lambda body, packed: calls.append(1))
+    original = packing.shared_prefix_hidden
+    monkeypatch.setattr("grpo.logprobs.shared_prefix_hidden",
+                        lambda body, packed: calls.append(body.config._attn_implementation) or original(body, packed))
     torch.manual_seed(0)
     model = ARCHS["llama"]()
     prompt = torch.tensor([[5, 6, 7]] * 8)
     ids = torch.randint(11, 90, (8, 40))
-    logps, _ = completion_logps(model, prompt, torch.ones_like(prompt), ids, torch.ones_like(ids))
-    assert calls == [] and logps.shape == (8, 40)
+    for attention in ("eager", "sdpa"):
+        model.config._attn_implementation = attention
+        logps, _ = completion_logps(model, prompt, torch.ones_like(prompt), ids, torch.ones_like(ids))
+        assert logps.shape == (8, 40)
+    assert calls == ["sdpa"]
 
 
 def test_bf16_autocast_log_probs_stay_close_to_float32(device):
@@ -175,3 +274,17 @@ def test_the_trainer_packs_each_groups_prompt_once(tiny_model_dir, tmp_path, mon
     GRPOTrainer(model=tiny_model_dir, args=args, train_dataset=rows,
                 reward_funcs=lambda completions, **kw: [len(c) for c in completions]).train()
     assert calls == [1, 1]  # two micro-batches, each one packed sequence (one prompt)
+
+
+def test_the_trainer_attends_by_the_layout_under_gradient_checkpointing(tiny_model_dir, tmp_path, monkeypatch):
+    """With checkpointing the step's backward recomputes each layer; the trainer's scope over forward and
+    backward keeps attention by the layout in both (a mismatch would raise torch's CheckpointError)."""
+    calls = count_grouped_calls(monkeypatch)
+    args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=4,
+                      gradient_accumulation_steps=1, max_completion_length=6, max_steps=1, report_to="none",
+                      save_strategy="no", disable_tqdm=True, gradient_checkpointing=True)
+    trainer = GRPOTrainer(model=tiny_model_dir, args=args, train_dataset=[{"prompt": "Write about rain:"}] * 4,
+                          reward_funcs=lambda completions, **kw: [len(c) for c in completions])
+    trainer.train()
+    layers = trainer.model.config.num_hidden_layers
+    assert len(calls) == 2 * layers and trainer.model.config._attn_implementation == "sdpa"

@@ -199,6 +199,11 @@ class GRPOConfig(TRLFields):
     """Empty the accelerator's memory cache every this many optimizer steps (None: never)."""
     use_cpu: bool = False
     """Train on the CPU even when a GPU is available."""
+    cpu_keep_freed_memory: bool = True
+    """CPU training with glibc (not in TRL): while train() runs, malloc keeps freed memory for reuse instead of
+    returning it to the system, so the tensors every step re-allocates (activations, logits, gradients) do not
+    page-fault in again: 17% faster steps on SmolLM2-135M without gradient checkpointing, peak RSS +3%
+    (`grpo.allocator`). Off where glibc's MALLOC_* environment variables are set."""
 
     # ---- model and data ------------------------------------------------------------------------------------
     model_init_kwargs: dict[str, Any] | None = None
@@ -214,7 +219,7 @@ class GRPOConfig(TRLFields):
     log-probs and generation), whatever the model's dtype and autocast."""
     use_liger_kernel: bool = False
     """Accepted for TRL programs; no Liger kernel is applied. grpo's log-probs already go through the LM head a
-    chunk of tokens at a time, so the (batch x length x vocab) logits never exist (docs/objectives.md)."""
+    chunk of tokens at a time, so no (batch x length x vocab) logits tensor exists (docs/objectives.md)."""
     router_aux_loss_coef: float | None = None
     """Mixture-of-Experts: weight of the router's load-balancing loss (the model output's `aux_loss`, requested
     with output_router_logits) added to the training loss. None: the model config's own coefficient (0 for a model

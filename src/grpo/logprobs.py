@@ -7,10 +7,13 @@ through the LM head a chunk of tokens at a time, sized to a memory budget (`LOGI
 
     z = h W^T + b,   logp(y) = z_y / T - logsumexp_v(z_v / T),   H = logsumexp_v(z_v / T) - sum_v p_v z_v / T
 
-with the log-sum-exp in float32. With gradients, `_LinearTokenLogps` saves h, W, b and the log-sum-exp and
-recomputes each chunk's logits in the backward pass, so no (B, C, V) tensor exists at any time; when the
-micro-batch's completion tokens fit in one chunk it keeps their probabilities instead (memory within the same
-budget), and the backward pass skips that recomputation. Models whose
+with the log-sum-exp in float32. With gradients, `_LinearTokenLogps` saves h, W, b and the log-sum-exp and, under
+gradient checkpointing, recomputes each chunk's logits in the backward pass, so no (B, C, V) tensor exists at
+any time (unless the micro-batch's completion tokens fit in one chunk: then it keeps their probabilities, memory
+within the same budget). Without checkpointing the layers keep their activations, and the head keeps every
+chunk's probabilities alike (4 V bytes a completion token: 7-20% of a common model's activations per token,
+counted in `models.activation_bytes`), which spares the backward a third of the head's FLOPs (SmolLM2, 2048
+completion tokens: forward + backward of the head 3.4 -> 2.3 s on 2 CPU cores). Models whose
 forward is not exactly `decoder -> lm_head` (logit soft-capping, logit scaling, prompt-learning adapters, ...) take
 the full-logits path, as do models without a separate decoder body (`grpo.models.lm_body_and_head` tells them apart).
 """
@@ -24,8 +27,22 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from grpo.algorithm import entropy_from_logits, selective_log_softmax
-from grpo.models import LINEAR_HEADS, Float32LMHead, accepts_logits_to_keep, lm_body_and_head, text_config, vocab_size
-from grpo.packing import pack_shared_prefixes, packing_saves_work, shared_prefix_hidden, supports_packing
+from grpo.models import (
+    LINEAR_HEADS,
+    Float32LMHead,
+    accepts_logits_to_keep,
+    checkpoints_activations,
+    lm_body_and_head,
+    text_config,
+    vocab_size,
+)
+from grpo.packing import (
+    pack_shared_prefixes,
+    packing_saves_work,
+    shared_prefix_hidden,
+    supports_packing,
+    uses_grouped_attention,
+)
 
 LOGITS_CHUNK_BYTES = 128 * 2**20
 """Budget for one chunk of float32 logits: tokens per chunk = LOGITS_CHUNK_BYTES / (4 * vocab). The LM head's
@@ -67,13 +84,17 @@ def completion_logps(
     width = completion_ids.size(1)
     packed = pack_shared_prefixes(prompt_ids, prompt_mask, completion_ids, completion_mask) if share_prefix else None
     if (packed is not None and supports_packing(body, packed.input_ids.size(1))
-            and packing_saves_work(packed, *inputs["input_ids"].shape, text_config(body.config))):
+            and packing_saves_work(packed, *inputs["input_ids"].shape, text_config(body.config),
+                                   grouped=uses_grouped_attention(body))):
         hidden = shared_prefix_hidden(body, packed)
     else:
         hidden = body(**inputs).last_hidden_state[:, -(width + 1):-1]  # position t predicts completion token t
     mask = completion_mask.bool()
     chunk_tokens = max(1, chunk_bytes // (4 * vocab_size(head)))
-    logps, entropy = token_logps(hidden[mask], head, completion_ids[mask], temperature, chunk_tokens, entropy_grad)
+    # where the layers keep their activations for the backward, the LM head keeps its probabilities too
+    keep_tokens = chunk_tokens if checkpoints_activations(body) else int(mask.sum())
+    logps, entropy = token_logps(hidden[mask], head, completion_ids[mask], temperature, chunk_tokens, entropy_grad,
+                                 keep_tokens)
     return _unpack(logps, mask), _unpack(entropy, mask) if with_entropy else None
 
 
@@ -84,19 +105,22 @@ def token_logps(
     temperature: float,
     chunk_tokens: int,
     entropy_grad: bool = False,
+    keep_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (log p(target), entropy) of softmax(head(hidden) / T), both (N,) float32, from hidden (N, H) and
     targets (N,), `chunk_tokens` rows of logits at a time.
 
-    Without autograd: plain chunks. With it: `_LinearTokenLogps` for an `nn.Linear` head (entropy detached),
-    checkpointed chunks for other heads (a PEFT-wrapped lm_head) or when the entropy needs a gradient.
+    Without autograd: plain chunks. With it: `_LinearTokenLogps` for an `nn.Linear` head (entropy detached), which
+    keeps the probabilities for the backward where N <= `keep_tokens` (default `chunk_tokens`: one chunk's worth),
+    and checkpointed chunks for other heads (a PEFT-wrapped lm_head) or when the entropy needs a gradient.
     """
     if not torch.is_grad_enabled():
         stats = [_chunk_stats(h, head, y, temperature) for h, y in _chunks(hidden, targets, chunk_tokens)]
         return torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])
     if type(head) in LINEAR_HEADS and not entropy_grad:
+        keep = len(hidden) <= (chunk_tokens if keep_tokens is None else keep_tokens)
         return _LinearTokenLogps.apply(hidden, head.weight, head.bias, targets, temperature, chunk_tokens,
-                                       _head_dtype(head, hidden.device))
+                                       _head_dtype(head, hidden.device), keep)
     stats = [checkpoint(_differentiable_chunk_stats, h, head, y, temperature, use_reentrant=False)
              for h, y in _chunks(hidden, targets, chunk_tokens)]
     logps, entropy = torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])
@@ -120,9 +144,9 @@ class _LinearTokenLogps(torch.autograd.Function):
     """(log p(y_i), H_i) of softmax(z_i / T) with z = h W^T + b, computed `chunk` tokens at a time.
 
     Forward per chunk: z / T in float32, lse = logsumexp(z / T), logp = z_y / T - lse, H = lse - sum_v p_v z_v / T.
-    Saves h, W, b and lse (O(N) floats beyond the inputs); when all N tokens fit in one chunk (the memory budget)
-    it also keeps p = softmax(z / T), so the backward pass need not recompute the logits. Otherwise backward
-    recomputes each chunk's logits:
+    Saves h, W, b and lse (O(N) floats beyond the inputs); with `keep` it also keeps each chunk's p = softmax(z / T)
+    (N V floats), so the backward pass need not recompute the logits (a third more LM-head FLOPs, and the passes
+    over them). Otherwise backward recomputes each chunk's logits:
 
         dL/dz_iv = g_i (1[v = y_i] - p_iv) / T,  dL/dh = dL/dz W,  dL/dW = sum_chunks dL/dz^T h,  dL/db = sum_i dL/dz_i
 
@@ -132,19 +156,17 @@ class _LinearTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, temperature: float, chunk: int, dtype: torch.dtype
+                targets: torch.Tensor, temperature: float, chunk: int, dtype: torch.dtype, keep: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-        logps, entropies, lses = [], [], []
-        chunks = _chunks(hidden, targets, chunk)
-        probs = None
+        logps, entropies, lses, kept = [], [], [], []
         with _no_autocast(hidden.device):
-            for h, y in chunks:
-                # within the budget (one chunk): keep p rather than recompute the logits in backward
+            for h, y in _chunks(hidden, targets, chunk):
                 logp, entropy, lse, probs = _softmax_stats(_linear_logits(h.to(dtype), w, b, temperature), y,
-                                                           keep_probs=len(chunks) == 1)
+                                                           keep_probs=keep)
                 logps.append(logp), entropies.append(entropy), lses.append(lse)
-        ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(lses), probs)
+                kept += [probs] if keep else []
+        ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(lses), *kept)
         ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
         entropy = torch.cat(entropies)
         ctx.mark_non_differentiable(entropy)
@@ -152,7 +174,7 @@ class _LinearTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_logps: torch.Tensor, _grad_entropy: Any) -> tuple[Any, ...]:
-        hidden, weight, bias, targets, lse, kept_probs = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, *kept_probs = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         temperature, chunk, dtype = ctx.temperature, ctx.chunk, ctx.dtype
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
@@ -160,11 +182,11 @@ class _LinearTokenLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         with _no_autocast(hidden.device):
-            for start in range(0, max(len(hidden), 1), chunk):
+            for index, start in enumerate(range(0, max(len(hidden), 1), chunk)):
                 rows = slice(start, start + chunk)
                 h = hidden[rows].to(dtype)
-                if kept_probs is not None:  # used up in place: a second backward would be refused by autograd
-                    probs = kept_probs
+                if kept_probs:  # used up in place: a second backward would be refused by autograd
+                    probs = kept_probs[index]
                 else:
                     probs = _linear_logits(h, w, b, temperature).sub_(lse[rows].unsqueeze(1)).exp_()
                 grad_z = _probs_grad(probs, targets[rows], grad_logps[rows].float(), temperature)
@@ -176,7 +198,7 @@ class _LinearTokenLogps(torch.autograd.Function):
                 if grad_w is not None:
                     grad_w += grad_z.t() @ h
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
 
 
 def _linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -214,19 +214,28 @@ def text_config(config: Any) -> Any:
 
 
 # ---- gradient checkpointing chosen by memory (gradient_checkpointing=None) ------------------------------------
-def activation_bytes(config: Any, tokens: int, dtype_bytes: int) -> int:
+def activation_bytes(config: Any, tokens: int, dtype_bytes: int, predicted_tokens: int = 0) -> int:
     """Memory a decoder keeps for the backward pass of one forward over `tokens` tokens without gradient
-    checkpointing, estimated as
+    checkpointing, `predicted_tokens` of them completion tokens whose LM-head probabilities are kept
+    (`logprobs._LinearTokenLogps`), estimated as
 
-        A = tokens x L x (10 h + 5 i) x dtype_bytes
+        A = tokens x L x (10 h + 5 i) x dtype_bytes + predicted_tokens x V x 4
 
-    with L layers, hidden size h and MLP size i. Per layer and token: the two norms' inputs and outputs, q, k, v,
-    the attention output and the residual sum (about 10 h values), and the MLP's gate, up, activation, product
-    and the down projection's input (5 i). Counted without k/v sharing (grouped-query attention keeps less)."""
+    with L layers, hidden size h, MLP size i and vocabulary V. Per layer and token: the two norms' inputs and
+    outputs, q, k, v, the attention output and the residual sum (about 10 h values), and the MLP's gate, up,
+    activation, product and the down projection's input (5 i). Counted without k/v sharing (grouped-query
+    attention keeps less)."""
     text = text_config(config)
     hidden = text.hidden_size
     mlp = getattr(text, "intermediate_size", None) or 4 * hidden
-    return tokens * text.num_hidden_layers * (10 * hidden + 5 * mlp) * dtype_bytes
+    logits = predicted_tokens * (getattr(text, "vocab_size", None) or 0) * 4
+    return tokens * text.num_hidden_layers * (10 * hidden + 5 * mlp) * dtype_bytes + logits
+
+
+def checkpoints_activations(model: torch.nn.Module) -> bool:
+    """Whether a backward through `model` would recompute layers (gradient checkpointing is on in some module)
+    rather than keep their activations: only while autograd records."""
+    return torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def needs_gradient_checkpointing(activations: int, trainable_parameters: int, free_bytes: int) -> bool:
@@ -249,7 +258,8 @@ def choose_gradient_checkpointing(model: Any, args: Any, prompt_tokens: int, dty
     tokens = args.per_device_train_batch_size * row
     if args.max_tokens_per_micro_batch is not None:
         tokens = min(tokens, max(args.max_tokens_per_micro_batch, row))
-    activations = activation_bytes(config, tokens, dtype_bytes)
+    predicted = tokens * args.max_completion_length // row
+    activations = activation_bytes(config, tokens, dtype_bytes, predicted)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return needs_gradient_checkpointing(activations, trainable, free_bytes), activations
 

@@ -11,6 +11,10 @@ instead of G (P + C); padding inside rows is gone too (groups are padded to the 
     attention  prompt tokens: causal within the prompt; completion tokens of row i: the whole prompt and the
                earlier tokens of row i (never another row's); padding: the prompt and other padding
 
+Under SDPA that attention is computed by the layout (`GroupedAttention`: the prompt's, then each row's against
+its prompt and itself), not under a mask over every pair of the packed sequence, whose cost grew with the
+square of a group's completion tokens.
+
 Every completion token then sees exactly what it saw in its own row (the same keys, values and positions), so the
 log-probs equal the unpacked ones up to float rounding, and so do the gradients: autograd sums each row's gradient
 into the one shared prompt computation (verl calls the idea PrefixGrouper). Completion token t of row i is
@@ -19,12 +23,19 @@ predicted by the hidden state of the token before it: the last prompt token for 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+from grpo.models import checkpoints_activations
 
 PROMPT, PADDING = 0, -1  # segment ids; row i's completion is segment i + 1
+GROUPED_ATTENTION = "grpo_grouped_sdpa"  # the attention implementation `grouped_attention` switches to
 
 
 @dataclass
@@ -33,6 +44,9 @@ class SharedPrefixBatch:
     position_ids: torch.Tensor  # (S, L)
     segments: torch.Tensor  # (S, L): PROMPT, PADDING or 1 + the row whose completion the token belongs to
     predictors: torch.Tensor  # (B, C): flat index into (S * L) of the hidden state predicting completion token t
+    prompt_lengths: torch.Tensor  # (S,)
+    row_starts: torch.Tensor  # (B,): flat index into (S * L) of the row's first completion token
+    row_lengths: torch.Tensor  # (B,)
 
     def attention_mask(self, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
         """(S, 1, L, L): True (or 0.0) where query q may attend key k: k <= q, and k is a prompt token or in
@@ -66,6 +80,7 @@ def pack_shared_prefixes(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, co
     position_ids = torch.zeros((len(groups), width), dtype=torch.long, device=device)
     segments = torch.full((len(groups), width), PADDING, dtype=torch.long, device=device)
     predictors = torch.zeros(completion_ids.shape, dtype=torch.long, device=device)
+    row_starts = torch.zeros(len(prompts), dtype=torch.long)
     for sequence, (prompt, rows) in enumerate(groups.items()):
         size, base = len(prompt), sequence * width
         input_ids[sequence, :size] = torch.tensor(prompt, device=device)
@@ -79,34 +94,38 @@ def pack_shared_prefixes(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, co
             position_ids[sequence, start:end] = torch.arange(size, size + n, device=device)
             segments[sequence, start:end] = row + 1
             predictors[row, 0] = base + size - 1
-            predictors[row, 1:n] = base + torch.arange(start, end - 1, device=device)
+            predictors[row, 1:n] = base + torch.arange(start, max(start, end - 1), device=device)  # n may be 0
+            row_starts[row] = base + start
             start = end
-    return SharedPrefixBatch(input_ids, position_ids, segments, predictors)
+    prompt_lengths = torch.tensor([len(prompt) for prompt in groups], device=device)
+    return SharedPrefixBatch(input_ids, position_ids, segments, predictors, prompt_lengths, row_starts.to(device),
+                             torch.tensor(lengths, device=device))
 
 
 def supports_packing(body: torch.nn.Module, length: int) -> bool:
     """Whether `body` takes a ready 4D attention mask as it is: transformers' SDPA or eager attention (flash
     kernels read only padding masks), and no sliding window shorter than the packed sequence."""
     config = getattr(body, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", GROUPED_ATTENTION):
         return False
     window = getattr(config, "sliding_window", None)
     return window is None or not getattr(config, "use_sliding_window", True) or window >= length
 
 
-def packing_saves_work(packed: SharedPrefixBatch, rows: int, width: int, config: Any) -> bool:
+def packing_saves_work(packed: SharedPrefixBatch, rows: int, width: int, config: Any, grouped: bool = False) -> bool:
     """Whether the packed forward costs less than the unpacked one (`rows` rows of `width` tokens). A forward
-    over S sequences of L tokens costs about
+    over T tokens whose attention scores A query-key pairs costs about
 
-        S L (1 + k L),   k = 6 h / (2 p) = 3 h / p
+        T + k A  token-equivalents,   k = 6 h / (2 p) = 3 h / p
 
-    token-equivalents: each token goes through a layer's p weights (2 p FLOPs), and attention runs over every
-    query-key pair of a sequence, masked or not (QK^T and AV are 4 h FLOPs a pair; counted as 6 h for the softmax
-    and mask, which matches measurement better). Packing removes the G - 1 copies of a prompt but puts a group's
-    G completions in one sequence, whose attention grows with its square, so it pays for long prompts and short
-    completions. Measured on SmolLM2-135M (benchmarks/packed_training.py: a 30-token prompt x 8, forward +
-    backward): packed 12% faster at 64 completion tokens, 63% slower at 256. p = 2 h^2 + 2 h kv + 3 h i (q, o;
-    k, v; the gated MLP) from the (text) config; a config without those sizes keeps packing."""
+    each token going through a layer's p weights (2 p FLOPs), each pair costing QK^T and AV (4 h FLOPs; counted as
+    6 h for the softmax and mask, which matches measurement better). SDPA under a mask scores every pair, masked
+    or not: A = S L^2 packed, rows width^2 unpacked. So under a mask (`grouped` False: eager attention) packing
+    removes the G - 1 copies of a prompt but puts a group's G completions in one sequence whose attention grows
+    with its square: it pays for long prompts and short completions only (SmolLM2-135M, a 30-token prompt x 8,
+    forward + backward: packed 12% faster at 64 completion tokens, 63% slower at 256). `grouped`
+    (`GroupedAttention`): A = S P^2 + B C (P + C), fewer pairs than unpacked too. p = 2 h^2 + 2 h kv + 3 h i (q,
+    o; k, v; the gated MLP) from the (text) config; a config without those sizes keeps packing."""
     hidden, mlp = getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None)
     heads = getattr(config, "num_attention_heads", None)
     if not (hidden and mlp and heads):
@@ -115,18 +134,138 @@ def packing_saves_work(packed: SharedPrefixBatch, rows: int, width: int, config:
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
     k = 3 * hidden / (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp)
     sequences, length = packed.input_ids.shape
-    return sequences * length * (1 + k * length) < rows * width * (1 + k * width)
+    if grouped:
+        prompt, completion = int(packed.prompt_lengths.max()), int(packed.row_lengths.max())
+        pairs = sequences * prompt**2 + len(packed.row_lengths) * completion * (prompt + completion)
+    else:
+        pairs = sequences * length**2
+    return sequences * length + k * pairs < rows * width + k * rows * width**2
 
 
 def shared_prefix_hidden(body: torch.nn.Module, packed: SharedPrefixBatch) -> torch.Tensor:
     """(B, C, H): the final hidden state that predicts each completion token (garbage where completion_mask is
-    0), from one forward of the packed sequences."""
+    0), from one forward of the packed sequences. Attention runs by the layout where `uses_grouped_attention`;
+    the mask over every pair is passed too, for any attention that does not."""
     eager = body.config._attn_implementation == "eager"
     dtype = next(body.parameters()).dtype
     mask = packed.attention_mask(additive_dtype=dtype if eager else None)
-    hidden = body(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                  use_cache=False).last_hidden_state
+    grouped = uses_grouped_attention(body)
+    layout = {"attention_layout": GroupedAttention.of(packed)} if grouped else {}
+    with grouped_attention(body) if grouped else nullcontext():
+        hidden = body(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                      use_cache=False, **layout).last_hidden_state
     return gather_rows(hidden.reshape(-1, hidden.size(-1)), packed.predictors)
+
+
+@dataclass
+class GroupedAttention:
+    """A packed batch's attention computed by its layout instead of under a mask over every query-key pair.
+
+    Under the mask, SDPA scores all L^2 pairs of a packed sequence (P + G C tokens for a group), masked or not, so
+    the attention of a group of long completions grew with (G C)^2 and outweighed the prompt tokens packing saves.
+    By the layout it is two dense attentions:
+      prompt queries    causal over the prompt                   S x P x P pairs
+      row r's queries   its prompt's P keys + its own C keys     B x C x (P + C) pairs (causal in the C)
+    gathered from the packed keys and values, the outputs scattered back (autograd sums each row's gradient into
+    the one prompt). Exactly the pairs the mask allows, so the result equals the masked attention up to rounding.
+    P, C: the longest prompt and completion of the batch; shorter ones are masked within these shapes."""
+
+    prompt_width: int
+    query_index: torch.Tensor  # (B, C): flat index into (S * L) of row r's completion token i (clamped)
+    key_index: torch.Tensor  # (B, P + C): row r's prompt tokens, then its completion tokens (clamped)
+    allowed: torch.Tensor  # (B, 1, C, P + C): which of those keys query i attends
+    row_outputs: torch.Tensor  # (N,): the real completion tokens, as flat index into (B * C)
+    positions: torch.Tensor  # (N,): ... and into (S * L)
+
+    @classmethod
+    def of(cls, packed: SharedPrefixBatch) -> GroupedAttention:
+        width = packed.input_ids.size(1)
+        prompt_width, longest = int(packed.prompt_lengths.max()), max(1, int(packed.row_lengths.max()))
+        device = packed.row_starts.device
+        sequence_start = packed.row_starts // width * width
+        prompt_lengths = packed.prompt_lengths[packed.row_starts // width].unsqueeze(1)  # (B, 1)
+        row_lengths = packed.row_lengths.unsqueeze(1)
+        i, j = torch.arange(longest, device=device), torch.arange(prompt_width, device=device)
+        own = torch.minimum(packed.row_starts.unsqueeze(1) + i, (sequence_start + width - 1).unsqueeze(1))
+        prompt_keys = sequence_start.unsqueeze(1) + torch.minimum(j, prompt_lengths - 1)
+        own_keys = (i.unsqueeze(1) >= i) & (i < row_lengths).unsqueeze(1)  # (B, C queries, C keys)
+        prompt_allowed = (j < prompt_lengths).unsqueeze(1).expand(-1, longest, -1)
+        real = (i < row_lengths).flatten().nonzero().squeeze(1)
+        return cls(prompt_width, own, torch.cat([prompt_keys, own], 1),
+                   torch.cat([prompt_allowed, own_keys], 2).unsqueeze(1), real, own.flatten()[real])
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
+                 dropout: float = 0.0) -> torch.Tensor:
+        """query (S, H, L, D), key and value (S, KV, L, D) -> output (S, L, H, D), as transformers' attention
+        functions take and return them."""
+        sequences, heads, width, dim = query.shape
+        repeats = heads // key.size(1)
+
+        def rows(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (S, h, L, D) -> (B, H, n, D)
+            flat = states.transpose(1, 2).reshape(sequences * width, -1)
+            picked = gather_rows(flat, index).view(*index.shape, states.size(1), dim).transpose(1, 2)
+            return picked.repeat_interleave(heads // states.size(1), 1) if states.size(1) != heads else picked
+
+        p = self.prompt_width
+        prompt_key, prompt_value = (s[:, :, :p].repeat_interleave(repeats, 1) if repeats > 1 else s[:, :, :p]
+                                    for s in (key, value))
+        prompt = F.scaled_dot_product_attention(query[:, :, :p], prompt_key, prompt_value, dropout_p=dropout,
+                                                is_causal=True, scale=scale)
+        own = F.scaled_dot_product_attention(rows(query, self.query_index), rows(key, self.key_index),
+                                             rows(value, self.key_index), attn_mask=self.allowed,
+                                             dropout_p=dropout, scale=scale)
+        own = own.transpose(1, 2).reshape(-1, heads * dim).index_select(0, self.row_outputs)
+        out = F.pad(prompt.transpose(1, 2), (0, 0, 0, 0, 0, width - p)).reshape(sequences * width, heads * dim)
+        return out.index_copy(0, self.positions, own).view(sequences, width, heads, dim)
+
+
+@contextmanager
+def grouped_attention(body: torch.nn.Module) -> Iterator[None]:
+    """Within it, a model on transformers' SDPA attention computes a forward given `attention_layout=` by the
+    layout: its config is switched to an attention implementation that does so and is SDPA for any other call
+    (masks included), and back on exit. Under gradient checkpointing the backward recomputes each layer and must
+    meet the same implementation, so the trainer holds one scope over a micro-batch's forward and backward."""
+    config = getattr(body, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not _register_grouped():
+        yield
+        return
+    config._attn_implementation = GROUPED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+def uses_grouped_attention(body: torch.nn.Module) -> bool:
+    """Whether a packed forward of `body` computes attention by the layout (`GroupedAttention`): on SDPA, and,
+    where a backward will recompute layers (gradient checkpointing), only inside an enclosing `grouped_attention`
+    scope (the recomputation must save the same tensors as the forward did)."""
+    attention = getattr(getattr(body, "config", None), "_attn_implementation", None)
+    if attention == GROUPED_ATTENTION:
+        return True
+    return attention == "sdpa" and not checkpoints_activations(body) and _register_grouped()
+
+
+@functools.cache
+def _register_grouped() -> bool:
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:  # an older transformers: the masked SDPA it is
+        return False
+
+    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  attention_layout: GroupedAttention | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if attention_layout is None or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+        return attention_layout(query, key, value, scaling, dropout), None
+
+    AttentionInterface.register(GROUPED_ATTENTION, attention)
+    AttentionMaskInterface.register(GROUPED_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return True
 
 
 def gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from grpo.algorithm import (
     micro_batch_loss,
     mix_into,
 )
+from grpo.allocator import keep_freed_memory
 from grpo.callbacks import Callbacks
 from grpo.checkpoint import (
     TrainingObjects,
@@ -52,6 +53,7 @@ from grpo.guard import NonFiniteGuard, is_finite_step
 from grpo.logprobs import PolicyLogps, completion_logps
 from grpo.metrics import ProgressBar, RunLog, run_summary
 from grpo.models import (
+    base_model,
     choose_gradient_checkpointing,
     enable_gradient_checkpointing,
     free_memory_bytes,
@@ -61,6 +63,7 @@ from grpo.models import (
     router_aux_loss_coef,
 )
 from grpo.optim import create_optimizer, create_scheduler
+from grpo.packing import grouped_attention
 from grpo.rewards import RewardRunner, prepare_reward_funcs
 from grpo.rollout import Generator, Rollout, RolloutSpec, default_generator, set_chat_template
 from grpo.run_state import EntropyControl, RunPosition, TrainerState
@@ -238,7 +241,8 @@ class GRPOTrainer(GenerationRounds, Evaluation):
             self.callbacks.event("on_train_begin", self.state)
             if args.eval_on_start and checkpoint is None:
                 self._evaluate_during_training()
-            self._run_steps(position, config, bar)
+            with keep_freed_memory(args.cpu_keep_freed_memory and self.device.type == "cpu"):
+                self._run_steps(position, config, bar)
         finally:
             bar.close()
             log.close()
@@ -347,18 +351,21 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         self.policy_logps.train()  # the model and any DDP wrapper around it
         for i, rows in enumerate(micro_batches):
             batch = rollout.select(rows)
-            with self._autocast():
-                logps, entropy, aux_loss = self.policy_logps(
-                    batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-                    args.temperature, with_entropy=True, entropy_grad=settings.entropy_bonus)
-            loss, stats = micro_batch_loss(
-                logps, entropy, self._on_device(batch.old_logps), self._on_device(batch.ref_logps),
-                batch.advantages.to(self.device), self._loss_mask(batch).to(self.device), counts, settings,
-                entropy_mask=None if entropy_masks is None else entropy_masks[i].to(self.device), aux_loss=aux_loss,
-            )
-            # DDP averages gradients over processes; the step's loss is their sum
-            last = i == len(micro_batches) - 1
-            self._backward(loss * processes.count, last=last)
+            # packed attention by the layout also where gradient checkpointing recomputes layers in the backward
+            with grouped_attention(base_model(self.model)):
+                with self._autocast():
+                    logps, entropy, aux_loss = self.policy_logps(
+                        batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
+                        args.temperature, with_entropy=True, entropy_grad=settings.entropy_bonus)
+                loss, stats = micro_batch_loss(
+                    logps, entropy, self._on_device(batch.old_logps), self._on_device(batch.ref_logps),
+                    batch.advantages.to(self.device), self._loss_mask(batch).to(self.device), counts, settings,
+                    entropy_mask=None if entropy_masks is None else entropy_masks[i].to(self.device),
+                    aux_loss=aux_loss,
+                )
+                # DDP averages gradients over processes; the step's loss is their sum
+                last = i == len(micro_batches) - 1
+                self._backward(loss * processes.count, last=last)
             if not last:
                 self.callbacks.event("on_substep_end", self.state)
             totals += stats
