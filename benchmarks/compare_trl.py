@@ -30,6 +30,7 @@ unpacked forward computes), peak = the best float32 (bf16 with --bf16) 2048^3 ma
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -294,6 +295,7 @@ def summarize(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
             steps.append(dict(step, trained=after - before, generated=step["completion_length"] * step["rows"]))
         times_to_target.append(reached)
     curves = [[s["reward"] for s in r["steps"]] for r in results]
+    elapsed = [list(itertools.accumulate(s["step_time"] for s in r["steps"])) for r in results]
     phases = {p: statistics.mean(s["phases"].get(p, 0.0) for s in steps) for p in PHASES}
     step_times = [s["step_time"] for s in steps]
     step_time, mean_step_time = statistics.median(step_times), statistics.mean(step_times)
@@ -303,6 +305,7 @@ def summarize(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
                 tokens_per_s=statistics.median(s["generated"] / s["step_time"] for s in steps),
                 trained=statistics.mean(s["trained"] for s in steps), phases=phases,
                 rewards=[statistics.mean(r) for r in zip(*curves)], peak_mib=max(r["peak_mib"] for r in results),
+                elapsed=[statistics.mean(e) for e in zip(*elapsed)],
                 time_to_target=statistics.mean(reached) if len(reached) == len(results) else None)
 
 
@@ -362,6 +365,9 @@ def report(case: dict[str, Any], stats: dict[str, dict[str, Any]], params: int, 
                      f"{ours:.2f} ({ours / stats['grpo']['mean_step_time']:.0%}) | {ratio(ours, trl, inverse=True)} |")
     for t in TRAINERS:
         lines.append(f"\nreward per step, {t + ':':<5} {' '.join(f'{r:.2f}' for r in stats[t]['rewards'])}")
+    for t in TRAINERS:  # time to the same reward can fall on different steps: these compare equal steps
+        lines.append(f"\nseconds since the start after each step, {t + ':':<5} "
+                     f"{' '.join(f'{e:.1f}' for e in stats[t]['elapsed'])}")
     return lines
 
 

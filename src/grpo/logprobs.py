@@ -204,7 +204,8 @@ class _LinearTokenLogps(torch.autograd.Function):
 def _linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    temperature: float) -> torch.Tensor:
     """(h W^T + b) / T as a fresh float32 (n, V) tensor, for use without autograd (it is divided in place)."""
-    return torch.nn.functional.linear(hidden, weight, bias).float().div_(temperature)
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    return logits if temperature == 1.0 else logits.div_(temperature)  # a pass over N x V floats saved
 
 
 def _softmax_stats(logits: torch.Tensor, targets: torch.Tensor, keep_probs: bool = False
