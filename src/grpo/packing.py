@@ -167,7 +167,8 @@ class GroupedAttention:
       prompt queries    causal over the prompt                   S x P x P pairs
       row r's queries   its prompt's P keys + its own C keys     B x C x (P + C) pairs (causal in the C)
     gathered from the packed keys and values, the outputs scattered back (autograd sums each row's gradient into
-    the one prompt). Exactly the pairs the mask allows, so the result equals the masked attention up to rounding.
+    the one prompt). Every prompt and completion token attends exactly the keys the mask allows it, so its output
+    equals the masked attention's up to rounding (padding's outputs differ; nothing real attends to padding).
     P, C: the longest prompt and completion of the batch; shorter ones are masked within these shapes."""
 
     prompt_width: int
@@ -204,7 +205,7 @@ class GroupedAttention:
         def rows(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (S, h, L, D) -> (B, H, n, D)
             flat = states.transpose(1, 2).reshape(sequences * width, -1)
             picked = gather_rows(flat, index).view(*index.shape, states.size(1), dim).transpose(1, 2)
-            return picked.repeat_interleave(heads // states.size(1), 1) if states.size(1) != heads else picked
+            return picked.repeat_interleave(repeats, 1) if states.size(1) != heads else picked
 
         p = self.prompt_width
         prompt_key, prompt_value = (s[:, :, :p].repeat_interleave(repeats, 1) if repeats > 1 else s[:, :, :p]
