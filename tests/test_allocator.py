@@ -58,3 +58,13 @@ def test_switches_on_this_machines_glibc(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with allocator.keep_freed_memory() as switched:
         assert switched == (allocator.glibc() is not None)  # Linux with glibc, as CI
+
+
+def test_a_run_resumes_with_the_setting_changed():
+    """How memory is allocated changes no number of the run (the demo gives -1.547 either way), so a resume may
+    switch it."""
+    from grpo.checkpoint import _differing_settings
+
+    assert _differing_settings({"cpu_keep_freed_memory": True, "seed": 1},
+                               {"cpu_keep_freed_memory": False, "seed": 1}) == []
+    assert _differing_settings({"seed": 1}, {"seed": 2}) == ["seed: 1 -> 2"]

@@ -54,6 +54,7 @@ RESUMABLE_CHANGES = frozenset({
     "logging_strategy", "logging_first_step", "log_unique_prompts", "eval_delay", "eval_on_start", "save_only_model",
     "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "restore_callback_states_from_checkpoint",
     "torch_empty_cache_steps", "use_liger_kernel",
+    "cpu_keep_freed_memory",  # how memory is allocated: the same numbers either way
 }) | frozenset(IGNORED_FIELDS)  # TRL fields that change nothing here
 # TrainerState fields a resume restores (the rest are set by the run: max_steps, logging_steps, ...)
 RESTORED_STATE = ("global_step", "epoch", "num_input_tokens_seen", "log_history", "total_flos", "best_metric",
