@@ -30,7 +30,6 @@ def forward_backward(model: torch.nn.Module, tensors: tuple[torch.Tensor, ...], 
     """Seconds of one forward + backward in `layout`, whether or not packing_saves_work would choose it."""
     grpo.logprobs.packing_saves_work = lambda *args, **kwargs: True
     grpo.logprobs.uses_grouped_attention = lambda body: layout == "by layout"
-    grpo.packing.uses_grouped_attention = grpo.logprobs.uses_grouped_attention
     started = time.perf_counter()
     logps, _ = completion_logps(model, *tensors, share_prefix=layout != "unpacked")
     logps.sum().backward()

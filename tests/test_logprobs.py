@@ -226,13 +226,13 @@ def test_rows_without_completion_tokens_keep_a_graph():
     logps.sum().backward()  # an all-padding micro-batch must not break the backward pass
 
 
-@pytest.mark.parametrize("chunk_tokens, keep_tokens, backward_head_passes",
-                         [(10_000, None, 0), (5, None, 4), (5, 17, 0), (5, 16, 4)])
-def test_backward_recomputes_the_logits_only_where_they_were_not_kept(monkeypatch, chunk_tokens, keep_tokens,
+@pytest.mark.parametrize("chunk_tokens, keep_probs, backward_head_passes",
+                         [(10_000, False, 0), (5, False, 4), (5, True, 0)])
+def test_backward_recomputes_the_logits_only_where_they_were_not_kept(monkeypatch, chunk_tokens, keep_probs,
                                                                      backward_head_passes):
-    """The forward keeps softmax(z / T) of every chunk for backward where all N = 17 tokens are within
-    `keep_tokens` (default: one chunk); otherwise the backward recomputes each chunk. Gradients equal autograd's
-    through the full logits either way."""
+    """The forward keeps softmax(z / T) of every chunk for backward with `keep_probs` or where all N = 17 tokens
+    fit in one chunk; otherwise the backward recomputes each chunk. Gradients equal autograd's through the full
+    logits either way."""
     calls = []
     original = logprobs._linear_logits
     monkeypatch.setattr(logprobs, "_linear_logits", lambda *a: calls.append(1) or original(*a))
@@ -240,7 +240,7 @@ def test_backward_recomputes_the_logits_only_where_they_were_not_kept(monkeypatc
     head = torch.nn.Linear(8, 50)
     hidden = torch.randn(17, 8, requires_grad=True)
     targets, weights = torch.randint(0, 50, (17,)), torch.randn(17)
-    logps, _ = logprobs.token_logps(hidden, head, targets, 0.7, chunk_tokens, keep_tokens=keep_tokens)
+    logps, _ = logprobs.token_logps(hidden, head, targets, 0.7, chunk_tokens, keep_probs=keep_probs)
     forward_passes = len(calls)
     (logps * weights).sum().backward()
     assert forward_passes == -(-17 // min(chunk_tokens, 17))
@@ -259,7 +259,7 @@ def test_the_head_keeps_its_probabilities_where_the_layers_keep_their_activation
     the backward) and only one chunk's worth with it."""
     seen = []
     original = logprobs.token_logps
-    monkeypatch.setattr(logprobs, "token_logps", lambda *a: seen.append(a[-1]) or original(*a))
+    monkeypatch.setattr(logprobs, "token_logps", lambda *a, **k: seen.append(k["keep_probs"]) or original(*a, **k))
     torch.manual_seed(0)
     model = make_model("llama")
     model.train()
@@ -267,4 +267,4 @@ def test_the_head_keeps_its_probabilities_where_the_layers_keep_their_activation
         if checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         completion_logps(model, *batch(), chunk_bytes=chunk_bytes(3))
-    assert seen == [18, 3]  # 7 + 4 + 6 + 1 completion tokens; a chunk of 3
+    assert seen == [True, False]  # 18 completion tokens in chunks of 3: all kept without checkpointing only

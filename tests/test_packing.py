@@ -232,8 +232,8 @@ def test_long_completions_of_a_short_prompt_are_packed_only_with_attention_by_th
     the layout (8 x 40 x 43 pairs), so it packs."""
     calls = []
     original = packing.shared_prefix_hidden
-    monkeypatch.setattr("grpo.logprobs.shared_prefix_hidden",
-                        lambda body, packed: calls.append(body.config._attn_implementation) or original(body, packed))
+    monkeypatch.setattr("grpo.logprobs.shared_prefix_hidden", lambda body, packed, grouped: calls.append(
+        (body.config._attn_implementation, grouped)) or original(body, packed, grouped))
     torch.manual_seed(0)
     model = ARCHS["llama"]()
     prompt = torch.tensor([[5, 6, 7]] * 8)
@@ -242,7 +242,7 @@ def test_long_completions_of_a_short_prompt_are_packed_only_with_attention_by_th
         model.config._attn_implementation = attention
         logps, _ = completion_logps(model, prompt, torch.ones_like(prompt), ids, torch.ones_like(ids))
         assert logps.shape == (8, 40)
-    assert calls == ["sdpa"]
+    assert calls == [("sdpa", True)]
 
 
 def test_bf16_autocast_log_probs_stay_close_to_float32(device):
@@ -262,9 +262,9 @@ def test_the_trainer_packs_each_groups_prompt_once(tiny_model_dir, tmp_path, mon
     calls = []
     original = packing.shared_prefix_hidden
 
-    def recording(body, packed):
+    def recording(body, packed, grouped):
         calls.append(packed.input_ids.size(0))
-        return original(body, packed)
+        return original(body, packed, grouped)
 
     monkeypatch.setattr("grpo.logprobs.shared_prefix_hidden", recording)
     args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=4,

@@ -83,18 +83,17 @@ def completion_logps(
     body, head = parts
     width = completion_ids.size(1)
     packed = pack_shared_prefixes(prompt_ids, prompt_mask, completion_ids, completion_mask) if share_prefix else None
+    grouped = uses_grouped_attention(body)  # decided once: the cost model and the forward must agree
     if (packed is not None and supports_packing(body, packed.input_ids.size(1))
-            and packing_saves_work(packed, *inputs["input_ids"].shape, text_config(body.config),
-                                   grouped=uses_grouped_attention(body))):
-        hidden = shared_prefix_hidden(body, packed)
+            and packing_saves_work(packed, *inputs["input_ids"].shape, text_config(body.config), grouped=grouped)):
+        hidden = shared_prefix_hidden(body, packed, grouped)
     else:
         hidden = body(**inputs).last_hidden_state[:, -(width + 1):-1]  # position t predicts completion token t
     mask = completion_mask.bool()
     chunk_tokens = max(1, chunk_bytes // (4 * vocab_size(head)))
     # where the layers keep their activations for the backward, the LM head keeps its probabilities too
-    keep_tokens = chunk_tokens if checkpoints_activations(body) else int(mask.sum())
     logps, entropy = token_logps(hidden[mask], head, completion_ids[mask], temperature, chunk_tokens, entropy_grad,
-                                 keep_tokens)
+                                 keep_probs=not checkpoints_activations(body))
     return _unpack(logps, mask), _unpack(entropy, mask) if with_entropy else None
 
 
@@ -105,20 +104,20 @@ def token_logps(
     temperature: float,
     chunk_tokens: int,
     entropy_grad: bool = False,
-    keep_tokens: int | None = None,
+    keep_probs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (log p(target), entropy) of softmax(head(hidden) / T), both (N,) float32, from hidden (N, H) and
     targets (N,), `chunk_tokens` rows of logits at a time.
 
     Without autograd: plain chunks. With it: `_LinearTokenLogps` for an `nn.Linear` head (entropy detached), which
-    keeps the probabilities for the backward where N <= `keep_tokens` (default `chunk_tokens`: one chunk's worth),
+    keeps the probabilities for the backward with `keep_probs` or where all N tokens fit in one chunk,
     and checkpointed chunks for other heads (a PEFT-wrapped lm_head) or when the entropy needs a gradient.
     """
     if not torch.is_grad_enabled():
         stats = [_chunk_stats(h, head, y, temperature) for h, y in _chunks(hidden, targets, chunk_tokens)]
         return torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])
     if type(head) in LINEAR_HEADS and not entropy_grad:
-        keep = len(hidden) <= (chunk_tokens if keep_tokens is None else keep_tokens)
+        keep = keep_probs or len(hidden) <= chunk_tokens
         return _LinearTokenLogps.apply(hidden, head.weight, head.bias, targets, temperature, chunk_tokens,
                                        _head_dtype(head, hidden.device), keep)
     stats = [checkpoint(_differentiable_chunk_stats, h, head, y, temperature, use_reentrant=False)

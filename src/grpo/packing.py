@@ -142,14 +142,13 @@ def packing_saves_work(packed: SharedPrefixBatch, rows: int, width: int, config:
     return sequences * length + k * pairs < rows * width + k * rows * width**2
 
 
-def shared_prefix_hidden(body: torch.nn.Module, packed: SharedPrefixBatch) -> torch.Tensor:
+def shared_prefix_hidden(body: torch.nn.Module, packed: SharedPrefixBatch, grouped: bool = False) -> torch.Tensor:
     """(B, C, H): the final hidden state that predicts each completion token (garbage where completion_mask is
-    0), from one forward of the packed sequences. Attention runs by the layout where `uses_grouped_attention`;
-    the mask over every pair is passed too, for any attention that does not."""
+    0), from one forward of the packed sequences. `grouped` (the caller's `uses_grouped_attention`): attention
+    runs by the layout; the mask over every pair is passed too, for any attention that does not."""
     eager = body.config._attn_implementation == "eager"
     dtype = next(body.parameters()).dtype
     mask = packed.attention_mask(additive_dtype=dtype if eager else None)
-    grouped = uses_grouped_attention(body)
     layout = {"attention_layout": GroupedAttention.of(packed)} if grouped else {}
     with grouped_attention(body) if grouped else nullcontext():
         hidden = body(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
