@@ -9,6 +9,12 @@ layouts, alternating: the shared prompt cache read by the compiled decode-attent
 default: rollout/decode_attention.py) and copied prompt caches read by torch's attention (CopiedKV, the layout
 without the kernel). Prints the median time of a whole step (all layers, the LM head) and of its attention calls
 (the cache write included) per layer, and their ratios.
+
+    python benchmarks/decode_step.py --linears [--size smollm2] [--prompts 2]
+
+compares instead the two layouts of the step's linears on the shared cache, alternating: the compiled kernel
+of rollout/decode_linear.py (the default where a C compiler is) and oneDNN's packed weights (the fallback).
+`--size smollm2` is SmolLM2-135M-Instruct (grpo.catalog), its prompts random token ids.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from models import SIZES, build  # noqa: E402
 
+from grpo.rollout import decode_linear  # noqa: E402
 from grpo.rollout.base import left_pad  # noqa: E402
 from grpo.rollout.decode_attention import kernel  # noqa: E402
 from grpo.rollout.decoder import LeanDecoder  # noqa: E402
@@ -72,21 +79,73 @@ def frozen_round(decoder: LeanDecoder, model: Any, prompt_ids: list[list[int]], 
     return TimedKV(kv)
 
 
+def timed_steps(decoder: LeanDecoder, kv: TimedKV, tokens: torch.Tensor, position: int, steps: int
+                ) -> tuple[float, float]:
+    """Seconds a step and seconds of attention a layer, over `steps` steps at the same length."""
+    kv.seconds = 0.0
+    positions = torch.full((tokens.numel(),), position)
+    start = time.perf_counter()
+    for _ in range(steps):
+        decoder.step(tokens, positions, kv)
+    return (time.perf_counter() - start) / steps, kv.seconds / steps / len(decoder.layers)
+
+
+def compare_linears(model: Any, prompt_ids: list[list[int]], opts: argparse.Namespace) -> None:
+    """The step with the compiled linear kernel against oneDNN's packed weights, same shared caches."""
+    g, rows = opts.num_generations, len(prompt_ids) * opts.num_generations
+    capacity = opts.prompt_len + max(opts.completion) + 1
+    kernel_step = LeanDecoder.from_model(model, capacity, rows)
+    available, decode_linear.available = decode_linear.available, lambda *args: False
+    try:
+        onednn_step = LeanDecoder.from_model(model, capacity, rows)
+    finally:
+        decode_linear.available = available
+    layouts = {"kernel": kernel_step, "oneDNN": onednn_step}
+    assert kernel_step.lm_head.layout == "kernel" and onednn_step.lm_head.layout == "packed"
+    tokens = torch.randint(3, model.config.vocab_size, (rows,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        setups = {(completion, name): frozen_round(decoder, model, prompt_ids, g, completion, True)
+                  for completion in opts.completion for name, decoder in layouts.items()}
+        results: dict[tuple[int, str], list[float]] = {key: [] for key in setups}
+        for _ in range(opts.repeats):
+            for (completion, name), kv in setups.items():
+                seconds, _ = timed_steps(layouts[name], kv, tokens, opts.prompt_len + completion, opts.steps)
+                results[completion, name].append(seconds)
+    print(f"{opts.size}, {rows} rows ({len(prompt_ids)} prompts x G = {g}), threads={torch.get_num_threads()}; "
+          f"median ms a step, linears by the compiled kernel or oneDNN's packed weights")
+    print(f"{'completion':>10} {'kernel':>8} {'oneDNN':>8} {'ratio':>6}")
+    for completion in opts.completion:
+        kernel_ms, onednn_ms = (statistics.median(results[completion, name]) * 1e3 for name in layouts)
+        print(f"{completion:>10} {kernel_ms:>8.1f} {onednn_ms:>8.1f} {onednn_ms / kernel_ms:>5.2f}x")
+
+
+def load(size: str) -> Any:
+    if size != "smollm2":
+        return build(size)
+    from grpo import catalog
+    from grpo.models import load_causal_lm
+
+    return load_causal_lm(str(catalog.fetch("smollm2-135m-instruct"))).eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    parser.add_argument("--size", default="tiny", choices=[*sorted(SIZES), "smollm2"])
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=24, help="longest prompt; the others are shorter")
     parser.add_argument("--completion", nargs="+", type=int, default=[8, 32, 64, 128])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20, help="steps per repeat")
+    parser.add_argument("--linears", action="store_true", help="compare the linears' layouts instead")
     opts = parser.parse_args()
-    if kernel() is None:
-        sys.exit("the decode-attention kernel could not be built here (see rollout/decode_attention.py)")
-    model, g = build(opts.size), opts.num_generations
+    if kernel() is None or not decode_linear.available():
+        sys.exit("the CPU decode kernels could not be built here (see rollout/cpu_kernels.py)")
+    model, g = load(opts.size), opts.num_generations
     rows = opts.prompts * g
     prompt_ids = [[1] + list(range(3, 3 + opts.prompt_len - 1 - 3 * i)) for i in range(opts.prompts)]
+    if opts.linears:
+        return compare_linears(model, prompt_ids, opts)
     decoder = LeanDecoder.from_model(model, opts.prompt_len + max(opts.completion) + 1, rows)
     tokens = torch.randint(3, model.config.vocab_size, (rows,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -95,13 +154,8 @@ def main() -> None:
         results: dict[tuple[int, bool], list[tuple[float, float]]] = {key: [] for key in setups}
         for _ in range(opts.repeats):
             for (completion, shared), kv in setups.items():
-                kv.seconds = 0.0
-                positions = torch.full((rows,), opts.prompt_len + completion)
-                start = time.perf_counter()
-                for _ in range(opts.steps):
-                    decoder.step(tokens, positions, kv)
-                seconds = (time.perf_counter() - start) / opts.steps
-                results[completion, shared].append((seconds, kv.seconds / opts.steps / len(decoder.layers)))
+                results[completion, shared].append(timed_steps(decoder, kv, tokens, opts.prompt_len + completion,
+                                                               opts.steps))
     print(f"{opts.size} model, {rows} rows ({opts.prompts} prompts x G = {g}), prompts up to {opts.prompt_len} "
           f"tokens, threads={torch.get_num_threads()}; microseconds; kernel: shared prompt cache and the compiled "
           f"kernel, torch: copied caches and torch's attention")

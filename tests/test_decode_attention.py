@@ -1,4 +1,5 @@
-"""The compiled CPU decode-attention kernel against attention worked out in float64, and how it is built."""
+"""The compiled CPU decode-attention kernel against attention worked out in float64, and how the CPU kernels'
+library is built (rollout/cpu_kernels.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from grpo.rollout import decode_attention as module
+from grpo.rollout import cpu_kernels as module
 from grpo.rollout.decode_attention import available, decode_attention, kernel
 
 needs_kernel = pytest.mark.skipif(kernel() is None, reason="no C compiler to build the kernel with")
@@ -112,17 +113,17 @@ def test_the_library_is_built_once_and_then_taken_from_the_cache(tmp_path, monke
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no scratch files left behind
 
 
-def test_without_a_working_compiler_torch_attention_is_used(tmp_path, monkeypatch, caplog):
+def test_without_a_working_compiler_torch_operations_are_used(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("GRPO_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", shutil.which("false") or "false")
     with pytest.raises(subprocess.CalledProcessError):
         module.build()
     with caplog.at_level(logging.INFO, logger=module.__name__):
-        assert module.kernel.__wrapped__() is None
-    assert "torch's attention is used" in caplog.text
+        assert module.library.__wrapped__() is None
+    assert "torch's operations are used" in caplog.text
     monkeypatch.setenv("GRPO_CPU_KERNELS", "0")
     monkeypatch.delenv("CC")
-    assert module.kernel.__wrapped__() is None
+    assert module.library.__wrapped__() is None
 
 
 def test_each_build_step_falls_back_to_its_next_command(tmp_path):

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from grpo import GRPOConfig
-from grpo.rollout import RolloutEngine
+from grpo.rollout import RolloutEngine, decode_linear
 from grpo.rollout import decoder as decoder_module
 from grpo.rollout.base import left_pad
 from grpo.rollout.decoder import STANDARD_RMS_NORMS, FoldedRMSNorm, LeanDecoder, _norm, interleaved_pairs
@@ -85,19 +85,27 @@ def full_forward_logits(model: torch.nn.Module, continuation: torch.Tensor) -> t
 
 
 @pytest.mark.parametrize("kv", ["copied", "shared"])
-@pytest.mark.parametrize("layout", ["packed", "transposed", "original"])
+@pytest.mark.parametrize("layout", ["kernel", "packed", "transposed", "original"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @torch.no_grad()
 def test_lean_step_logits_equal_transformers_forward(arch, layout, kv, attention, monkeypatch):
     model = build(arch)
-    if layout == "transposed":  # the fallback where this torch has no oneDNN
+    if layout == "kernel" and not decode_linear.available():
+        pytest.skip("no C compiler to build the decode-linear kernel with")
+    if layout in ("packed", "transposed"):  # the fallbacks without a C compiler, and without oneDNN either
+        monkeypatch.setattr(decode_linear, "available", lambda *args: False)
+    if layout == "transposed":
         monkeypatch.setattr(decoder_module, "_onednn_packed", lambda weight, rows: None)
     decoder = LeanDecoder.from_model(model, capacity=32, rows=len(PROMPTS), copy=layout != "original")
     assert decoder is not None and decoder.lm_head.layout == layout
     assert decoder.folded == (layout != "original")  # norms folded in, rotary pairs interleaved
+    layer = decoder.layers[0]
     if layout == "packed":  # but small projections into the residual stream are left to BLAS
-        assert decoder.layers[0].qkv[0].layout == "packed"
-        assert decoder.layers[0].o.layout == decoder.layers[0].down.layout == "transposed"
+        assert layer.qkv[0].layout == "packed"
+        assert layer.o.layout == layer.down.layout == "transposed"
+    if layout == "kernel":  # every linear, the gate and up projections one gated projection
+        assert [p.layout for p in (*layer.qkv, layer.o, *layer.gate_up, layer.down)] == ["kernel"] * 4
+        assert layer.gate_up[0].gated
     continuation = torch.randint(3, VOCAB, (len(PROMPTS), 5), generator=torch.Generator().manual_seed(1))
     ours = torch.stack(decode_logits(decoder, model, continuation, shared=kv == "shared"), dim=1)
     torch.testing.assert_close(ours, full_forward_logits(model, continuation), rtol=1e-4, atol=1e-4)

@@ -8,41 +8,21 @@ values on the way, and the G rows of a prompt read its cache one after another w
 (see `rollout/kv_cache.py` for the layout, `benchmarks/decode_step.py` and `benchmarks/shared_prefix.py` for
 what it saves).
 
-Building it takes a C compiler with OpenMP (gcc or clang: `$CC`, else `cc` on PATH) and well under a second.
-The library is cached under `~/.cache/grpo/kernels` (or `$GRPO_CACHE/kernels`), keyed by source, compiler and
-CPU, since it is built for the CPU it runs on (-march=native). It needs libgomp, the OpenMP runtime torch's Linux
-wheels load, so that its threads are torch's own (a torch built on another runtime would run a second pool).
-Where there is no compiler, the platform is not Linux, or `GRPO_CPU_KERNELS=0`, `kernel()` is None and the
-engine uses torch's attention: the same numbers, slower.
-
--ffast-math (vectorised exp) is used to compile only, not to link: gcc would otherwise link in a start-up file
-that turns on flush-to-zero for the whole process when the library loads.
+Built with the other CPU kernels by `cpu_kernels.py` (a C compiler with OpenMP, cached per CPU); where it cannot
+be, `kernel()` is None and the engine uses torch's attention: the same numbers, slower.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from grpo.paths import cache_dir
+from grpo.rollout.cpu_kernels import library
 
-SOURCE = Path(__file__).with_name("decode_attention.c")
 MAX_DIM = 512  # the kernel's accumulator size (decode_attention.c)
-COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC", "-std=c99"]
-ARCH_FLAGS = [["-march=native"], []]  # a compiler that cannot target the host's own CPU builds generic code
-LINK_FLAGS = [["-shared", "-fopenmp", "-lmvec", "-lm"], ["-shared", "-fopenmp", "-lm"]]  # without glibc's libmvec
-logger = logging.getLogger(__name__)
 
 
 def decode_attention(q: torch.Tensor, prompt_kv: torch.Tensor, prompt_start: torch.Tensor, own_kv: torch.Tensor,
@@ -77,18 +57,11 @@ def available(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
 
 @functools.cache
 def kernel() -> Callable[..., None] | None:
-    """The compiled kernel's entry point, or None where it cannot be built (logged once, at INFO)."""
-    if os.environ.get("GRPO_CPU_KERNELS", "1") == "0":
+    """The compiled kernel's entry point, or None where the CPU kernels cannot be built (`cpu_kernels.library`)."""
+    compiled = library()
+    if compiled is None:
         return None
-    if sys.platform != "linux":
-        logger.info("decode attention kernel: not built on %s; torch's attention is used", sys.platform)
-        return None
-    try:
-        function = ctypes.CDLL(str(build())).grpo_decode_attention
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = (getattr(error, "stderr", None) or b"").decode(errors="replace").strip()[-500:]
-        logger.info("decode attention kernel unavailable (%s %s); torch's attention is used", error, detail)
-        return None
+    function = compiled.grpo_decode_attention
     pointer, stride, integer = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     function.argtypes = [pointer, stride, stride,  # q
                          pointer, stride, stride, stride, integer, pointer,  # the prompts' cache, its start
@@ -97,48 +70,3 @@ def kernel() -> Callable[..., None] | None:
                          pointer, *[integer] * 4, ctypes.c_float, integer]  # out, shapes, scale, threads
     function.restype = None
     return function
-
-
-def build() -> Path:
-    """The compiled library, built unless the cache has it. Raises OSError (no compiler) or
-    subprocess.CalledProcessError (it failed)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler: install gcc or set $CC")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, str(COMPILE_FLAGS + ARCH_FLAGS + LINK_FLAGS),
-                                    _cpu_flags()]).encode())
-    target = _cache_dir() / f"decode_attention-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        objects, library = Path(scratch, "kernel.o"), Path(scratch, "kernel.so")
-        _run_first([[compiler, *COMPILE_FLAGS, *arch, "-c", str(SOURCE), "-o", str(objects)] for arch in ARCH_FLAGS])
-        _run_first([[compiler, str(objects), "-o", str(library), *flags] for flags in LINK_FLAGS])
-        os.replace(library, target)  # atomic: processes building at once each leave a whole library
-    return target
-
-
-def _run_first(commands: list[list[str]]) -> None:
-    """Run the first of `commands` that succeeds; if none does, raise the last one's error."""
-    for command in commands[:-1]:
-        if subprocess.run(command, capture_output=True).returncode == 0:
-            return
-    subprocess.run(commands[-1], check=True, capture_output=True)
-
-
-def _cache_dir() -> Path:
-    base = cache_dir() / "kernels"
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        return base
-    except OSError:  # a read-only home: a directory of this process's own
-        return Path(tempfile.mkdtemp(prefix="grpo-kernels-"))
-
-
-def _cpu_flags() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    return next((line for line in lines if line.startswith("flags")), "")

@@ -9,11 +9,14 @@ columns, the output projection, RMSNorm and one fused gate/up projection; then t
 On CPU (float32) the weights are copied once per round, and the copies are laid out so that a step issues as few
 operations as possible, since there each small op costs several microseconds and a tiny model's step is mostly
 small ops:
-- the fused weights are in oneDNN's blocked layout, which multiplies the few rows of a decode step several times
-  faster than BLAS on the plain weights (see `_onednn_packed`), but for small projections added to the residual
-  stream, where BLAS adds for free (`SMALL_RESIDUAL_WEIGHT`);
 - each RMSNorm's weight (and sqrt(dim)) is folded into the projection that reads its output, so a norm is
   x / sqrt(|x|^2 + dim eps): three ops, where `F.rms_norm` issues nine on CPU (`FoldedRMSNorm`);
+- the fused weights are packed for the compiled kernel of `rollout/decode_linear.py`, which streams them faster
+  than oneDNN and applies on the way the norm's remaining factor, the bias, the residual addition and the gated
+  MLP's silu(gate) * up: a layer is four kernel calls, the rotation and attention (measured on SmolLM2 at 16
+  rows: a step 44 -> 34 ms). Without a C compiler: oneDNN's blocked layout, which multiplies the few rows of a
+  decode step several times faster than BLAS on the plain weights (see `_onednn_packed`), but for small
+  projections added to the residual stream, where BLAS adds for free (`SMALL_RESIDUAL_WEIGHT`);
 - the rows of the q and k projections are reordered so that each rotary pair (i, i + head_dim/2) is adjacent:
   the rotation is then one in-place complex multiply, where rotate-half takes five ops, and k and v are written
   into the cache together, with one copy. The prompts' prefill runs through the same layers (`prefill`), so
@@ -43,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grpo.rollout import decode_linear
 from grpo.rollout.kv_cache import CopiedKV, GroupKV, attention_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -53,17 +57,26 @@ Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight, bias)
 
 @dataclass
 class Projection:
-    """y = x W^T + b for one linear or several fused ones (outputs concatenated).
+    """y = x W^T + b for one linear or several fused ones (outputs concatenated), or silu(x Wg^T) * (x Wu^T) for a
+    gated MLP's gate and up projections (`gated`, the "kernel" layout only).
 
-    `layout`: "original", the model's own W (out, in); "packed", a copy in oneDNN's blocked layout (CPU float32);
-    "transposed", a copy of W^T, (in, out) contiguous, where oneDNN is missing.
+    `layout`: "original", the model's own W (out, in); "kernel", a copy packed for the compiled kernel of
+    `decode_linear.py` (CPU float32, `weight` a `PackedLinear`); "packed", a copy in oneDNN's blocked layout (CPU,
+    no C compiler); "transposed", a copy of W^T, (in, out) contiguous, where oneDNN is missing too.
     """
 
-    weight: torch.Tensor
+    weight: Any
     bias: torch.Tensor | None
     layout: str
+    norm_eps: float | None = None  # "kernel": the input is an RMSNorm's, normalised by the kernel (`fuse`)
+
+    @property
+    def gated(self) -> bool:
+        return self.layout == "kernel" and self.weight.gated
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "kernel":
+            return decode_linear.linear(x, self.weight, norm_eps=self.norm_eps)
         if self.layout == "packed":  # a bfloat16 copy multiplies in bfloat16 and hands back x's dtype
             out = torch.ops.mkldnn._linear_pointwise(x.to(self.weight.dtype), self.weight, self.bias, "none", [], "")
             return out.to(x.dtype)
@@ -72,7 +85,10 @@ class Projection:
         return F.linear(x, self.weight, self.bias)
 
     def residual(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """x + self(inputs), the addition folded into the matrix multiply where it can be."""
+        """x + self(inputs), the addition folded into the matrix multiply where it can be (in place into x, which
+        must then be contiguous, for the "kernel" layout)."""
+        if self.layout == "kernel":
+            return decode_linear.linear(inputs, self.weight, add_to=x, norm_eps=self.norm_eps)
         if self.layout == "packed" and self.weight.dtype == inputs.dtype:
             return torch.ops.mkldnn._linear_pointwise.binary(inputs, x, self.weight, self.bias, "add")
         if self.layout == "transposed" and self.bias is None:
@@ -81,14 +97,21 @@ class Projection:
 
     @classmethod
     def fuse(cls, linears: list[Linear], copy: bool, rows: int, input_scale: torch.Tensor | None = None,
-             residual: bool = False, dtype: torch.dtype = torch.float32) -> list[Projection]:
+             residual: bool = False, dtype: torch.dtype = torch.float32, gated: bool = False,
+             norm: nn.Module | None = None) -> list[Projection]:
         """One projection for all of `linears` when `copy` (laid out for decoding about `rows` rows, the
         weight's columns multiplied by `input_scale` if given), else one per linear on the original tensors
         (no memory spent). `residual`: its output is added to the residual stream (`residual`), which BLAS
         does faster for a small weight (`SMALL_RESIDUAL_WEIGHT`). `dtype`: the copy's (bfloat16 only where
-        oneDNN multiplies it natively, see `bf16_copies_supported`; float32 otherwise)."""
+        oneDNN multiplies it natively, see `bf16_copies_supported`; float32 otherwise). `gated`: `linears` are a
+        SiLU-gated MLP's gate and up projections, computed as silu(gate) * up where the kernel layout can. `norm`:
+        the RMSNorm whose output this projection reads (`input_scale` its folded weight); the kernel layout
+        normalises its input itself (`norm_eps` set), the caller then skips the norm's first factor."""
         if not copy:
             return [cls(weight, bias, "original") for weight, bias in linears]
+        if dtype == torch.float32 and decode_linear.available(linears[0][0].dtype, linears[0][0].device):
+            norm_eps = None if norm is None else norm.weight.numel() * norm.variance_epsilon
+            return [cls(decode_linear.pack(linears, input_scale, gated), None, "kernel", norm_eps)]
         if len(linears) > 1:
             weight = torch.cat([w for w, _ in linears])
             if input_scale is not None:
@@ -265,7 +288,10 @@ class LeanDecoder:
             layers.append(layer_weights)
         norm = model.model.norm
         final_norm = FoldedRMSNorm.of(norm) if copy else partial(_norm, norm)
-        lm_head_projection = Projection.fuse([lm_head], copy, rows, folded_scale(norm) if copy else None)[0]
+        lm_head_projection = Projection.fuse([lm_head], copy, rows, folded_scale(norm) if copy else None,
+                                             norm=norm if copy else None)[0]
+        if lm_head_projection.norm_eps is not None:
+            final_norm = _unchanged
         return cls(model, layers, lm_head_projection, final_norm, capacity, copy)
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -308,8 +334,13 @@ class LeanDecoder:
         for i, layer in enumerate(self.layers):
             q, new_kv = self._attention_inputs(layer, layer.input_norm(x), rotation)
             x = layer.o.residual(x, attention(i, q, new_kv).reshape(x.size(0), self.heads * self.head_dim))
-            gate, up = _project(layer.post_norm(x), layer.gate_up, None)
-            x = layer.down.residual(x, layer.act(gate) * up)
+            h = layer.post_norm(x)
+            if layer.gate_up[0].gated:
+                hidden = layer.gate_up[0](h)
+            else:
+                gate, up = _project(h, layer.gate_up, None)
+                hidden = layer.act(gate) * up
+            x = layer.down.residual(x, hidden)
         return x
 
     def _attention_inputs(self, layer: LayerWeights, h: torch.Tensor, rotation: Any
@@ -381,11 +412,23 @@ def _layer_weights(layer: nn.Module, fold: bool, rows: int, dtype: torch.dtype =
         input_norm, post_norm = partial(_norm, layer.input_layernorm), partial(_norm, post_attention_norm)
         if q_norm is not None:
             q_norm, k_norm = partial(_norm, q_norm), partial(_norm, k_norm)
+    qkv = Projection.fuse([q, k, v], fold, rows, input_scale, dtype=dtype,
+                          norm=layer.input_layernorm if fold else None)
+    gate_up = Projection.fuse([gate, up], fold, rows, post_scale, dtype=dtype,
+                              gated=type(mlp.act_fn).__name__ in SILU_ACTIVATIONS,
+                              norm=post_attention_norm if fold else None)
+    if qkv[0].norm_eps is not None:  # the kernel normalises the projections' inputs itself
+        input_norm = _unchanged
+    if gate_up[0].norm_eps is not None:
+        post_norm = _unchanged
     return LayerWeights(
-        input_norm=input_norm, qkv=Projection.fuse([q, k, v], fold, rows, input_scale, dtype=dtype), q_norm=q_norm,
-        k_norm=k_norm, o=Projection.fuse([o], fold, rows, residual=True, dtype=dtype)[0], post_norm=post_norm,
-        gate_up=Projection.fuse([gate, up], fold, rows, post_scale, dtype=dtype),
+        input_norm=input_norm, qkv=qkv, q_norm=q_norm, k_norm=k_norm,
+        o=Projection.fuse([o], fold, rows, residual=True, dtype=dtype)[0], post_norm=post_norm, gate_up=gate_up,
         down=Projection.fuse([down], fold, rows, residual=True, dtype=dtype)[0], act=mlp.act_fn)
+
+
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _reorder_heads(linear: Linear, order: torch.Tensor) -> Linear:
@@ -413,6 +456,7 @@ def _project(x: torch.Tensor, projections: list[Projection], split: list[int] | 
 # These models' RMSNorm normalises in float32, rounds to the input dtype, then multiplies by the weight: the same
 # numbers as `F.rms_norm` (checked bit for bit in the tests), one call (a fused kernel on GPU) instead of seven.
 STANDARD_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+SILU_ACTIVATIONS = ("SiLU", "SiLUActivation")  # torch's and transformers' x * sigmoid(x)
 
 
 def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""The compiled CPU kernels of the decode step (`decode_attention.c`, `decode_linear.c`): one library, built from
+source on first use.
+
+Building takes a C compiler with OpenMP (gcc or clang: `$CC`, else `cc` on PATH) and about a second. The library
+is cached under `~/.cache/grpo/kernels` (or `$GRPO_CACHE/kernels`), keyed by sources, compiler and CPU, since it
+is built for the CPU it runs on (-march=native). It needs libgomp, the OpenMP runtime torch's Linux wheels load,
+so that its threads are torch's own (a torch built on another runtime would run a second pool). Where there is
+no compiler, the platform is not Linux, or `GRPO_CPU_KERNELS=0`, `library()` is None and the decode step uses
+torch's operations: the same numbers to rounding, slower.
+
+-ffast-math (vectorised exp) is used to compile only, not to link: gcc would otherwise link in a start-up file
+that turns on flush-to-zero for the whole process when the library loads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from grpo.paths import cache_dir
+
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.c", "decode_linear.c")]
+COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu99"]
+ARCH_FLAGS = [["-march=native"], []]  # a compiler that cannot target the host's own CPU builds generic code
+LINK_FLAGS = [["-shared", "-fopenmp", "-lmvec", "-lm"], ["-shared", "-fopenmp", "-lm"]]  # without glibc's libmvec
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled library, or None where it cannot be built (logged once, at INFO)."""
+    if os.environ.get("GRPO_CPU_KERNELS", "1") == "0":
+        return None
+    if sys.platform != "linux":
+        logger.info("CPU decode kernels: not built on %s; torch's operations are used", sys.platform)
+        return None
+    try:
+        return ctypes.CDLL(str(build()))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = (getattr(error, "stderr", None) or b"").decode(errors="replace").strip()[-500:]
+        logger.info("CPU decode kernels unavailable (%s %s); torch's operations are used", error, detail)
+        return None
+
+
+def build() -> Path:
+    """The compiled library, built unless the cache has it. Raises OSError (no compiler) or
+    subprocess.CalledProcessError (it failed)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler: install gcc or set $CC")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), version,
+                                    str(COMPILE_FLAGS + ARCH_FLAGS + LINK_FLAGS), _cpu_flags()]).encode())
+    target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        objects = [Path(scratch, f"{source.stem}.o") for source in SOURCES]
+        library = Path(scratch, "kernels.so")
+        for source, output in zip(SOURCES, objects):
+            _run_first([[compiler, *COMPILE_FLAGS, *arch, "-c", str(source), "-o", str(output)]
+                        for arch in ARCH_FLAGS])
+        _run_first([[compiler, *map(str, objects), "-o", str(library), *flags] for flags in LINK_FLAGS])
+        os.replace(library, target)  # atomic: processes building at once each leave a whole library
+    return target
+
+
+def _run_first(commands: list[list[str]]) -> None:
+    """Run the first of `commands` that succeeds; if none does, raise the last one's error."""
+    for command in commands[:-1]:
+        if subprocess.run(command, capture_output=True).returncode == 0:
+            return
+    subprocess.run(commands[-1], check=True, capture_output=True)
+
+
+def _cache_dir() -> Path:
+    base = cache_dir() / "kernels"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        return base
+    except OSError:  # a read-only home: a directory of this process's own
+        return Path(tempfile.mkdtemp(prefix="grpo-kernels-"))
+
+
+def _cpu_flags() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line for line in lines if line.startswith("flags")), "")
