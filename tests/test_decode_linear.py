@@ -98,3 +98,8 @@ def test_mismatched_inputs_are_refused_before_the_kernel_reads_them():
         linear(torch.randn(2, 8, dtype=torch.float64), packed)
     with pytest.raises(ValueError, match="cannot add"):
         linear(torch.randn(2, 8), packed, add_to=torch.zeros(2, 15))
+
+
+def test_no_rows_give_no_rows():
+    packed = pack([(torch.randn(16, 8), None)])
+    assert linear(torch.empty(0, 8), packed, norm_eps=1e-5).shape == (0, 16)

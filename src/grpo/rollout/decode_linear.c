@@ -92,7 +92,7 @@ int grpo_decode_linear(const float *x, long x_stride, const float *w, const floa
     int blocks = (N + LANES - 1) / LANES;
     int per_output = epilogue == 2 ? 2 : 1; /* packed blocks per output block */
     float *row_scale = NULL;
-    if (norm_eps >= 0.0f) {
+    if (norm_eps >= 0.0f && M > 0) {
         row_scale = malloc(sizeof(float) * (size_t)M);
         if (!row_scale) return 1;
         for (int m = 0; m < M; m++) {
