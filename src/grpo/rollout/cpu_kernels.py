@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from grpo.paths import cache_dir
 
@@ -48,6 +49,20 @@ def library() -> ctypes.CDLL | None:
         detail = (getattr(error, "stderr", None) or b"").decode(errors="replace").strip()[-500:]
         logger.info("CPU decode kernels unavailable (%s %s); torch's operations are used", error, detail)
         return None
+
+
+# C argument types of the kernels' entry points: pointers to tensor data, strides in elements, ints
+POINTER, STRIDE, INT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+
+
+def entry(name: str, argtypes: list[Any], restype: Any = None) -> Any:
+    """The library's function `name` with its C signature set, or None where the library cannot be built."""
+    compiled = library()
+    if compiled is None:
+        return None
+    function = getattr(compiled, name)
+    function.argtypes, function.restype = argtypes, restype
+    return function
 
 
 def build() -> Path:

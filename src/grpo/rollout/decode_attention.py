@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from grpo.rollout.cpu_kernels import library
+from grpo.rollout.cpu_kernels import INT, POINTER, STRIDE, entry
 
 MAX_DIM = 512  # the kernel's accumulator size (decode_attention.c)
 
@@ -58,15 +58,8 @@ def available(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
 @functools.cache
 def kernel() -> Callable[..., None] | None:
     """The compiled kernel's entry point, or None where the CPU kernels cannot be built (`cpu_kernels.library`)."""
-    compiled = library()
-    if compiled is None:
-        return None
-    function = compiled.grpo_decode_attention
-    pointer, stride, integer = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    function.argtypes = [pointer, stride, stride,  # q
-                         pointer, stride, stride, stride, integer, pointer,  # the prompts' cache, its start
-                         pointer, stride, stride, stride, integer, pointer, integer,  # the rows' own cache
-                         pointer, stride, stride,  # the step's keys and values
-                         pointer, *[integer] * 4, ctypes.c_float, integer]  # out, shapes, scale, threads
-    function.restype = None
-    return function
+    return entry("grpo_decode_attention", [POINTER, STRIDE, STRIDE,  # q
+                                           POINTER, STRIDE, STRIDE, STRIDE, INT, POINTER,  # prompts' cache, start
+                                           POINTER, STRIDE, STRIDE, STRIDE, INT, POINTER, INT,  # the rows' own cache
+                                           POINTER, STRIDE, STRIDE,  # the step's keys and values
+                                           POINTER, *[INT] * 4, ctypes.c_float, INT])  # out, shapes, scale, threads

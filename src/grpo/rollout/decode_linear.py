@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo.rollout.cpu_kernels import library
+from grpo.rollout.cpu_kernels import INT, POINTER, STRIDE, entry, library
 
 STORE, ADD, GATED_SILU = 0, 1, 2  # the kernel's epilogues (decode_linear.c)
 
@@ -113,24 +113,14 @@ def available(x_dtype: torch.dtype = torch.float32, device: torch.device | str =
 
 
 @functools.cache
-def kernel() -> Callable[..., None] | None:
-    compiled = library()
-    if compiled is None:
-        return None
-    function = compiled.grpo_decode_linear
-    pointer, stride, integer = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    function.argtypes = [pointer, stride, pointer, pointer, pointer, stride, *[integer] * 4, ctypes.c_float, integer]
-    function.restype = integer
-    return function
+def kernel() -> Callable[..., int] | None:
+    return entry("grpo_decode_linear", [POINTER, STRIDE, POINTER, POINTER, POINTER, STRIDE, *[INT] * 4,
+                                        ctypes.c_float, INT], INT)
 
 
 @functools.cache
-def packer() -> Callable[..., None]:
-    function = library().grpo_decode_linear_pack
-    pointer, stride, integer = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    function.argtypes = [pointer, stride, integer, integer, pointer, pointer, stride, integer]
-    function.restype = None
-    return function
+def packer() -> Callable[..., None] | None:
+    return entry("grpo_decode_linear_pack", [POINTER, STRIDE, INT, INT, POINTER, POINTER, STRIDE, INT])
 
 
 @functools.cache
