@@ -106,9 +106,17 @@ def test_lean_step_logits_equal_transformers_forward(arch, layout, kv, attention
     if layout == "kernel":  # every linear, the gate and up projections one gated projection
         assert [p.layout for p in (*layer.qkv, layer.o, *layer.gate_up, layer.down)] == ["kernel"] * 4
         assert layer.gate_up[0].gated
+    # all layers in one call into C where every linear is the kernel's, but for Qwen3's per-head q/k norms
+    assert (decoder.one_call is not None) == (layout == "kernel" and arch != "qwen3")
+    one_call_steps = []
+    if decoder.one_call is not None:  # it runs over the shared prompt cache with its attention kernel
+        runs = decoder.one_call.runs
+        monkeypatch.setattr(decoder.one_call, "runs", lambda cache: one_call_steps.append(runs(cache)) or runs(cache))
     continuation = torch.randint(3, VOCAB, (len(PROMPTS), 5), generator=torch.Generator().manual_seed(1))
     ours = torch.stack(decode_logits(decoder, model, continuation, shared=kv == "shared"), dim=1)
     torch.testing.assert_close(ours, full_forward_logits(model, continuation), rtol=1e-4, atol=1e-4)
+    expected = decoder.one_call is not None and kv == "shared" and attention == "kernel"
+    assert one_call_steps == ([expected] * 5 if decoder.one_call is not None else [])
 
 
 @torch.no_grad()
@@ -212,3 +220,35 @@ def test_the_engine_decodes_llama_family_models_with_the_lean_step(monkeypatch):
     plain = RolloutEngine(Tokenizer(), args.sampling_params, lean=False).generate(model, PROMPTS, 2)
     assert torch.equal(lean.completion_ids, plain.completion_ids)
     torch.testing.assert_close(lean_logps, recorder.logps(plain), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@torch.no_grad()
+def test_one_call_step_equals_the_layer_by_layer_step(arch):
+    """A step's layers in one call into C (decode_layers.py) against the same layers one kernel at a time, over
+    the shared prompt cache: same logits to float32 rounding (the rotation's multiply-add), and the same keys and
+    values written into the cache."""
+    if not decode_linear.available():
+        pytest.skip("no C compiler to build the decode kernels with")
+    model = build(arch)
+    decoder = LeanDecoder.from_model(model, capacity=32, rows=2 * len(PROMPTS))
+    assert decoder is not None and decoder.one_call is not None
+    ids, mask = left_pad(PROMPTS, PAD)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = []
+    for _ in range(2):
+        cache = _preallocated_cache(model.config, ids.size(1))
+        decoder.prefill(ids, mask, positions, cache)
+        caches.append(GroupKV.from_prefill(cache, mask, 2, 4))
+    one_call, layer_by_layer = caches
+    assert one_call.kernel and decoder.one_call.runs(one_call)
+    fused, tokens = decoder.one_call, torch.randint(3, VOCAB, (2 * len(PROMPTS), 4), generator=torch.Generator())
+    position = positions[:, -1].repeat_interleave(2)
+    for step, token in enumerate(tokens.unbind(1)):
+        decoder.one_call = fused
+        ours = decoder.step(token, position + step + 1, one_call)
+        decoder.one_call = None
+        theirs = decoder.step(token, position + step + 1, layer_by_layer)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(one_call._kv, layer_by_layer._kv):
+        torch.testing.assert_close(ours[:, :, :4], theirs[:, :, :4], rtol=1e-5, atol=1e-5)

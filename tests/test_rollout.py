@@ -345,8 +345,9 @@ def test_long_prompts_share_their_cache_and_sample_the_same_tokens(monkeypatch):
     generator = torch.Generator().manual_seed(3)
     prompts = [[BOS] + torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in (70, 90, 64)]
     calls = []
-    original = GroupKV.attend
-    monkeypatch.setattr(GroupKV, "attend", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original = GroupKV.from_prefill.__func__
+    monkeypatch.setattr(GroupKV, "from_prefill",
+                        classmethod(lambda cls, *a, **k: calls.append(1) or original(cls, *a, **k)))
     args = config(max_completion_length=16)
     recorder = SamplingRecorder(monkeypatch)
     shared = RolloutEngine(Tokenizer(), args.sampling_params, seed=4).generate(model, prompts, 4)

@@ -1,5 +1,5 @@
-"""The compiled CPU kernels of the decode step (`decode_attention.c`, `decode_linear.c`): one library, built from
-source on first use.
+"""The compiled CPU kernels of the decode step (`decode_attention.c`, `decode_linear.c`, and `decode_layers.c`,
+which runs a step's layers with the other two): one library, built from source on first use.
 
 Building takes a C compiler with OpenMP (gcc or clang: `$CC`, else `cc` on PATH) and about a second. The library
 is cached under `~/.cache/grpo/kernels` (or `$GRPO_CACHE/kernels`), keyed by sources, compiler and CPU, since it
@@ -28,7 +28,7 @@ from typing import Any
 
 from grpo.paths import cache_dir
 
-SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.c", "decode_linear.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.c", "decode_linear.c", "decode_layers.c")]
 COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu99"]
 ARCH_FLAGS = [["-march=native"], []]  # a compiler that cannot target the host's own CPU builds generic code
 LINK_FLAGS = [["-shared", "-fopenmp", "-lmvec", "-lm"], ["-shared", "-fopenmp", "-lm"]]  # without glibc's libmvec

@@ -14,9 +14,10 @@ small ops:
 - the fused weights are packed for the compiled kernel of `rollout/decode_linear.py`, which streams them faster
   than oneDNN and applies on the way the norm's remaining factor, the bias, the residual addition and the gated
   MLP's silu(gate) * up: a layer is four kernel calls, the rotation and attention (measured on SmolLM2 at 16
-  rows: a step 44 -> 34 ms). Without a C compiler: oneDNN's blocked layout, which multiplies the few rows of a
-  decode step several times faster than BLAS on the plain weights (see `_onednn_packed`), but for small
-  projections added to the residual stream, where BLAS adds for free (`SMALL_RESIDUAL_WEIGHT`);
+  rows: a step 44 -> 34 ms), and over the shared prompt cache all of a step's layers are one call into C
+  (`rollout/decode_layers.py`: 34 -> 30 ms). Without a C compiler: oneDNN's blocked layout, which multiplies
+  the few rows of a decode step several times faster than BLAS on the plain weights (see `_onednn_packed`), but
+  for small projections added to the residual stream, where BLAS adds for free (`SMALL_RESIDUAL_WEIGHT`);
 - the rows of the q and k projections are reordered so that each rotary pair (i, i + head_dim/2) is adjacent:
   the rotation is then one in-place complex multiply, where rotate-half takes five ops, and k and v are written
   into the cache together, with one copy. The prompts' prefill runs through the same layers (`prefill`), so
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grpo.rollout import decode_linear
+from grpo.rollout.decode_layers import DecodeLayers
 from grpo.rollout.kv_cache import CopiedKV, GroupKV, attention_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -251,6 +253,7 @@ class LeanDecoder:
         self.cos, self.sin = cos[0], sin[0]
         half = self.head_dim // 2
         self.rotation = torch.complex(self.cos[:, :half], self.sin[:, :half]) if folded else None
+        self.one_call = DecodeLayers.of(self)  # every layer of a step in one call into C, where they qualify
 
     @classmethod
     def from_model(cls, model: nn.Module, capacity: int, rows: int = 32, copy: bool | None = None,
@@ -319,7 +322,11 @@ class LeanDecoder:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, kv: CopiedKV | GroupKV) -> torch.Tensor:
         """Logits (rows, vocab) of the next token after `tokens` (rows,) at `positions` (rows,), appending their
         keys and values to `kv` (either layout of `rollout/kv_cache.py`)."""
-        x = self._layers(self.embed(tokens), positions, partial(kv.attend, scale=self.scaling))
+        x = self.embed(tokens)
+        if self.one_call is not None and self.one_call.runs(kv):
+            x = self.one_call(x, self.rotation[positions], kv)
+        else:
+            x = self._layers(x, positions, partial(kv.attend, scale=self.scaling))
         kv.advance()
         return self.lm_head(self.norm(x))
 
