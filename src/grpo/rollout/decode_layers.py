@@ -33,6 +33,7 @@ class DecodeLayers:
         self.intermediate = layers[0].gate_up[0].weight.out_features
         packed = [(layer.qkv[0].weight, layer.o.weight, layer.gate_up[0].weight, layer.down.weight)
                   for layer in layers]
+        self.packed = packed  # held: the table below points into these tensors
         self.weights = [[p for linear in linears for p in (linear.blocks.data_ptr(), _pointer(linear.bias))]
                         for linears in packed]
         self.norm_eps = (ctypes.c_float * (2 * len(layers)))(
@@ -41,6 +42,8 @@ class DecodeLayers:
 
     @classmethod
     def of(cls, decoder: Any) -> DecodeLayers | None:
+        """For `decoder`'s layers, or None unless each is four kernel-layout projections (q/k/v and gate/up fused,
+        their norms in the kernel) with no per-head q/k norms, and the library is built."""
         if not decoder.folded or kernel() is None:
             return None
         for layer in decoder.layers:
