@@ -8,12 +8,14 @@ tokens into its own completion, and steps timed there (the step's token is taken
 layouts, alternating: the shared prompt cache read by the compiled decode-attention kernel (GroupKV, the CPU
 default: rollout/decode_attention.py) and copied prompt caches read by torch's attention (CopiedKV, the layout
 without the kernel). Prints the median time of a whole step (all layers, the LM head) and of its attention calls
-(the cache write included) per layer, and their ratios.
+(the cache write included) per layer, and their ratios. Both run layer by layer, so that attention calls can be
+timed (the default over the shared cache is one call for all layers: `--linears`).
 
     python benchmarks/decode_step.py --linears [--size smollm2] [--prompts 2]
 
-compares instead the two layouts of the step's linears on the shared cache, alternating: the compiled kernel
-of rollout/decode_linear.py (the default where a C compiler is) and oneDNN's packed weights (the fallback).
+compares instead the step's linears on the shared cache, alternating: all layers in one call into C
+(rollout/decode_layers.py, the default where a C compiler is), the compiled kernel of rollout/decode_linear.py
+called layer by layer, and oneDNN's packed weights (the fallback without a compiler).
 `--size smollm2` is SmolLM2-135M-Instruct (grpo.catalog), its prompts random token ids.
 """
 
@@ -81,26 +83,36 @@ def frozen_round(decoder: LeanDecoder, model: Any, prompt_ids: list[list[int]], 
 
 def timed_steps(decoder: LeanDecoder, kv: TimedKV, tokens: torch.Tensor, position: int, steps: int
                 ) -> tuple[float, float]:
-    """Seconds a step and seconds of attention a layer, over `steps` steps at the same length."""
+    """Seconds a step and seconds of attention a layer, over `steps` steps at the same length (attention: nan
+    where the layers run in one call, which makes no attention call of its own)."""
     kv.seconds = 0.0
     positions = torch.full((tokens.numel(),), position)
+    one_call = decoder.one_call is not None and decoder.one_call.runs(kv.kv)
     start = time.perf_counter()
     for _ in range(steps):
-        decoder.step(tokens, positions, kv)
-    return (time.perf_counter() - start) / steps, kv.seconds / steps / len(decoder.layers)
+        if one_call:  # on the cache itself, taken back to the same length
+            decoder.step(tokens, positions, kv.kv)
+            kv.kv.length -= 1
+        else:
+            decoder.step(tokens, positions, kv)
+    seconds = (time.perf_counter() - start) / steps
+    return seconds, float("nan") if one_call else kv.seconds / steps / len(decoder.layers)
 
 
 def compare_linears(model: Any, prompt_ids: list[list[int]], opts: argparse.Namespace) -> None:
-    """The step with the compiled linear kernel against oneDNN's packed weights, same shared caches."""
+    """The step in one call, with the compiled linear kernel layer by layer, and with oneDNN's packed weights,
+    same shared caches."""
     g, rows = opts.num_generations, len(prompt_ids) * opts.num_generations
     capacity = opts.prompt_len + max(opts.completion) + 1
-    kernel_step = LeanDecoder.from_model(model, capacity, rows)
+    one_call_step, kernel_step = (LeanDecoder.from_model(model, capacity, rows) for _ in range(2))
+    kernel_step.one_call = None
     available, decode_linear.available = decode_linear.available, lambda *args: False
     try:
         onednn_step = LeanDecoder.from_model(model, capacity, rows)
     finally:
         decode_linear.available = available
-    layouts = {"kernel": kernel_step, "oneDNN": onednn_step}
+    layouts = {"one call": one_call_step, "kernel": kernel_step, "oneDNN": onednn_step}
+    assert one_call_step.one_call is not None and onednn_step.one_call is None
     assert kernel_step.lm_head.layout == "kernel" and onednn_step.lm_head.layout == "packed"
     tokens = torch.randint(3, model.config.vocab_size, (rows,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -112,11 +124,13 @@ def compare_linears(model: Any, prompt_ids: list[list[int]], opts: argparse.Name
                 seconds, _ = timed_steps(layouts[name], kv, tokens, opts.prompt_len + completion, opts.steps)
                 results[completion, name].append(seconds)
     print(f"{opts.size}, {rows} rows ({len(prompt_ids)} prompts x G = {g}), threads={torch.get_num_threads()}; "
-          f"median ms a step, linears by the compiled kernel or oneDNN's packed weights")
-    print(f"{'completion':>10} {'kernel':>8} {'oneDNN':>8} {'ratio':>6}")
+          f"median ms a step: all layers in one call; the compiled linear kernel layer by layer; oneDNN's packed "
+          f"weights; ratios to the one call")
+    print(f"{'completion':>10} {'one call':>8} {'kernel':>8} {'oneDNN':>8} {'kernel/one':>10} {'oneDNN/one':>10}")
     for completion in opts.completion:
-        kernel_ms, onednn_ms = (statistics.median(results[completion, name]) * 1e3 for name in layouts)
-        print(f"{completion:>10} {kernel_ms:>8.1f} {onednn_ms:>8.1f} {onednn_ms / kernel_ms:>5.2f}x")
+        one_ms, kernel_ms, onednn_ms = (statistics.median(results[completion, name]) * 1e3 for name in layouts)
+        print(f"{completion:>10} {one_ms:>8.1f} {kernel_ms:>8.1f} {onednn_ms:>8.1f} {kernel_ms / one_ms:>9.2f}x "
+              f"{onednn_ms / one_ms:>9.2f}x")
 
 
 def load(size: str) -> Any:
@@ -147,6 +161,7 @@ def main() -> None:
     if opts.linears:
         return compare_linears(model, prompt_ids, opts)
     decoder = LeanDecoder.from_model(model, opts.prompt_len + max(opts.completion) + 1, rows)
+    decoder.one_call = None  # layer by layer, so that the attention calls can be timed
     tokens = torch.randint(3, model.config.vocab_size, (rows,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         setups = {(completion, shared): frozen_round(decoder, model, prompt_ids, g, completion, shared)

@@ -15,7 +15,7 @@ small ops:
   than oneDNN and applies on the way the norm's remaining factor, the bias, the residual addition and the gated
   MLP's silu(gate) * up: a layer is four kernel calls, the rotation and attention (measured on SmolLM2 at 16
   rows: a step 44 -> 34 ms), and over the shared prompt cache all of a step's layers are one call into C
-  (`rollout/decode_layers.py`: 34 -> 30 ms). Without a C compiler: oneDNN's blocked layout, which multiplies
+  (`rollout/decode_layers.py`: 34.4 -> 32.4 ms). Without a C compiler: oneDNN's blocked layout, which multiplies
   the few rows of a decode step several times faster than BLAS on the plain weights (see `_onednn_packed`), but
   for small projections added to the residual stream, where BLAS adds for free (`SMALL_RESIDUAL_WEIGHT`);
 - the rows of the q and k projections are reordered so that each rotary pair (i, i + head_dim/2) is adjacent:
