@@ -63,7 +63,7 @@ class DecodeLayers:
         """x (rows, hidden) float32 contiguous, updated in place through every layer and returned; `rotation`
         (rows, head_dim / 2) complex: each row's position's; the step's keys and values go into `kv`."""
         rows = x.size(0)
-        prompt, own = kv.prompt_kv[0], kv._kv[0]
+        prompt, own = kv.prompt_kv[0], kv.own_kv[0]
         width = (self.heads + 2 * self.kv_heads) * self.head_dim
         qkv, attended = x.new_empty((rows, width)), x.new_empty((rows, self.heads * self.head_dim))
         gated = x.new_empty((rows, self.intermediate))
@@ -81,9 +81,9 @@ class DecodeLayers:
         """The (layers, PER_LAYER) pointer table with `kv`'s caches, built once per cache (a round's)."""
         if self._bound is None or self._bound[0] is not kv:
             if any(c.stride() != kv.prompt_kv[0].stride() for c in kv.prompt_kv) or any(
-                    c.stride() != kv._kv[0].stride() for c in kv._kv):
+                    c.stride() != kv.own_kv[0].stride() for c in kv.own_kv):
                 raise ValueError("decode_layers: the layers' caches must share one layout")
-            table = [p for weights, prompt, own in zip(self.weights, kv.prompt_kv, kv._kv)
+            table = [p for weights, prompt, own in zip(self.weights, kv.prompt_kv, kv.own_kv)
                      for p in (*weights, prompt.data_ptr(), own.data_ptr())]
             self._bound = (kv, (ctypes.c_void_p * len(table))(*table))
         return self._bound[1]

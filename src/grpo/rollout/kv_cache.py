@@ -119,6 +119,12 @@ class GroupKV:
         """From a cache of `PreallocatedLayer`s that holds just the prefill of the prompts (`prompt_mask`)."""
         return cls([layer._kv for layer in cache.layers], prompt_mask, g, capacity)
 
+    @property
+    def own_kv(self) -> list[torch.Tensor]:
+        """Per layer, the rows' completion keys then values, (places, 2 kv_heads, capacity, dim): a row's at
+        its place in `rows`."""
+        return self._kv
+
     def _refresh(self) -> None:
         self.group, self.slot = self.rows // self.g, self.rows % self.g
 
