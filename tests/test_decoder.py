@@ -250,5 +250,5 @@ def test_one_call_step_equals_the_layer_by_layer_step(arch):
         decoder.one_call = None
         theirs = decoder.step(token, position + step + 1, layer_by_layer)
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    for ours, theirs in zip(one_call._kv, layer_by_layer._kv):
+    for ours, theirs in zip(one_call.own_kv, layer_by_layer.own_kv):
         torch.testing.assert_close(ours[:, :, :4], theirs[:, :, :4], rtol=1e-5, atol=1e-5)

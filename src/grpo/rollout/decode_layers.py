@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from grpo.rollout import decode_linear
 from grpo.rollout.cpu_kernels import INT, POINTER, STRIDE, entry
 from grpo.rollout.kv_cache import GroupKV
 
@@ -45,7 +44,7 @@ class DecodeLayers:
     def of(cls, decoder: Any) -> DecodeLayers | None:
         """For `decoder`'s layers, or None unless each is four kernel-layout projections (q/k/v and gate/up fused,
         their norms in the kernel) with no per-head q/k norms, and the library is built."""
-        if not decoder.folded or kernel() is None:
+        if not decoder.folded:
             return None
         for layer in decoder.layers:
             projections = [*layer.qkv, layer.o, *layer.gate_up, layer.down]
@@ -53,6 +52,8 @@ class DecodeLayers:
                     or not layer.gate_up[0].gated or layer.qkv[0].norm_eps is None
                     or layer.gate_up[0].norm_eps is None):
                 return None
+        if kernel() is None:  # kernel-layout projections imply the library was built; checked all the same
+            return None
         return cls(decoder.layers, decoder.heads, decoder.kv_heads, decoder.head_dim, decoder.scaling)
 
     def runs(self, kv: Any) -> bool:
@@ -96,8 +97,6 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 @functools.cache
 def kernel() -> Callable[..., int] | None:
     """The compiled entry point, or None where the CPU kernels cannot be built (`cpu_kernels.library`)."""
-    if not decode_linear.available():
-        return None
     return entry("grpo_decode_layers", [INT, POINTER, POINTER, POINTER, *[INT] * 6, POINTER,  # layers, x, shapes
                                         STRIDE, STRIDE, STRIDE, INT, POINTER,  # the prompts' cache and starts
                                         STRIDE, STRIDE, STRIDE, INT, POINTER, INT,  # the rows' own cache
