@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from grpo.paths import run_first
 from grpo.rollout import cpu_kernels as module
 from grpo.rollout.decode_attention import available, decode_attention, kernel
 
@@ -129,7 +130,7 @@ def test_without_a_working_compiler_torch_operations_are_used(tmp_path, monkeypa
 def test_each_build_step_falls_back_to_its_next_command(tmp_path):
     """-march=native, then generic code; glibc's vector maths, then none: the first that works is kept."""
     marker = tmp_path / "ran"
-    module._run_first([["false"], ["touch", str(marker)], ["false"]])
+    run_first([["false"], ["touch", str(marker)], ["false"]])
     assert marker.exists()
     with pytest.raises(subprocess.CalledProcessError):
-        module._run_first([["false"], ["false"]])
+        run_first([["false"], ["false"]])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -30,3 +33,28 @@ def build_in_own_process(statement: str) -> None:
     if result.returncode != 0:
         raise RuntimeError(f"building into grpo's cache failed in a helper process ({statement}):\n"
                            + "\n".join(result.stderr.strip().splitlines()[-6:]))
+
+
+def compiled_library(stem: str, key: list[str], build: Callable[[Path, Path], None]) -> Path:
+    """`<cache>/kernels/<stem>-<hash of key>.so`, made by `build(scratch_directory, output)` unless the cache has
+    it: everything that changes the binary (sources, compiler version, flags, CPU) belongs in `key`."""
+    directory = cache_dir() / "kernels"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: a directory of this process's own
+        directory = Path(tempfile.mkdtemp(prefix="grpo-kernels-"))
+    target = directory / f"{stem}-{hashlib.sha256(chr(0).join(key).encode()).hexdigest()[:16]}.so"
+    if not target.exists():
+        with tempfile.TemporaryDirectory(dir=directory) as scratch:
+            output = Path(scratch, f"{stem}.so")
+            build(Path(scratch), output)
+            os.replace(output, target)  # atomic: processes building at once each leave a whole library
+    return target
+
+
+def run_first(commands: list[list[str]]) -> None:
+    """Run the first of `commands` that succeeds; if none does, raise the last one's error."""
+    for command in commands[:-1]:
+        if subprocess.run(command, capture_output=True).returncode == 0:
+            return
+    subprocess.run(commands[-1], check=True, capture_output=True)

@@ -263,7 +263,8 @@ GRPO_ONLY_FIELDS: dict[str, str] = {
     "max_tokens_per_micro_batch": "bound a micro-batch's padded tokens; the update is unchanged",
     "generation_backend": '"engine" (grpo\'s rollout engine) or "transformers" (model.generate)',
     "generation_max_batch_rows": "most rows the engine decodes at once",
-    "cpu_keep_freed_memory": "CPU with glibc: malloc keeps freed memory during train(), sparing page faults",
+    "cpu_keep_freed_memory": "CPU: freed tensors' memory reused during train() within the peak in use, "
+                             "sparing page faults",
     "reward_timeout": "seconds one reward call may run",
     "reward_error": '"raise" or "none" for a failed reward call',
     "reward_num_workers": "worker processes for synchronous reward functions",

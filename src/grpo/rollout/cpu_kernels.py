@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from grpo.paths import cache_dir
+from grpo.paths import compiled_library, run_first
 
 SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.c", "decode_linear.c", "decode_layers.c")]
 COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu99"]
@@ -72,37 +70,16 @@ def build() -> Path:
     if compiler is None:
         raise OSError("no C compiler: install gcc or set $CC")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), version,
-                                    str(COMPILE_FLAGS + ARCH_FLAGS + LINK_FLAGS), _cpu_flags()]).encode())
-    target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        objects = [Path(scratch, f"{source.stem}.o") for source in SOURCES]
-        library = Path(scratch, "kernels.so")
+    key = [*(source.read_text() for source in SOURCES), version, str(COMPILE_FLAGS + ARCH_FLAGS + LINK_FLAGS),
+           _cpu_flags()]
+
+    def compile_and_link(scratch: Path, library: Path) -> None:
+        objects = [scratch / f"{source.stem}.o" for source in SOURCES]
         for source, output in zip(SOURCES, objects):
-            _run_first([[compiler, *COMPILE_FLAGS, *arch, "-c", str(source), "-o", str(output)]
-                        for arch in ARCH_FLAGS])
-        _run_first([[compiler, *map(str, objects), "-o", str(library), *flags] for flags in LINK_FLAGS])
-        os.replace(library, target)  # atomic: processes building at once each leave a whole library
-    return target
+            run_first([[compiler, *COMPILE_FLAGS, *arch, "-c", str(source), "-o", str(output)] for arch in ARCH_FLAGS])
+        run_first([[compiler, *map(str, objects), "-o", str(library), *flags] for flags in LINK_FLAGS])
 
-
-def _run_first(commands: list[list[str]]) -> None:
-    """Run the first of `commands` that succeeds; if none does, raise the last one's error."""
-    for command in commands[:-1]:
-        if subprocess.run(command, capture_output=True).returncode == 0:
-            return
-    subprocess.run(commands[-1], check=True, capture_output=True)
-
-
-def _cache_dir() -> Path:
-    base = cache_dir() / "kernels"
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        return base
-    except OSError:  # a read-only home: a directory of this process's own
-        return Path(tempfile.mkdtemp(prefix="grpo-kernels-"))
+    return compiled_library("cpu_kernels", key, compile_and_link)
 
 
 def _cpu_flags() -> str:
