@@ -194,7 +194,9 @@ class _LinearTokenLogps(torch.autograd.Function):
                 grad_z = grad_z.to(dtype)
                 if grad_h is not None:
                     grad_h[rows] = grad_z @ w
-                if grad_w is not None:
+                if grad_w is not None and dtype == grad_w.dtype:  # in place: no third (V, H) matrix at the peak
+                    grad_w.addmm_(grad_z.t(), h)
+                elif grad_w is not None:  # a bfloat16 product, summed in float32
                     grad_w += grad_z.t() @ h
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
