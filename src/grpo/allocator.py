@@ -34,12 +34,11 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from grpo.paths import compiled_library
+from grpo.paths import compiled_library, load_compiled
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
 DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
@@ -106,18 +105,12 @@ def tensor_cache_stats() -> dict[str, int]:
 @functools.cache
 def tensor_cache() -> ctypes.CDLL | None:
     """The compiled tensor cache, or None where it cannot be built (logged once, at INFO)."""
-    if os.environ.get("GRPO_CPU_KERNELS", "1") == "0" or sys.platform != "linux":
-        return None
-    try:
-        library = ctypes.CDLL(str(build_tensor_cache()))
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = (getattr(error, "stderr", None) or b"").decode(errors="replace").strip()[-500:]
-        logger.info("tensor cache unavailable (%s %s); glibc keeps freed memory instead", error, detail)
-        return None
-    library.grpo_tensor_cache_install.argtypes = [ctypes.c_long, ctypes.c_long]
-    library.grpo_tensor_cache_install.restype = ctypes.c_int
-    library.grpo_tensor_cache_uninstall.argtypes = []
-    library.grpo_tensor_cache_stats.argtypes = [ctypes.POINTER(ctypes.c_long)]
+    library = load_compiled(build_tensor_cache, "tensor cache", "glibc keeps freed memory instead", logger)
+    if library is not None:
+        library.grpo_tensor_cache_install.argtypes = [ctypes.c_long, ctypes.c_long]
+        library.grpo_tensor_cache_install.restype = ctypes.c_int
+        library.grpo_tensor_cache_uninstall.argtypes = []
+        library.grpo_tensor_cache_stats.argtypes = [ctypes.POINTER(ctypes.c_long)]
     return library
 
 
@@ -132,14 +125,13 @@ def build_tensor_cache() -> Path:
     torch_dir = Path(torch.__file__).parent
     if not (torch_dir / "include" / "c10" / "core" / "CPUAllocator.h").exists():
         raise OSError(f"torch's C++ headers are not installed under {torch_dir}")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)  # libstdc++'s string layout must match libc10's
     flags = ["-O2", "-std=c++17", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include'}",
              f"-L{torch_dir / 'lib'}", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
-    key = [TENSOR_CACHE_SOURCE.read_text(), version, str(flags), torch.__version__]
+    key = [TENSOR_CACHE_SOURCE.read_text(), str(flags), torch.__version__]
 
     def compile_and_link(scratch: Path, library: Path) -> None:
         subprocess.run([compiler, str(TENSOR_CACHE_SOURCE), "-o", str(library), *flags], check=True,
                        capture_output=True)
 
-    return compiled_library("tensor_cache", key, compile_and_link)
+    return compiled_library("tensor_cache", compiler, key, compile_and_link)

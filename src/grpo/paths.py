@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -35,15 +37,34 @@ def build_in_own_process(statement: str) -> None:
                            + "\n".join(result.stderr.strip().splitlines()[-6:]))
 
 
-def compiled_library(stem: str, key: list[str], build: Callable[[Path, Path], None]) -> Path:
-    """`<cache>/kernels/<stem>-<hash of key>.so`, made by `build(scratch_directory, output)` unless the cache has
-    it: everything that changes the binary (sources, compiler version, flags, CPU) belongs in `key`."""
+def load_compiled(build: Callable[[], Path], what: str, otherwise: str, logger: logging.Logger) -> ctypes.CDLL | None:
+    """The library `build()` makes, loaded; None where compiled code is switched off (`GRPO_CPU_KERNELS=0`) or
+    cannot be built (not Linux, no compiler, a failed build: logged at INFO, "<what> ...; <otherwise>")."""
+    if os.environ.get("GRPO_CPU_KERNELS", "1") == "0":
+        return None
+    if sys.platform != "linux":
+        logger.info("%s: not built on %s; %s", what, sys.platform, otherwise)
+        return None
+    try:
+        return ctypes.CDLL(str(build()))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = (getattr(error, "stderr", None) or b"").decode(errors="replace").strip()[-500:]
+        logger.info("%s unavailable (%s %s); %s", what, error, detail, otherwise)
+        return None
+
+
+def compiled_library(stem: str, compiler: str, key: list[str], build: Callable[[Path, Path], None]) -> Path:
+    """`<cache>/kernels/<stem>-<hash>.so`, made by `build(scratch_directory, output)` unless the cache has it. The
+    hash covers the compiler's version and `key`, which must hold everything else that changes the binary
+    (sources, flags, CPU)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     directory = cache_dir() / "kernels"
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError:  # a read-only home: a directory of this process's own
         directory = Path(tempfile.mkdtemp(prefix="grpo-kernels-"))
-    target = directory / f"{stem}-{hashlib.sha256(chr(0).join(key).encode()).hexdigest()[:16]}.so"
+    digest = hashlib.sha256(chr(0).join([*key, version]).encode()).hexdigest()[:16]
+    target = directory / f"{stem}-{digest}.so"
     if not target.exists():
         with tempfile.TemporaryDirectory(dir=directory) as scratch:
             output = Path(scratch, f"{stem}.so")

@@ -8,11 +8,11 @@
 //
 // What: tensors of at least `threshold` bytes get their own anonymous mapping, rounded up to a size class
 // (1/8 of the power of two below it, at least a page, so at most 12.5% over). A freed block is kept idle for
-// reuse by a later tensor of the same class, so steady steps touch no new pages, but only while the memory
-// mapped stays within `slack` of the high-water mark of memory in use: before a fresh block would pass that
-// bound, the least recently freed idle blocks are unmapped. Peak RSS is therefore the peak of what tensors
-// really use plus `slack`, with no holes, and a freed block costs nothing to reuse. Smaller tensors go to c10's
-// own allocation (posix_memalign), as before.
+// reuse by a later tensor of the same class, or resized (mremap, its touched pages kept) for one within a factor
+// 2 of it, so steady steps touch few new pages; but only while the memory mapped stays within `slack` of the
+// high-water mark of memory in use: before a block would pass that bound, the least recently freed idle blocks
+// are unmapped. Peak RSS is therefore the peak of what tensors really use plus `slack`, with no holes. Smaller
+// tensors go to c10's own allocation (posix_memalign), as before.
 //
 // Blocks outlive the installation: one freed after `grpo_tensor_cache_uninstall` is unmapped at once.
 // Not reported to torch's memory profiler (profile_memory), which the default CPU allocator feeds.
@@ -49,7 +49,7 @@ size_t size_class(size_t bytes) {
 struct TensorCache final : c10::Allocator {
   std::mutex mutex;
   bool active = false;
-  size_t threshold = size_t(128) << 10, slack = size_t(64) << 20;
+  size_t threshold = 0, slack = 0;  // set by grpo_tensor_cache_install, before `active`
   c10::Allocator* previous = nullptr;
   std::unordered_map<void*, size_t> live;          // block -> its mapped size
   std::list<Block> idle;                           // least recently freed first
@@ -75,7 +75,7 @@ struct TensorCache final : c10::Allocator {
     idle_by_size.erase(entry);
   }
 
-  // An idle block within a factor 2 of `size`, the nearest larger one first, else nullptr.
+  // An idle block within a factor 2 of `size`, the nearest larger one first, else idle_by_size.end().
   std::multimap<size_t, std::list<Block>::iterator>::iterator nearest_idle(size_t size) {
     auto larger = idle_by_size.lower_bound(size);
     if (larger != idle_by_size.end() && larger->first <= 2 * size) return larger;
@@ -126,10 +126,12 @@ struct TensorCache final : c10::Allocator {
       if (active && (data = take(size)) != nullptr) {
         live.emplace(data, size);
         live_bytes += size;
+        return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
       }
     }
-    if (data == nullptr) data = c10::alloc_cpu(bytes);  // small, or no mapping to be had (c10 reports OOM)
-    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+    // small, or no mapping to be had (c10 reports OOM): freed by c10 directly, without the lock
+    data = c10::alloc_cpu(bytes);
+    return {data, data, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
   }
 
   void free_block(void* data) {
@@ -154,7 +156,7 @@ struct TensorCache final : c10::Allocator {
   }
 
   static void release(void* data);
-  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }  // any block: looks it up
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }

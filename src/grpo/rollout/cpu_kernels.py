@@ -19,12 +19,10 @@ import functools
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from grpo.paths import compiled_library, run_first
+from grpo.paths import compiled_library, load_compiled, run_first
 
 SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.c", "decode_linear.c", "decode_layers.c")]
 COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu99"]
@@ -36,17 +34,7 @@ logger = logging.getLogger(__name__)
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled library, or None where it cannot be built (logged once, at INFO)."""
-    if os.environ.get("GRPO_CPU_KERNELS", "1") == "0":
-        return None
-    if sys.platform != "linux":
-        logger.info("CPU decode kernels: not built on %s; torch's operations are used", sys.platform)
-        return None
-    try:
-        return ctypes.CDLL(str(build()))
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = (getattr(error, "stderr", None) or b"").decode(errors="replace").strip()[-500:]
-        logger.info("CPU decode kernels unavailable (%s %s); torch's operations are used", error, detail)
-        return None
+    return load_compiled(build, "CPU decode kernels", "torch's operations are used", logger)
 
 
 # C argument types of the kernels' entry points: pointers to tensor data, strides in elements, ints
@@ -69,9 +57,7 @@ def build() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler: install gcc or set $CC")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = [*(source.read_text() for source in SOURCES), version, str(COMPILE_FLAGS + ARCH_FLAGS + LINK_FLAGS),
-           _cpu_flags()]
+    key = [*(source.read_text() for source in SOURCES), str(COMPILE_FLAGS + ARCH_FLAGS + LINK_FLAGS), _cpu_flags()]
 
     def compile_and_link(scratch: Path, library: Path) -> None:
         objects = [scratch / f"{source.stem}.o" for source in SOURCES]
@@ -79,7 +65,7 @@ def build() -> Path:
             run_first([[compiler, *COMPILE_FLAGS, *arch, "-c", str(source), "-o", str(output)] for arch in ARCH_FLAGS])
         run_first([[compiler, *map(str, objects), "-o", str(library), *flags] for flags in LINK_FLAGS])
 
-    return compiled_library("cpu_kernels", key, compile_and_link)
+    return compiled_library("cpu_kernels", compiler, key, compile_and_link)
 
 
 def _cpu_flags() -> str:
