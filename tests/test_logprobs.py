@@ -254,6 +254,85 @@ def test_backward_recomputes_the_logits_only_where_they_were_not_kept(monkeypatc
         torch.testing.assert_close(grad, autograd)
 
 
+class NewWeightShaped(TorchDispatchMode):
+    """Counts fresh tensors of a given shape (outputs of out-of-place ops) while active."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = torch.Size(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.__name__.split(".")[0].endswith("_"):
+            self.count += sum(isinstance(t, torch.Tensor) and t.shape == self.shape
+                              for t in (out if isinstance(out, (tuple, list)) else [out]))
+        return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama_bias"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_head_gradient_added_in_place_equals_autograd(arch, checkpointing):
+    """head_grad_in_place adds the head's dL/dW into weight.grad itself: over two accumulated backward passes
+    (tied embeddings: the lookup's gradient joins the same .grad) every gradient equals autograd's, and the
+    second backward creates one (V, H) tensor fewer (the head's own gradient)."""
+    model = make_model(arch)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    head = model.get_output_embeddings()
+
+    def accumulate(in_place):
+        model.zero_grad(set_to_none=True)
+        counts = []
+        for repeats in (1, 2):
+            inputs = batch(repeats)
+            logps, _ = completion_logps(model, *inputs, TEMPERATURE, chunk_bytes=chunk_bytes(5),
+                                        head_grad_in_place=in_place)
+            with NewWeightShaped(head.weight.shape) as mode:
+                objective(logps, torch.zeros_like(logps), inputs[3].bool()).backward()
+            counts.append(mode.count)
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, counts
+
+    ours, our_counts = accumulate(True)
+    theirs, their_counts = accumulate(False)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-5, msg=name)
+    # tied embeddings also spare autograd's sum of the head's and the lookup's gradients: two fewer there
+    assert our_counts[1] == their_counts[1] - (2 if arch == "qwen2" else 1)
+
+
+def test_head_gradient_goes_through_autograd_where_the_weight_has_hooks():
+    """A hook on the head's weight (as DDP's and DeepSpeed's are) must see its gradient: head_grad_in_place then
+    leaves the accumulation to autograd."""
+    model = make_model("llama")
+    head = model.get_output_embeddings()
+    seen = []
+    head.weight.register_post_accumulate_grad_hook(lambda weight: seen.append(weight.grad.clone()))
+    logps, _ = completion_logps(model, *batch(), TEMPERATURE, head_grad_in_place=True)
+    objective(logps, torch.zeros_like(logps), batch()[3].bool()).backward()
+    assert len(seen) == 1 and torch.equal(seen[0], head.weight.grad) and seen[0].abs().sum() > 0
+    assert not logprobs._adds_grad_in_place(head.weight, torch.float32)
+    assert not logprobs._adds_grad_in_place(model.model.embed_tokens.weight, torch.bfloat16)  # autocast's dtype
+
+
+@pytest.mark.parametrize("keep_probs", [False, True])
+def test_softmax_statistics_block_by_block(monkeypatch, keep_probs):
+    """_softmax_stats over blocks of 3 rows (7 rows: a remainder) equals log_softmax, its entropy and softmax."""
+    monkeypatch.setattr(logprobs, "SOFTMAX_BLOCK_BYTES", 3 * 4 * 50)
+    torch.manual_seed(0)
+    logits, targets = 4 * torch.randn(7, 50), torch.randint(0, 50, (7,))
+    logp_all = torch.log_softmax(logits, 1)
+    logp, entropy, lse, probs = logprobs._softmax_stats(logits.clone(), targets, keep_probs=keep_probs)
+    torch.testing.assert_close(logp, logp_all.gather(1, targets[:, None]).squeeze(1))
+    torch.testing.assert_close(entropy, -(logp_all.exp() * logp_all).sum(1))
+    torch.testing.assert_close(lse, torch.logsumexp(logits, 1))
+    if keep_probs:
+        torch.testing.assert_close(probs, logp_all.exp())
+    else:
+        assert probs is None
+
+
 def test_the_head_keeps_its_probabilities_where_the_layers_keep_their_activations(monkeypatch):
     """completion_logps keeps every chunk's probabilities without gradient checkpointing (no recomputation in
     the backward) and only one chunk's worth with it."""

@@ -46,7 +46,10 @@ from grpo.packing import (
 
 LOGITS_CHUNK_BYTES = 128 * 2**20
 """Budget for one chunk of float32 logits: tokens per chunk = LOGITS_CHUNK_BYTES / (4 * vocab). The LM head's
-transient memory is about twice this (the logits and their exponentials), whatever the batch and length."""
+transient memory is about this (the logits, then their probabilities in place), whatever the batch and length."""
+
+SOFTMAX_BLOCK_BYTES = 4 * 2**20
+"""Rows of a logits chunk taken at a time by the softmax statistics: their temporaries are this size."""
 
 def completion_logps(
     model: Any,
@@ -61,6 +64,7 @@ def completion_logps(
     chunk_bytes: int = LOGITS_CHUNK_BYTES,
     chunked: bool = True,
     share_prefix: bool = True,
+    head_grad_in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(completion_t | prompt, completion_<t) / temperature-scaled, shape (B, C) float32, and optionally
     entropy (carrying gradient only with `entropy_grad`, for the entropy bonus).
@@ -71,7 +75,8 @@ def completion_logps(
     read 0. Otherwise the model returns the logits of the last C + 1 positions (where it supports
     `logits_to_keep`) and padded positions hold the log-probs of the pad token. On the chunked path, rows that
     share a prompt run as one packed sequence, the prompt computed once (`grpo.packing`; `share_prefix=False`
-    turns it off).
+    turns it off). `head_grad_in_place`: the backward adds the LM head's dL/dW straight into its `weight.grad`
+    where that is safe (`_adds_grad_in_place`), for a training step that ends in `loss.backward()`.
     """
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
@@ -93,7 +98,7 @@ def completion_logps(
     chunk_tokens = max(1, chunk_bytes // (4 * vocab_size(head)))
     # where the layers keep their activations for the backward, the LM head keeps its probabilities too
     logps, entropy = token_logps(hidden[mask], head, completion_ids[mask], temperature, chunk_tokens, entropy_grad,
-                                 keep_probs=not checkpoints_activations(body))
+                                 keep_probs=not checkpoints_activations(body), grad_in_place=head_grad_in_place)
     return _unpack(logps, mask), _unpack(entropy, mask) if with_entropy else None
 
 
@@ -105,21 +110,24 @@ def token_logps(
     chunk_tokens: int,
     entropy_grad: bool = False,
     keep_probs: bool = False,
+    grad_in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (log p(target), entropy) of softmax(head(hidden) / T), both (N,) float32, from hidden (N, H) and
     targets (N,), `chunk_tokens` rows of logits at a time.
 
     Without autograd: plain chunks. With it: `_LinearTokenLogps` for an `nn.Linear` head (entropy detached), which
-    keeps the probabilities for the backward with `keep_probs` or where all N tokens fit in one chunk,
-    and checkpointed chunks for other heads (a PEFT-wrapped lm_head) or when the entropy needs a gradient.
+    keeps the probabilities for the backward with `keep_probs` or where all N tokens fit in one chunk (and with
+    `grad_in_place` adds dL/dW into `head.weight.grad` itself where `_adds_grad_in_place` allows), and checkpointed
+    chunks for other heads (a PEFT-wrapped lm_head) or when the entropy needs a gradient.
     """
     if not torch.is_grad_enabled():
         stats = [_chunk_stats(h, head, y, temperature) for h, y in _chunks(hidden, targets, chunk_tokens)]
         return torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])
     if type(head) in LINEAR_HEADS and not entropy_grad:
         keep = keep_probs or len(hidden) <= chunk_tokens
-        return _LinearTokenLogps.apply(hidden, head.weight, head.bias, targets, temperature, chunk_tokens,
-                                       _head_dtype(head, hidden.device), keep)
+        dtype = _head_dtype(head, hidden.device)
+        return _LinearTokenLogps.apply(hidden, head.weight, head.bias, targets, temperature, chunk_tokens, dtype,
+                                       keep, grad_in_place and _adds_grad_in_place(head.weight, dtype))
     stats = [checkpoint(_differentiable_chunk_stats, h, head, y, temperature, use_reentrant=False)
              for h, y in _chunks(hidden, targets, chunk_tokens)]
     logps, entropy = torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])
@@ -151,12 +159,17 @@ class _LinearTokenLogps(torch.autograd.Function):
 
     with g = dL/dlogp. H is returned without gradient. Under autocast the matmuls run in the autocast dtype, as
     `lm_head` would; dL/dW is accumulated in float32.
+
+    With `grad_in_place` (a float32 head, `_adds_grad_in_place`) dL/dW is added into `weight.grad` itself and the
+    backward returns None for the weight: no (V, H) gradient of its own is alive beside the kept probabilities,
+    nor beside a tied input embedding's gradient at the end of the backward (SmolLM2: 108 MiB at each of the
+    training step's two memory peaks).
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, temperature: float, chunk: int, dtype: torch.dtype, keep: bool
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                targets: torch.Tensor, temperature: float, chunk: int, dtype: torch.dtype, keep: bool,
+                grad_in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         logps, entropies, lses, kept = [], [], [], []
         with _no_autocast(hidden.device):
@@ -166,7 +179,7 @@ class _LinearTokenLogps(torch.autograd.Function):
                 logps.append(logp), entropies.append(entropy), lses.append(lse)
                 kept += [probs] if keep else []
         ctx.save_for_backward(hidden, weight, bias, targets, torch.cat(lses), *kept)
-        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
+        ctx.temperature, ctx.chunk, ctx.dtype, ctx.grad_in_place = temperature, chunk, dtype, grad_in_place
         entropy = torch.cat(entropies)
         ctx.mark_non_differentiable(entropy)
         return torch.cat(logps), entropy
@@ -178,7 +191,10 @@ class _LinearTokenLogps(torch.autograd.Function):
         temperature, chunk, dtype = ctx.temperature, ctx.chunk, ctx.dtype
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = _grad_buffer(weight) if need_w and ctx.grad_in_place else None
+        in_place = grad_w is not None
+        if need_w and not in_place:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         with _no_autocast(hidden.device):
             for index, start in enumerate(range(0, max(len(hidden), 1), chunk)):
@@ -198,8 +214,27 @@ class _LinearTokenLogps(torch.autograd.Function):
                     grad_w.addmm_(grad_z.t(), h)
                 elif grad_w is not None:  # a bfloat16 product, summed in float32
                     grad_w += grad_z.t() @ h
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+        return (grad_h, None if grad_w is None or in_place else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
+
+
+def _adds_grad_in_place(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the LM head's backward may add dL/dW into `weight.grad` itself, bypassing autograd's accumulation:
+    a float32 leaf weight computed in float32, in a single process (DDP, FSDP and DeepSpeed reduce gradients from
+    hooks on that accumulation), with no hooks of its own."""
+    return (weight.requires_grad and weight.is_leaf and weight.dtype == dtype == torch.float32
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+            and not weight._backward_hooks and not weight._post_accumulate_grad_hooks)
+
+
+def _grad_buffer(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight.grad` to add into (zeros if there is none yet), or None where it is not a plain tensor of the
+    weight's shape and dtype (then the backward returns its gradient as usual)."""
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    grad = weight.grad
+    plain = grad.shape == weight.shape and grad.dtype == weight.dtype and grad.layout == torch.strided
+    return grad if plain else None
 
 
 def _linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -214,17 +249,23 @@ def _softmax_stats(logits: torch.Tensor, targets: torch.Tensor, keep_probs: bool
     """(logp(y), entropy, lse, p if `keep_probs`) of softmax(logits), logits (n, V) float32, without autograd.
 
     lse = m + log sum_v e_v with e_v = exp(z_v - m), m = max_v z_v;  H = lse - sum_v e_v z_v / sum_v e_v;
-    p = e / sum_v e_v. One (n, V) temporary (e) beyond the logits, which are overwritten (kept or not, the
-    product e z is formed in place in whichever of the two is not needed afterwards).
+    p = e / sum_v e_v. Computed `SOFTMAX_BLOCK_BYTES` of rows at a time, so the temporaries (e, e z) are a
+    block's, not the chunk's: the chunk's logits are the only (n, V) tensor, and with `keep_probs` p overwrites
+    them and they are returned as p.
     """
     picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-    peak = logits.amax(1, keepdim=True)
-    exps = (logits - peak).exp_()
-    total = exps.sum(1)
-    lse = peak.squeeze(1) + total.log()
-    weighted = (logits.mul_(exps) if keep_probs else exps.mul_(logits)).sum(1)
-    probs = exps.div_(total.unsqueeze(1)) if keep_probs else None
-    return picked - lse, lse - weighted / total, lse, probs
+    lse, weighted = torch.empty_like(picked), torch.empty_like(picked)
+    rows = max(1, SOFTMAX_BLOCK_BYTES // (4 * logits.size(1)))
+    for start in range(0, len(logits), rows):
+        block, logits_block = slice(start, start + rows), logits[start:start + rows]
+        peak = logits_block.amax(1, keepdim=True)
+        exps = (logits_block - peak).exp_()
+        total = exps.sum(1)
+        lse[block] = peak.squeeze(1) + total.log()
+        weighted[block] = (exps * logits_block).sum(1) / total
+        if keep_probs:
+            logits_block.copy_(exps.div_(total.unsqueeze(1)))
+    return picked - lse, lse - weighted, lse, logits if keep_probs else None
 
 
 def _probs_grad(probs: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, temperature: float
@@ -319,16 +360,18 @@ class PolicyLogps(torch.nn.Module):
     """`completion_logps` of a model as a module of its own. DDP must see the forward that produces the loss in
     order to synchronise gradients, and a DDP-wrapped causal LM would only offer its full-logits forward; wrapping
     this module instead keeps the chunked LM head under DDP. `router_aux_loss`: a Mixture-of-Experts model's
-    forward, which also returns its router loss (`router_aux_loss_logps`)."""
+    forward, which also returns its router loss (`router_aux_loss_logps`). `head_grad_in_place`: see
+    `completion_logps` (the trainer's single-process training forward)."""
 
-    def __init__(self, model: torch.nn.Module, router_aux_loss: bool = False):
+    def __init__(self, model: torch.nn.Module, router_aux_loss: bool = False, head_grad_in_place: bool = False):
         super().__init__()
         self.model = model
         self.router_aux_loss = router_aux_loss
+        self.head_grad_in_place = head_grad_in_place
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(log-probs, entropy or None, router loss or None)."""
         if self.router_aux_loss:
             kwargs.pop("with_entropy", None)
             return router_aux_loss_logps(self.model, *args, **kwargs)
-        return (*completion_logps(self.model, *args, **kwargs), None)
+        return (*completion_logps(self.model, *args, head_grad_in_place=self.head_grad_in_place, **kwargs), None)
