@@ -255,12 +255,12 @@ def worker(opts: argparse.Namespace) -> None:
 
 
 # ---- the driver ----------------------------------------------------------------------------------------------
-def run_worker(trainer: str, case: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
+def run_worker(trainer: str, case: dict[str, Any], opts: argparse.Namespace, seed: int) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         command = [sys.executable, __file__, "--worker", trainer, "--model", case["model"], "--model-dir",
                    case["model_dir"], "--length", str(case["length"]), "--g", str(case["g"]), "--mode", case["mode"],
                    "--steps", str(case["steps"]), "--result", result.name, "--device", opts.device,
-                   "--learning-rate", str(opts.learning_rate), "--seed", str(opts.seed)]
+                   "--learning-rate", str(opts.learning_rate), "--seed", str(seed)]
         command += (["--threads", str(opts.threads)] if opts.threads else []) + (["--bf16"] if opts.bf16 else [])
         command += ["--gradient-checkpointing", opts.gradient_checkpointing]
         env = dict(os.environ)
@@ -271,8 +271,8 @@ def run_worker(trainer: str, case: dict[str, Any], opts: argparse.Namespace) -> 
         if done.returncode != 0:
             raise RuntimeError(f"{trainer} worker failed:\n{done.stderr[-4000:]}")
         out = json.loads(Path(result.name).read_text())
-    print(f"  {trainer:<5} {describe(case)}: {case['steps']} steps in {time.perf_counter() - started:.0f} s, "
-          f"peak {out['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    print(f"  {trainer:<5} {describe(case)} seed {seed}: {case['steps']} steps in {time.perf_counter() - started:.0f} "
+          f"s, peak {out['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
     return out
 
 
@@ -301,7 +301,7 @@ def summarize(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
     step_time, mean_step_time = statistics.median(step_times), statistics.mean(step_times)
     phases["other"] = max(0.0, mean_step_time - sum(phases.values()))
     reached = [t for t in times_to_target if t is not None]
-    return dict(step_time=step_time, mean_step_time=mean_step_time,
+    return dict(times_to_target=times_to_target,step_time=step_time, mean_step_time=mean_step_time,
                 tokens_per_s=statistics.median(s["generated"] / s["step_time"] for s in steps),
                 trained=statistics.mean(s["trained"] for s in steps), phases=phases,
                 rewards=[statistics.mean(r) for r in zip(*curves)], peak_mib=max(r["peak_mib"] for r in results),
@@ -365,6 +365,10 @@ def report(case: dict[str, Any], stats: dict[str, dict[str, Any]], params: int, 
                      f"{ours:.2f} ({ours / stats['grpo']['mean_step_time']:.0%}) | {ratio(ours, trl, inverse=True)} |")
     for t in TRAINERS:
         lines.append(f"\nreward per step, {t + ':':<5} {' '.join(f'{r:.2f}' for r in stats[t]['rewards'])}")
+    if opts.repeats > 1:  # the mean above needs every repeat to reach the target
+        for t in TRAINERS:
+            each = " ".join("-" if r is None else f"{r:.0f}" for r in stats[t]["times_to_target"])
+            lines.append(f"\ntime to target of each repeat (s), {t + ':':<5} {each}")
     for t in TRAINERS:  # time to the same reward can fall on different steps: these compare equal steps
         lines.append(f"\nseconds since the start after each step, {t + ':':<5} "
                      f"{' '.join(f'{e:.1f}' for e in stats[t]['elapsed'])}")
@@ -399,6 +403,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timing runs per trainer, alternating trainers")
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--vary-seed", action="store_true",
+                        help="repeat r trains with seed + r (both trainers alike), so time to target is a mean over "
+                             "different samples rather than over one sample's trajectory")
     parser.add_argument("--target", type=float, default=0.9, help="reward whose first crossing is timed")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (both trainers)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -426,7 +433,7 @@ def main() -> None:
 
     print(f"device={opts.device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"transformers={transformers.__version__} trl={trl.__version__} steps={opts.steps} lr={opts.learning_rate} "
-          f"seed={opts.seed} {'bf16' if opts.bf16 else 'float32'}"
+          f"seed={opts.seed}{' + repeat' if opts.vary_seed else ''} {'bf16' if opts.bf16 else 'float32'}"
           f"{' (TRL: malloc keeps freed memory)' if opts.trl_keeps_freed_memory else ''}")
     lines = []
     dtype = torch.bfloat16 if opts.bf16 or opts.device == "cuda" else torch.float32
@@ -437,7 +444,7 @@ def main() -> None:
                 results: dict[str, list[dict[str, Any]]] = {t: [] for t in TRAINERS}
                 for repeat in range(case["repeats"]):
                     for trainer in TRAINERS if repeat % 2 == 0 else TRAINERS[::-1]:
-                        result = run_worker(trainer, case, opts)
+                        result = run_worker(trainer, case, opts, opts.seed + (repeat if opts.vary_seed else 0))
                         for step in result["steps"]:
                             step["rows"] = 2 * case["g"]
                         results[trainer].append(result)
