@@ -283,7 +283,7 @@ def describe(case: dict[str, Any]) -> str:
 def summarize(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
     """Repeats of one (trainer, case) pooled: median step time and tokens/s, mean phase seconds per step, mean
     trained and generated tokens per step, the mean reward curve, time to target, the largest peak memory."""
-    steps, times_to_target = [], []
+    steps, times_to_target, run_times = [], [], []
     for result in results:
         seen = [s["num_tokens"] for s in result["steps"]]
         elapsed = 0.0
@@ -294,19 +294,21 @@ def summarize(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
                 reached = elapsed
             steps.append(dict(step, trained=after - before, generated=step["completion_length"] * step["rows"]))
         times_to_target.append(reached)
+        run_times.append(elapsed)
     curves = [[s["reward"] for s in r["steps"]] for r in results]
     elapsed = [list(itertools.accumulate(s["step_time"] for s in r["steps"])) for r in results]
     phases = {p: statistics.mean(s["phases"].get(p, 0.0) for s in steps) for p in PHASES}
     step_times = [s["step_time"] for s in steps]
     step_time, mean_step_time = statistics.median(step_times), statistics.mean(step_times)
     phases["other"] = max(0.0, mean_step_time - sum(phases.values()))
-    reached = [t for t in times_to_target if t is not None]
-    return dict(times_to_target=times_to_target,step_time=step_time, mean_step_time=mean_step_time,
+    # a repeat that never reached the target counts its whole run: the mean is then a lower bound
+    bounded = [t if t is not None else total for t, total in zip(times_to_target, run_times)]
+    return dict(times_to_target=times_to_target, step_time=step_time, mean_step_time=mean_step_time,
                 tokens_per_s=statistics.median(s["generated"] / s["step_time"] for s in steps),
                 trained=statistics.mean(s["trained"] for s in steps), phases=phases,
                 rewards=[statistics.mean(r) for r in zip(*curves)], peak_mib=max(r["peak_mib"] for r in results),
                 elapsed=[statistics.mean(e) for e in zip(*elapsed)],
-                time_to_target=statistics.mean(reached) if len(reached) == len(results) else None)
+                time_to_target=statistics.mean(bounded), target_missed=None in times_to_target)
 
 
 def matmul_flops(device: str, dtype: torch.dtype, repeats: int = 5) -> float:
@@ -339,6 +341,17 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def time_to_target_row(name: str, stats: dict[str, dict[str, Any]]) -> str:
+    """Mean time to target; where a trainer's repeat never reached it, its whole run counts and the mean reads as
+    a lower bound (">="), and so does the ratio ("-" where both missed)."""
+    missed = {t: stats[t]["target_missed"] for t in TRAINERS}
+    cell = {t: (">=" if missed[t] else "") + f"{stats[t]['time_to_target']:.0f}" for t in TRAINERS}
+    bound = "-" if all(missed.values()) else ">=" if missed["trl"] else "<=" if missed["grpo"] else ""
+    speedup = "-" if bound == "-" else bound + ratio(stats["grpo"]["time_to_target"], stats["trl"]["time_to_target"],
+                                                      inverse=True)
+    return f"| {name} | {cell['trl']} | {cell['grpo']} | {speedup} |"
+
+
 def report(case: dict[str, Any], stats: dict[str, dict[str, Any]], params: int, peak: float,
            opts: argparse.Namespace) -> list[str]:
     memory = "peak RSS (MiB)" if opts.device == "cpu" else "peak CUDA memory (MiB)"
@@ -355,6 +368,9 @@ def report(case: dict[str, Any], stats: dict[str, dict[str, Any]], params: int, 
              "|---|---:|---:|---:|"]
     for name, key, spec, lower_is_better in rows:
         trl, ours = stats["trl"][key], stats["grpo"][key]
+        if key == "time_to_target":
+            lines.append(time_to_target_row(name, stats))
+            continue
         lines.append(f"| {name} | {fmt(trl, spec)} | {fmt(ours, spec)} | "
                      f"{ratio(ours, trl, inverse=lower_is_better)} |")
     lines.append(f"| train forward+backward MFU | {percent(mfu['trl'])} | {percent(mfu['grpo'])} | "
