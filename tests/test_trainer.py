@@ -443,3 +443,12 @@ def test_no_forward_pass_the_math_does_not_need(tmp_path, tiny_model_dir, monkey
     trainer.train()
     assert no_grad_passes == []
     assert len(training_forwards) == 3 * 2  # 3 steps x 2 micro-batches
+
+
+def test_logged_learning_rate_is_the_one_the_step_used(tmp_path, tiny_model_dir):
+    """As transformers and TRL log it: a linear schedule over 2 steps from 1e-3 used 1e-3, then 5e-4 (not the
+    rate after the scheduler's step: 5e-4, then 0)."""
+    trainer = GRPOTrainer(model=tiny_model_dir, args=small_args(tmp_path, warmup_steps=0), train_dataset=length_task(4),
+                          reward_funcs=reward_len)
+    rates = [entry["learning_rate"] for entry in trained_history(trainer) if "learning_rate" in entry]
+    assert rates == pytest.approx([1e-3, 5e-4])

@@ -371,9 +371,9 @@ class GRPOTrainer(GenerationRounds, Evaluation):
                 self.callbacks.event("on_substep_end", self.state)
             totals += stats
         totals = self._summed_over_processes(totals)
-        metrics = {"loss": totals.loss, "grad_norm": self._optimizer_step(totals.loss)}
+        metrics = {"loss": totals.loss, "grad_norm": self._optimizer_step(totals.loss),
+                   "learning_rate": self.lr_scheduler.get_last_lr()[0]}  # the rate this step used, as TRL logs
         self.lr_scheduler.step()  # the schedule follows global_step, skipped steps included
-        metrics["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
         metrics |= totals.step_metrics(counts, settings)
         if settings.entropy_bonus:
             metrics["entropy_coef"] = self._next_entropy_coef(metrics["entropy"])
