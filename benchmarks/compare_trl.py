@@ -283,7 +283,7 @@ def describe(case: dict[str, Any]) -> str:
 def summarize(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
     """Repeats of one (trainer, case) pooled: median step time and tokens/s, mean phase seconds per step, mean
     trained and generated tokens per step, the mean reward curve, time to target, the largest peak memory."""
-    steps, times_to_target, run_times = [], [], []
+    steps, times_to_target = [], []
     for result in results:
         seen = [s["num_tokens"] for s in result["steps"]]
         elapsed = 0.0
@@ -294,7 +294,6 @@ def summarize(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
                 reached = elapsed
             steps.append(dict(step, trained=after - before, generated=step["completion_length"] * step["rows"]))
         times_to_target.append(reached)
-        run_times.append(elapsed)
     curves = [[s["reward"] for s in r["steps"]] for r in results]
     elapsed = [list(itertools.accumulate(s["step_time"] for s in r["steps"])) for r in results]
     phases = {p: statistics.mean(s["phases"].get(p, 0.0) for s in steps) for p in PHASES}
@@ -302,7 +301,7 @@ def summarize(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
     step_time, mean_step_time = statistics.median(step_times), statistics.mean(step_times)
     phases["other"] = max(0.0, mean_step_time - sum(phases.values()))
     # a repeat that never reached the target counts its whole run: the mean is then a lower bound
-    bounded = [t if t is not None else total for t, total in zip(times_to_target, run_times)]
+    bounded = [t if t is not None else run[-1] for t, run in zip(times_to_target, elapsed)]
     return dict(times_to_target=times_to_target, step_time=step_time, mean_step_time=mean_step_time,
                 tokens_per_s=statistics.median(s["generated"] / s["step_time"] for s in steps),
                 trained=statistics.mean(s["trained"] for s in steps), phases=phases,
