@@ -70,7 +70,7 @@ def test_switches_on_this_machines_glibc(monkeypatch):
 
 
 def test_a_run_resumes_with_the_setting_changed():
-    """How memory is allocated changes no number of the run (the demo gives -1.547 either way), so a resume may
+    """How memory is allocated changes no number of the run (the demo gives -1.312 either way), so a resume may
     switch it."""
     from grpo.checkpoint import _differing_settings
 

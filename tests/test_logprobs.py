@@ -271,10 +271,11 @@ class NewWeightShaped(TorchDispatchMode):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "llama_bias"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_head_gradient_added_in_place_equals_autograd(arch, checkpointing):
-    """head_grad_in_place adds the head's dL/dW into weight.grad itself: over two accumulated backward passes
-    (tied embeddings: the lookup's gradient joins the same .grad) every gradient equals autograd's, and the
-    second backward creates one (V, H) tensor fewer (the head's own gradient)."""
+def test_head_and_embedding_gradients_added_in_place_equal_autograd(arch, checkpointing):
+    """grads_in_place adds the head's and the input embedding's dL/dW into their weight.grad itself (tied
+    embeddings: both into the same one): over two accumulated backward passes every gradient equals autograd's,
+    and the second backward creates no (V, H) tensor at all, where autograd creates the head's gradient and the
+    lookup's dense one (and their sum, tied)."""
     model = make_model(arch)
     model.train()
     if checkpointing:
@@ -287,7 +288,7 @@ def test_head_gradient_added_in_place_equals_autograd(arch, checkpointing):
         for repeats in (1, 2):
             inputs = batch(repeats)
             logps, _ = completion_logps(model, *inputs, TEMPERATURE, chunk_bytes=chunk_bytes(5),
-                                        head_grad_in_place=in_place)
+                                        grads_in_place=in_place)
             with NewWeightShaped(head.weight.shape) as mode:
                 objective(logps, torch.zeros_like(logps), inputs[3].bool()).backward()
             counts.append(mode.count)
@@ -298,22 +299,71 @@ def test_head_gradient_added_in_place_equals_autograd(arch, checkpointing):
     assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-5, msg=name)
-    # tied embeddings also spare autograd's sum of the head's and the lookup's gradients: two fewer there
-    assert our_counts[1] == their_counts[1] - (2 if arch == "qwen2" else 1)
+    assert our_counts[1] == 0 and their_counts[1] == (3 if arch == "qwen2" else 2)
 
 
 def test_head_gradient_goes_through_autograd_where_the_weight_has_hooks():
-    """A hook on the head's weight (as DDP's and DeepSpeed's are) must see its gradient: head_grad_in_place then
+    """A hook on the head's weight (as DDP's and DeepSpeed's are) must see its gradient: grads_in_place then
     leaves the accumulation to autograd."""
     model = make_model("llama")
     head = model.get_output_embeddings()
     seen = []
     head.weight.register_post_accumulate_grad_hook(lambda weight: seen.append(weight.grad.clone()))
-    logps, _ = completion_logps(model, *batch(), TEMPERATURE, head_grad_in_place=True)
+    logps, _ = completion_logps(model, *batch(), TEMPERATURE, grads_in_place=True)
     objective(logps, torch.zeros_like(logps), batch()[3].bool()).backward()
     assert len(seen) == 1 and torch.equal(seen[0], head.weight.grad) and seen[0].abs().sum() > 0
     assert not logprobs._adds_grad_in_place(head.weight, torch.float32)
     assert not logprobs._adds_grad_in_place(model.model.embed_tokens.weight, torch.bfloat16)  # autocast's dtype
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_token_embedding_adds_its_rows_into_grad(padding_idx):
+    """_TokenEmbedding equals nn.Embedding forward and backward (repeated ids, padding_idx's row left alone, an
+    existing .grad added to), and its sum does not depend on the number of threads (runs stay bit-identical)."""
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(11, 6, padding_idx=padding_idx)
+    ids = torch.tensor([[2, 5, 5, 1], [2, 2, 7, 5]])
+    upstream = torch.randn(2, 4, 6)
+    (embedding(ids) * upstream).sum().backward()
+    (embedding(ids) * upstream).sum().backward()
+    expected = embedding.weight.grad.clone()
+
+    def ours(threads):
+        embedding.weight.grad = None
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for _ in range(2):
+                out = logprobs._embed_adding_in_place(embedding, ids)
+                torch.testing.assert_close(out, embedding(ids), rtol=0, atol=0)
+                (out * upstream).sum().backward()
+        finally:
+            torch.set_num_threads(previous)
+        return embedding.weight.grad.clone()
+
+    one, two = ours(1), ours(2)
+    torch.testing.assert_close(one, expected)
+    assert torch.equal(one, two)
+    if padding_idx is not None:
+        assert (one[padding_idx] == 0).all()
+
+
+def test_embedding_goes_through_autograd_where_it_is_not_a_plain_lookup():
+    """Only a hook-free nn.Embedding of a Llama-family decoder is computed by _TokenEmbedding: a forward hook
+    (NEFTune adds noise from one), another embedding class or another model type keep the module's own forward."""
+    body = lm_body_and_head(make_model("llama"))[0]
+    assert logprobs._embedding_adding_in_place(body) is body.embed_tokens
+    handle = body.embed_tokens.register_forward_hook(lambda module, args, out: out)
+    assert logprobs._embedding_adding_in_place(body) is None
+    handle.remove()
+    checkpointed = make_model("llama")  # transformers adds a hook that only sets requires_grad: kept
+    checkpointed.gradient_checkpointing_enable({"use_reentrant": False})
+    assert checkpointed.model.embed_tokens._forward_hooks
+    assert logprobs._embedding_adding_in_place(checkpointed.model) is checkpointed.model.embed_tokens
+    gemma = make_model("gemma2").model
+    assert logprobs._embedding_adding_in_place(gemma) is None  # not of the Llama family
+    body.embed_tokens.weight.requires_grad_(False)
+    assert logprobs._embedding_adding_in_place(body) is None
 
 
 @pytest.mark.parametrize("keep_probs", [False, True])

@@ -232,8 +232,8 @@ def test_long_completions_of_a_short_prompt_are_packed_only_with_attention_by_th
     the layout (8 x 40 x 43 pairs), so it packs."""
     calls = []
     original = packing.shared_prefix_hidden
-    monkeypatch.setattr("grpo.logprobs.shared_prefix_hidden", lambda body, packed, grouped: calls.append(
-        (body.config._attn_implementation, grouped)) or original(body, packed, grouped))
+    monkeypatch.setattr("grpo.logprobs.shared_prefix_hidden", lambda body, packed, grouped, **kw: calls.append(
+        (body.config._attn_implementation, grouped)) or original(body, packed, grouped, **kw))
     torch.manual_seed(0)
     model = ARCHS["llama"]()
     prompt = torch.tensor([[5, 6, 7]] * 8)
@@ -262,9 +262,9 @@ def test_the_trainer_packs_each_groups_prompt_once(tiny_model_dir, tmp_path, mon
     calls = []
     original = packing.shared_prefix_hidden
 
-    def recording(body, packed, grouped):
+    def recording(body, packed, grouped, **kwargs):
         calls.append(packed.input_ids.size(0))
-        return original(body, packed, grouped)
+        return original(body, packed, grouped, **kwargs)
 
     monkeypatch.setattr("grpo.logprobs.shared_prefix_hidden", recording)
     args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=4,

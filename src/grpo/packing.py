@@ -24,7 +24,7 @@ predicted by the hidden state of the token before it: the last prompt token for 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -142,17 +142,20 @@ def packing_saves_work(packed: SharedPrefixBatch, rows: int, width: int, config:
     return sequences * length + k * pairs < rows * width + k * rows * width**2
 
 
-def shared_prefix_hidden(body: torch.nn.Module, packed: SharedPrefixBatch, grouped: bool = False) -> torch.Tensor:
+def shared_prefix_hidden(body: torch.nn.Module, packed: SharedPrefixBatch, grouped: bool = False,
+                         embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(B, C, H): the final hidden state that predicts each completion token (garbage where completion_mask is
     0), from one forward of the packed sequences. `grouped` (the caller's `uses_grouped_attention`): attention
-    runs by the layout; the mask over every pair is passed too, for any attention that does not."""
+    runs by the layout; the mask over every pair is passed too, for any attention that does not. `embed`: the
+    input embeddings of the packed ids, computed by the caller instead of the body."""
     eager = body.config._attn_implementation == "eager"
     dtype = next(body.parameters()).dtype
     mask = packed.attention_mask(additive_dtype=dtype if eager else None)
     layout = {"attention_layout": GroupedAttention.of(packed)} if grouped else {}
     with grouped_attention(body) if grouped else nullcontext():
-        hidden = body(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                      use_cache=False, **layout).last_hidden_state
+        tokens = dict(input_ids=packed.input_ids) if embed is None else dict(inputs_embeds=embed(packed.input_ids))
+        hidden = body(**tokens, attention_mask=mask, position_ids=packed.position_ids, use_cache=False,
+                      **layout).last_hidden_state
     return gather_rows(hidden.reshape(-1, hidden.size(-1)), packed.predictors)
 
 

@@ -156,7 +156,7 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         self.model = prepare_policy(model, args, peft_config, model_init_kwargs).to(self.device)
         self.router_aux_loss_coef = router_aux_loss_coef(self.model, args.router_aux_loss_coef)  # 0: no MoE loss
         self.policy_logps = PolicyLogps(self.model, self.router_aux_loss_coef != 0,  # the training forward
-                                        head_grad_in_place=self.processes.count == 1)
+                                        grads_in_place=self.processes.count == 1)
         if self.processes.count > 1 and distributed.engine(self.accelerator) not in distributed.WRAPPED_IN_TRAIN:
             self.policy_logps = self.accelerator.prepare_model(self.policy_logps)
         self.ref_model = None
