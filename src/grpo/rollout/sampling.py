@@ -69,8 +69,10 @@ def sample_tokens(processed: torch.Tensor, params: SamplingParams, generator: to
                   ) -> torch.Tensor:
     """One token per row from softmax(processed) (argmax when greedy).
 
-    Sampling inverts the CDF with one uniform draw per row: the first v with cumsum(p)_v > u. It is exact, and
-    far cheaper than `torch.multinomial` or a Gumbel race, which draw a random number per vocabulary entry.
+    Sampling inverts the CDF with one uniform draw per row: the first v with cumsum(p)_v > u. It is exact up to
+    the float32 rounding of the cumulative sum (on SmolLM2's next-token distributions, 49152 entries: a total
+    variation of 1.8e-4 from softmax(processed), mean log-prob equal to 4 decimals), and far cheaper than
+    `torch.multinomial` or a Gumbel race, which draw a random number per vocabulary entry.
     """
     if params.greedy:  # on the logits: softmax can round two close ones to the same probability, a false tie
         return processed.argmax(dim=-1)
