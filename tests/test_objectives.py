@@ -463,7 +463,7 @@ def test_update_does_not_depend_on_gradient_accumulation(tmp_path, tiny_model_di
     for ga, batch_size in [(1, 8), (4, 2)]:
         trainer = sgd_trainer(tmp_path, tiny_model_dir, gradient_accumulation_steps=ga,
                               per_device_train_batch_size=batch_size, **options)
-        assert trainer.policy_logps.grads_in_place  # one process: the LM head adds into .grad itself
+        assert trainer.policy_logps.grads_in_place  # one process: the LM head and lookup add into .grad themselves
         start = snapshot(trainer.model)
         trainer.train()
         updates.append({n: p.detach() - start[n] for n, p in trainer.model.named_parameters()})

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from grpo.algorithm import entropy_from_logits, selective_log_softmax
 from grpo.models import (
     LINEAR_HEADS,
+    LLAMA_FAMILY,
     Float32LMHead,
     accepts_logits_to_keep,
     checkpoints_activations,
@@ -52,9 +53,6 @@ transient memory is about this (the logits, then their probabilities in place), 
 
 SOFTMAX_BLOCK_BYTES = 4 * 2**20
 """Rows of a logits chunk taken at a time by the softmax statistics: their temporaries are this size."""
-
-EMBEDDING_IN_PLACE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-"""Decoders whose input embedding `_TokenEmbedding` may compute: their forward only looks the ids up."""
 
 
 def completion_logps(
@@ -288,7 +286,7 @@ def _embedding_adding_in_place(body: torch.nn.Module) -> torch.nn.Embedding | No
             or embedding.sparse or embedding._forward_pre_hooks
             or not all(_only_requires_grad(hook) for hook in embedding._forward_hooks.values())):
         return None
-    if getattr(getattr(body, "config", None), "model_type", None) not in EMBEDDING_IN_PLACE_MODEL_TYPES:
+    if getattr(getattr(body, "config", None), "model_type", None) not in LLAMA_FAMILY:
         return None
     if "inputs_embeds" not in inspect.signature(body.forward).parameters:
         return None

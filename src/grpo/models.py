@@ -334,6 +334,9 @@ def router_aux_loss_coef(model: Any, coef: float | None) -> float:
 # ---- what a model can do -----------------------------------------------------------------------------------------
 # LM heads whose logits are exactly h W^T + b (the chunked log-probs compute them from the weights)
 LINEAR_HEADS = (torch.nn.Linear, Float32LMHead)
+# Decoders of plain Llama structure: embed the ids, then norm / attention / gated MLP layers, a final norm. The
+# rollout's lean decode step computes them from their weights, and the training forward their lookup.
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 # Config fields of models whose logits are rescaled or soft-capped after the LM head; the forward-source check
 # (`_body_attribute`) catches these too, this is a second line of defence.
 LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logits_soft_cap",

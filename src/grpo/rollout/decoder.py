@@ -47,12 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grpo.models import LLAMA_FAMILY
 from grpo.rollout import decode_linear
 from grpo.rollout.decode_layers import DecodeLayers
 from grpo.rollout.kv_cache import CopiedKV, GroupKV, attention_mask
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
 
 Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight, bias)
 
@@ -270,7 +268,7 @@ class LeanDecoder:
                 return None
             model = model.get_base_model()
         config = getattr(model, "config", None)
-        if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES or not _plain_backbone(model):
+        if getattr(config, "model_type", None) not in LLAMA_FAMILY or not _plain_backbone(model):
             return None
         if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
             return None
