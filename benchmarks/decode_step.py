@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--linears", action="store_true", help="compare the linears' layouts instead")
     opts = parser.parse_args()
     if kernel() is None or not decode_linear.available():
-        sys.exit("the CPU decode kernels could not be built here (see rollout/cpu_kernels.py)")
+        sys.exit("the CPU decode kernels could not be built here (see cpu_kernels.py)")
     model, g = load(opts.size), opts.num_generations
     rows = opts.prompts * g
     prompt_ids = [[1] + list(range(3, 3 + opts.prompt_len - 1 - 3 * i)) for i in range(opts.prompts)]

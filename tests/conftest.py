@@ -16,7 +16,7 @@ REAL_MODEL = "smollm2-135m-instruct"
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     os.environ["GRPO_CACHE"] = str(tmp_path_factory.mktemp("grpo-cache"))
-    from grpo.rollout.cpu_kernels import build, library
+    from grpo.cpu_kernels import build, library
 
     if library() is not None:  # built once here, so that the processes the tests launch find it in the cache
         build()

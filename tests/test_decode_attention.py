@@ -1,5 +1,5 @@
 """The compiled CPU decode-attention kernel against attention worked out in float64, and how the CPU kernels'
-library is built (rollout/cpu_kernels.py)."""
+library is built (cpu_kernels.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
+from grpo import cpu_kernels as module
 from grpo.paths import run_first
-from grpo.rollout import cpu_kernels as module
 from grpo.rollout.decode_attention import available, decode_attention, kernel
 
 needs_kernel = pytest.mark.skipif(kernel() is None, reason="no C compiler to build the kernel with")

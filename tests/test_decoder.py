@@ -18,10 +18,11 @@ from transformers import (
 )
 
 from grpo import GRPOConfig
+from grpo.models import STANDARD_RMS_NORMS
 from grpo.rollout import RolloutEngine, decode_linear
 from grpo.rollout import decoder as decoder_module
 from grpo.rollout.base import left_pad
-from grpo.rollout.decoder import STANDARD_RMS_NORMS, FoldedRMSNorm, LeanDecoder, _norm, interleaved_pairs
+from grpo.rollout.decoder import FoldedRMSNorm, LeanDecoder, _norm, interleaved_pairs
 from grpo.rollout.engine import _preallocated_cache
 from grpo.rollout.kv_cache import CopiedKV, GroupKV
 from test_rollout import SamplingRecorder

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from grpo.algorithm import entropy_from_logits, selective_log_softmax
+from grpo.fused_ops import fused_ops
 from grpo.models import (
     LINEAR_HEADS,
     LLAMA_FAMILY,
@@ -96,13 +97,16 @@ def completion_logps(
     grouped = uses_grouped_attention(body)  # decided once: the cost model and the forward must agree
     embedding = _embedding_adding_in_place(body) if grads_in_place else None
     embed = None if embedding is None else functools.partial(_embed_adding_in_place, embedding)
-    if (packed is not None and supports_packing(body, packed.input_ids.size(1))
-            and packing_saves_work(packed, *inputs["input_ids"].shape, text_config(body.config), grouped=grouped)):
-        hidden = shared_prefix_hidden(body, packed, grouped, embed=embed)
-    else:
-        if embed is not None:
-            inputs["inputs_embeds"] = embed(inputs.pop("input_ids"))
-        hidden = body(**inputs).last_hidden_state[:, -(width + 1):-1]  # position t predicts completion token t
+    # fused element-wise kernels where no backward will recompute the layers outside this call (the trainer holds
+    # its own scope over a checkpointed forward and backward)
+    with nullcontext() if checkpoints_activations(body) else fused_ops(body):
+        if (packed is not None and supports_packing(body, packed.input_ids.size(1)) and packing_saves_work(
+                packed, *inputs["input_ids"].shape, text_config(body.config), grouped=grouped)):
+            hidden = shared_prefix_hidden(body, packed, grouped, embed=embed)
+        else:
+            if embed is not None:
+                inputs["inputs_embeds"] = embed(inputs.pop("input_ids"))
+            hidden = body(**inputs).last_hidden_state[:, -(width + 1):-1]  # position t predicts completion token t
     mask = completion_mask.bool()
     chunk_tokens = max(1, chunk_bytes // (4 * vocab_size(head)))
     # where the layers keep their activations for the backward, the LM head keeps its probabilities too

@@ -337,6 +337,11 @@ LINEAR_HEADS = (torch.nn.Linear, Float32LMHead)
 # Decoders of plain Llama structure: embed the ids, then norm / attention / gated MLP layers, a final norm. The
 # rollout's lean decode step computes them from their weights, and the training forward their lookup.
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+# Their RMSNorm normalises in float32, rounds to the input dtype, then multiplies by the weight: the same numbers
+# as `F.rms_norm` (checked bit for bit in the tests), which the lean decoder calls, and the same math as
+# `fused_ops.rms_norm`, which the training forward calls.
+STANDARD_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+SILU_ACTIVATIONS = ("SiLU", "SiLUActivation")  # torch's and transformers' x * sigmoid(x)
 # Config fields of models whose logits are rescaled or soft-capped after the LM head; the forward-source check
 # (`_body_attribute`) catches these too, this is a second line of defence.
 LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logits_soft_cap",

@@ -49,6 +49,7 @@ from grpo.checkpoint import (
 from grpo.config import GRPOConfig
 from grpo.data import PromptSource, check_prompt_lengths, context_length
 from grpo.distributed import Processes, accelerator_kwargs, check_distributed_support
+from grpo.fused_ops import fused_ops
 from grpo.guard import NonFiniteGuard, is_finite_step
 from grpo.logprobs import PolicyLogps, completion_logps
 from grpo.metrics import ProgressBar, RunLog, run_summary
@@ -352,8 +353,9 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         self.policy_logps.train()  # the model and any DDP wrapper around it
         for i, rows in enumerate(micro_batches):
             batch = rollout.select(rows)
-            # packed attention by the layout also where gradient checkpointing recomputes layers in the backward
-            with grouped_attention(base_model(self.model)):
+            # packed attention by the layout, and fused element-wise kernels, also where gradient checkpointing
+            # recomputes layers in the backward
+            with grouped_attention(base_model(self.model)), fused_ops(base_model(self.model)):
                 with self._autocast():
                     logps, entropy, aux_loss = self.policy_logps(
                         batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from grpo.rollout.cpu_kernels import INT, POINTER, STRIDE, entry
+from grpo.cpu_kernels import INT, POINTER, STRIDE, entry
 
 MAX_DIM = 512  # the kernel's accumulator size (decode_attention.c)
 

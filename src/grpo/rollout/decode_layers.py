@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from grpo.rollout.cpu_kernels import INT, POINTER, STRIDE, entry
+from grpo.cpu_kernels import INT, POINTER, STRIDE, entry
 from grpo.rollout.kv_cache import GroupKV
 
 PER_LAYER = 10  # pointers a layer passes (decode_layers.c)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo.rollout.cpu_kernels import INT, POINTER, STRIDE, entry, library
+from grpo.cpu_kernels import INT, POINTER, STRIDE, entry, library
 
 STORE, ADD, GATED_SILU = 0, 1, 2  # the kernel's epilogues (decode_linear.c)
 

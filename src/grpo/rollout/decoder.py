@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grpo.models import LLAMA_FAMILY
+from grpo.models import LLAMA_FAMILY, SILU_ACTIVATIONS, STANDARD_RMS_NORMS
 from grpo.rollout import decode_linear
 from grpo.rollout.decode_layers import DecodeLayers
 from grpo.rollout.kv_cache import CopiedKV, GroupKV, attention_mask
@@ -456,12 +456,6 @@ def _project(x: torch.Tensor, projections: list[Projection], split: list[int] | 
         return [projection(x) for projection in projections]
     out = projections[0](x)
     return [out] if split else list(out.chunk(2, dim=-1))
-
-
-# These models' RMSNorm normalises in float32, rounds to the input dtype, then multiplies by the weight: the same
-# numbers as `F.rms_norm` (checked bit for bit in the tests), one call (a fused kernel on GPU) instead of seven.
-STANDARD_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
-SILU_ACTIVATIONS = ("SiLU", "SiLUActivation")  # torch's and transformers' x * sigmoid(x)
 
 
 def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

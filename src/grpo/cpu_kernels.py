@@ -1,11 +1,12 @@
-"""The compiled CPU kernels of the decode step (`decode_attention.c`, `decode_linear.c`, and `decode_layers.c`,
-which runs a step's layers with the other two): one library, built from source on first use.
+"""grpo's compiled CPU kernels, one library built from source on first use: the decode step's
+(`rollout/decode_attention.c`, `rollout/decode_linear.c`, and `rollout/decode_layers.c`, which runs a step's
+layers with the other two) and the training step's fused element-wise steps (`fused_ops.c`).
 
 Building takes a C compiler with OpenMP (gcc or clang: `$CC`, else `cc` on PATH) and about a second. The library
 is cached under `~/.cache/grpo/kernels` (or `$GRPO_CACHE/kernels`), keyed by sources, compiler and CPU, since it
 is built for the CPU it runs on (-march=native). It needs libgomp, the OpenMP runtime torch's Linux wheels load,
 so that its threads are torch's own (a torch built on another runtime would run a second pool). Where there is
-no compiler, the platform is not Linux, or `GRPO_CPU_KERNELS=0`, `library()` is None and the decode step uses
+no compiler, the platform is not Linux, or `GRPO_CPU_KERNELS=0`, `library()` is None and both steps use
 torch's operations: the same numbers to rounding, slower.
 
 -ffast-math (vectorised exp) is used to compile only, not to link: gcc would otherwise link in a start-up file
@@ -24,7 +25,9 @@ from typing import Any
 
 from grpo.paths import compiled_library, load_compiled, run_first
 
-SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.c", "decode_linear.c", "decode_layers.c")]
+HERE = Path(__file__).parent
+SOURCES = [*(HERE / "rollout" / name for name in ("decode_attention.c", "decode_linear.c", "decode_layers.c")),
+           HERE / "fused_ops.c"]
 COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu99"]
 ARCH_FLAGS = [["-march=native"], []]  # a compiler that cannot target the host's own CPU builds generic code
 LINK_FLAGS = [["-shared", "-fopenmp", "-lmvec", "-lm"], ["-shared", "-fopenmp", "-lm"]]  # without glibc's libmvec

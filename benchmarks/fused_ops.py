@@ -1,0 +1,80 @@
+"""The training forward + backward of one micro-batch on SmolLM2-135M-Instruct with and without grpo's fused
+element-wise kernels (grpo.fused_ops: RMSNorm, SwiGLU, rotary embedding), as the trainer runs it.
+
+    python benchmarks/fused_ops.py [--prompt-len 35] [--length 64] [--num-generations 8] [--repeats 7]
+                                   [--gradient-checkpointing on off]
+
+One group (G completions of `--length` tokens behind one prompt: compare_trl's micro-batch), random token ids,
+float32, packed with attention by the layout, the head's and embedding's gradients added in place; transformers'
+own modules and the fused ones alternate in one process, so drift in the machine's speed hits both alike. Prints
+the median forward and backward seconds of each after a warm-up, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from grpo import catalog
+from grpo.allocator import keep_freed_memory
+from grpo.fused_ops import fused_ops
+from grpo.logprobs import completion_logps
+from grpo.models import load_causal_lm
+from grpo.packing import grouped_attention
+
+
+def forward_backward(model: torch.nn.Module, tensors: tuple[torch.Tensor, ...], fused: bool) -> tuple[float, float]:
+    """Seconds of the forward (log-probs) and of the backward, in one scope as the trainer holds it."""
+    with grouped_attention(model.model), fused_ops(model.model) if fused else nullcontext():
+        started = time.perf_counter()
+        logps, _ = completion_logps(model, *tensors, grads_in_place=True)
+        forward = time.perf_counter() - started
+        logps.sum().backward()
+    model.zero_grad(set_to_none=True)
+    return forward, time.perf_counter() - started - forward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt-len", type=int, default=35)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--gradient-checkpointing", nargs="+", default=["on", "off"], choices=["on", "off"])
+    opts = parser.parse_args()
+    model = load_causal_lm(str(catalog.fetch("smollm2-135m-instruct")), {"dtype": torch.float32})
+    model.config._attn_implementation = "sdpa"
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(100, model.config.vocab_size, (1, opts.prompt_len), generator=g)
+    tensors = (prompt_ids.repeat(opts.num_generations, 1), torch.ones(opts.num_generations, opts.prompt_len,
+                                                                        dtype=torch.long),
+               torch.randint(100, model.config.vocab_size, (opts.num_generations, opts.length), generator=g),
+               torch.ones(opts.num_generations, opts.length, dtype=torch.long))
+    print(f"SmolLM2-135M, G={opts.num_generations}, prompt {opts.prompt_len} + completions {opts.length} tokens, "
+          f"float32, {torch.get_num_threads()} threads; median of {opts.repeats} after a warm-up")
+    with keep_freed_memory():  # as the trainer runs: freed blocks reused, not faulted in again
+        for checkpointing in opts.gradient_checkpointing:
+            if checkpointing == "on":
+                model.gradient_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_disable()
+            seconds: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+            for repeat in range(opts.repeats + 1):
+                for fused in (False, True) if repeat % 2 == 0 else (True, False):
+                    timing = forward_backward(model, tensors, fused)
+                    if repeat:
+                        seconds[fused].append(timing)
+            (f0, b0), (f1, b1) = ([statistics.median(t[i] for t in seconds[fused]) for i in (0, 1)]
+                                  for fused in (False, True))
+            print(f"checkpointing {checkpointing:>3}: transformers' modules fwd {f0:.3f} + bwd {b0:.3f} = "
+                  f"{f0 + b0:.3f} s; fused fwd {f1:.3f} + bwd {b1:.3f} = {f1 + b1:.3f} s; "
+                  f"{(f0 + b0) / (f1 + b1):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
