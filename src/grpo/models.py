@@ -3,6 +3,7 @@ directory or an object), and what a loaded model can do (its capabilities, read 
 
 from __future__ import annotations
 
+import bisect
 import copy
 import functools
 import inspect
@@ -172,11 +173,48 @@ def prepare_policy(model: str | PreTrainedModel, args: Any, peft_config: Any,
         model = wrap_peft(model, peft_config)
     if args.cast_lm_head_to_fp32:
         cast_lm_head_to_fp32(model)
+    copy_file_mapped_weights(model)
     if args.disable_dropout:
         disable_dropout(model)
     if args.gradient_checkpointing:  # None: decided when training starts (needs_gradient_checkpointing)
         enable_gradient_checkpointing(model, args.gradient_checkpointing_kwargs)
     return model
+
+
+def copy_file_mapped_weights(model: torch.nn.Module) -> int:
+    """Trainable CPU parameters that are views of a memory-mapped file (transformers maps safetensors checkpoints
+    copy-on-write) get a copy in the process's own memory; returns how many. Otherwise the optimizer's first write
+    to each 4 KiB page of them is a copy-on-write fault: measured on SmolLM2-135M (2-core CPU VM, fused AdamW),
+    the first step took 3.2 s mapped against 1.1 s copied, the copy 0.14 s; steps after the first 0.08 s either
+    way. Peak memory is unchanged: the mapped pages are the file's, and leave the process with their mapping."""
+    mapped = _file_mapped_ranges()
+    copied = 0
+    for param in model.parameters():
+        if param.requires_grad and param.device.type == "cpu" and _inside(mapped, param.data_ptr()):
+            param.data = param.data.clone()
+            copied += 1
+    return copied
+
+
+def _file_mapped_ranges() -> list[tuple[int, int]]:
+    """(start, end) of this process's private mappings of files, sorted ([] where /proc/self/maps is not)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:  # "start-end perms offset dev inode path"
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/") and fields[1].endswith("p"):
+            start, end = fields[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return sorted(ranges)
+
+
+def _inside(ranges: list[tuple[int, int]], address: int) -> bool:
+    index = bisect.bisect_right(ranges, (address, float("inf"))) - 1
+    return index >= 0 and ranges[index][0] <= address < ranges[index][1]
 
 
 def prepare_reference(policy: PreTrainedModel, source: str | PreTrainedModel, args: Any,
