@@ -7,7 +7,12 @@ element-wise kernels (grpo.fused_ops: RMSNorm, SwiGLU, rotary embedding), as the
 One group (G completions of `--length` tokens behind one prompt: compare_trl's micro-batch), random token ids,
 float32, packed with attention by the layout, the head's and embedding's gradients added in place; transformers'
 own modules and the fused ones alternate in one process, so drift in the machine's speed hits both alike. Prints
-the median forward and backward seconds of each after a warm-up, and the ratio.
+the median forward and backward seconds of each after a warm-up, and the ratio. On the 2-core CPU (2026-12-05):
+
+    checkpointing  on: transformers' modules fwd 0.642 + bwd 1.701 = 2.343 s; fused fwd 0.594 + bwd 1.595 = 2.189 s;
+                       1.07x
+    checkpointing off: transformers' modules fwd 0.687 + bwd 1.218 = 1.906 s; fused fwd 0.635 + bwd 1.103 = 1.739 s;
+                       1.10x
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ through them; outside it the model is transformers' own. Each falls back to tran
 the kernels do not cover (not float32 on CPU, an MLP whose activation is not SiLU, a rotary embedding applied
 along another dim), and the scope changes nothing where the kernels cannot be built (`cpu_kernels.library`) or
 for another model. The values equal transformers' to float32 rounding (tested: outputs and every gradient, with
-and without gradient checkpointing). `benchmarks/fused_ops.py` times a training micro-batch with and without.
+and without gradient checkpointing). Measured on SmolLM2-135M, one micro-batch of 8 x 64 completion tokens behind
+a 35-token prompt, 2 CPU cores (`benchmarks/fused_ops.py`, the two alternating in one process): forward + backward
+2.34 -> 2.19 s and 2.27 -> 2.13 s (1.07x) with gradient checkpointing, 1.91 -> 1.74 s (1.10x) without.
 """
 
 from __future__ import annotations
