@@ -178,6 +178,10 @@ def test_the_scope_restores_every_forward_and_touches_nothing_else():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with fused_ops(gpt2.transformer):
         assert not any("forward" in vars(m) for m in gpt2.modules())
+    bfloat16 = make_model("llama", checkpointing=False).to(torch.bfloat16)  # the kernels are float32 code
+    with fused_ops(bfloat16.model):
+        assert not any("forward" in vars(m) for m in bfloat16.modules())
+        assert modeling_llama.apply_rotary_pos_emb is original_rotary
 
 
 def test_without_the_kernels_the_scope_changes_nothing(monkeypatch):

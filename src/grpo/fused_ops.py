@@ -60,9 +60,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """transformers' apply_rotary_pos_emb: x cos + rotate_half(x) sin for x in (q, k), shaped (batch, heads,
     length, dim), cos and sin (batch or 1, length, dim); rotate_half(x1, x2) = (-x2, x1) over the halves of dim.
     Its transpose (the backward) is dy cos + (s2 dy2, -s1 dy1) with (s1, s2) the halves of sin."""
-    if not (unsqueeze_dim == 1 and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape
-            and cos.size(-1) == q.size(-1) == k.size(-1) and q.size(-1) % 2 == 0
-            and _fusable(q, k, cos, sin) and cos.size(0) in (1, q.size(0)) and cos.size(1) == q.size(2)):
+    if unsqueeze_dim != 1 or not _rotary_shapes(q, k, cos, sin) or not _fusable(q, k, cos, sin):
         cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
         return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
     return _Rotary.apply(q, k, cos, sin)
@@ -70,13 +68,15 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 @contextmanager
 def fused_ops(body: torch.nn.Module) -> Iterator[None]:
-    """Within it, `body`'s (a llama-family decoder's) RMSNorms, SiLU MLPs and rotary embeddings compute through
-    the fused kernels; each module's own forward is back on exit. A backward that recomputes layers (gradient
-    checkpointing) must run inside the same scope, as the trainer does. Modules with a forward of their own
-    already set (accelerate's hooks) are left alone."""
+    """Within it, `body`'s (a float32 llama-family decoder's on CPU) RMSNorms, SiLU MLPs and rotary embeddings
+    compute through the fused kernels; each module's own forward is back on exit. A backward that recomputes
+    layers (gradient checkpointing) must run inside the same scope, as the trainer does. Modules with a forward
+    of their own already set (accelerate's hooks) are left alone."""
     config = getattr(body, "config", None)
-    if getattr(config, "model_type", None) not in LLAMA_FAMILY or _kernel("grpo_swiglu_forward") is None:
-        yield
+    weight = next(body.parameters(), None)
+    if (getattr(config, "model_type", None) not in LLAMA_FAMILY or _kernel("grpo_swiglu_forward") is None
+            or weight is None or weight.device.type != "cpu" or weight.dtype != torch.float32):
+        yield  # the kernels are float32 CPU code: a GPU or bfloat16 model keeps transformers' modules (and hub kernels)
         return
     with ExitStack() as stack:
         for module in body.modules():
@@ -205,6 +205,13 @@ def _rotary_replaced(modeling: types.ModuleType) -> Iterator[None]:
 def _fusable(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and (
         _kernel("grpo_swiglu_forward") is not None)
+
+
+def _rotary_shapes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """q and k (B, H, L, D) with D even, cos and sin (1 or B, L, D): what the kernel reads."""
+    return (q.dim() == k.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape and q.size(-1) % 2 == 0
+            and cos.size(-1) == q.size(-1) == k.size(-1) and cos.size(0) in (1, q.size(0))
+            and cos.size(1) == q.size(2) == k.size(2) and k.size(0) == q.size(0))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
