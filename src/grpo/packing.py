@@ -171,7 +171,10 @@ class GroupedAttention:
     gathered from the packed keys and values, the outputs scattered back (autograd sums each row's gradient into
     the one prompt). Every prompt and completion token attends exactly the keys the mask allows it, so its output
     equals the masked attention's up to rounding (padding's outputs differ; nothing real attends to padding).
-    P, C: the longest prompt and completion of the batch; shorter ones are masked within these shapes."""
+    P, C: the longest prompt and completion of the batch; shorter ones are masked within these shapes. Grouped-query
+    models' key and value heads are read by SDPA's `enable_gqa`, not repeated per query head first: SmolLM2 (9
+    query, 3 kv heads), one micro-batch of 8 x 64 completion tokens, forward + backward with checkpointing 2.72 ->
+    2.58 s (2 CPU cores, the two alternating in one process, scratch script)."""
 
     prompt_width: int
     query_index: torch.Tensor  # (B, C): flat index into (S * L) of row r's completion token i (clamped)
@@ -202,21 +205,18 @@ class GroupedAttention:
         """query (S, H, L, D), key and value (S, KV, L, D) -> output (S, L, H, D), as transformers' attention
         functions take and return them."""
         sequences, heads, width, dim = query.shape
-        repeats = heads // key.size(1)
+        grouped = key.size(1) != heads  # SDPA shares each kv head among its query heads: no repeated copies
 
-        def rows(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (S, h, L, D) -> (B, H, n, D)
+        def rows(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (S, h, L, D) -> (B, h, n, D)
             flat = states.transpose(1, 2).reshape(sequences * width, -1)
-            picked = gather_rows(flat, index).view(*index.shape, states.size(1), dim).transpose(1, 2)
-            return picked.repeat_interleave(repeats, 1) if states.size(1) != heads else picked
+            return gather_rows(flat, index).view(*index.shape, states.size(1), dim).transpose(1, 2)
 
         p = self.prompt_width
-        prompt_key, prompt_value = (s[:, :, :p].repeat_interleave(repeats, 1) if repeats > 1 else s[:, :, :p]
-                                    for s in (key, value))
-        prompt = F.scaled_dot_product_attention(query[:, :, :p], prompt_key, prompt_value, dropout_p=dropout,
-                                                is_causal=True, scale=scale)
+        prompt = F.scaled_dot_product_attention(query[:, :, :p], key[:, :, :p], value[:, :, :p], dropout_p=dropout,
+                                                is_causal=True, scale=scale, enable_gqa=grouped)
         own = F.scaled_dot_product_attention(rows(query, self.query_index), rows(key, self.key_index),
                                              rows(value, self.key_index), attn_mask=self.allowed,
-                                             dropout_p=dropout, scale=scale)
+                                             dropout_p=dropout, scale=scale, enable_gqa=grouped)
         own = own.transpose(1, 2).reshape(-1, heads * dim).index_select(0, self.row_outputs)
         out = F.pad(prompt.transpose(1, 2), (0, 0, 0, 0, 0, width - p)).reshape(sequences * width, heads * dim)
         return out.index_copy(0, self.positions, own).view(sequences, width, heads, dim)
