@@ -97,7 +97,7 @@ def fused_ops(body: torch.nn.Module) -> Iterator[None]:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x = x.contiguous()
+        x, weight = x.contiguous(), weight.contiguous()
         rows, n = x.numel() // x.size(-1), x.size(-1)
         y, inv_rms = torch.empty_like(x), x.new_empty(x.shape[:-1])
         _kernel("grpo_rms_norm_forward")(x.data_ptr(), weight.data_ptr(), y.data_ptr(), inv_rms.data_ptr(), rows, n,
