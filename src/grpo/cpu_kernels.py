@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled library, or None where it cannot be built (logged once, at INFO)."""
-    return load_compiled(build, "CPU decode kernels", "torch's operations are used", logger)
+    return load_compiled(build, "CPU kernels", "torch's operations are used", logger)
 
 
 # C argument types of the kernels' entry points: pointers to tensor data, strides in elements, ints

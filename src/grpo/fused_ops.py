@@ -22,6 +22,7 @@ a 35-token prompt, 2 CPU cores (`benchmarks/fused_ops.py`, the two alternating i
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -232,11 +233,9 @@ SIGNATURES = {
     "grpo_rotary": ([POINTER, STRIDE, STRIDE, STRIDE, POINTER, POINTER, STRIDE, STRIDE, POINTER, INT, INT, INT,
                      INT, INT, INT], None),
 }
-_kernels: dict[str, Any] = {}
 
 
+@functools.cache
 def _kernel(name: str) -> Any:
     """The compiled entry point `name`, or None where the CPU kernels cannot be built."""
-    if name not in _kernels:
-        _kernels[name] = entry(name, *SIGNATURES[name])
-    return _kernels[name]
+    return entry(name, *SIGNATURES[name])

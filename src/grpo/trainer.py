@@ -351,11 +351,12 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         entropy_masks = self._high_entropy_masks(rollout, micro_batches) if args.top_entropy_quantile < 1 else None
         totals = LossStats()
         self.policy_logps.train()  # the model and any DDP wrapper around it
+        body = base_model(self.model)
         for i, rows in enumerate(micro_batches):
             batch = rollout.select(rows)
             # packed attention by the layout, and fused element-wise kernels, also where gradient checkpointing
             # recomputes layers in the backward
-            with grouped_attention(base_model(self.model)), fused_ops(base_model(self.model)):
+            with grouped_attention(body), fused_ops(body):
                 with self._autocast():
                     logps, entropy, aux_loss = self.policy_logps(
                         batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
