@@ -14,7 +14,7 @@ def reference(x, weight, bias):
     return torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
 
 
-# rows: 1 to 16 exercise each tile (16, 8, 4, 2, 1 rows); 70 more than one 64-row pass over a weight block.
+# rows: a tile of 1, 3 and 16 rows, 29 two tiles (16 + 13), 70 more than one 64-row pass over a weight block.
 # out_features 37 and 90: a last block the kernel writes only in part (8 and 16 lanes).
 @pytest.mark.parametrize("rows", [1, 3, 16, 29, 70])
 @pytest.mark.parametrize("out_features,in_features", [(37, 24), (90, 48), (64, 200)])
@@ -60,6 +60,8 @@ def test_a_rows_result_does_not_depend_on_the_other_rows_or_the_threads():
         together = linear(x, packed)
         assert torch.equal(together, torch.cat([linear(row, packed) for row in x.split(1)]))
         assert torch.equal(together[5:21], linear(x[5:21], packed))
+        for rows in range(1, 18):  # each tile size, one pass or two
+            assert torch.equal(together[:rows], linear(x[:rows], packed))
         try:
             torch.set_num_threads(3)
             assert torch.equal(together, linear(x, packed))

@@ -59,25 +59,28 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
     static void tile_##R(const float *x, long x_stride, const float *w, int K, vec *out) {                    \
         tile(x, x_stride, w, K, out, R);                                                                      \
     }
+TILE_OF(1) TILE_OF(2) TILE_OF(3) TILE_OF(4) TILE_OF(5) TILE_OF(6) TILE_OF(7) TILE_OF(8)
 #if MAX_TILE >= 16
-TILE_OF(16)
+TILE_OF(9) TILE_OF(10) TILE_OF(11) TILE_OF(12) TILE_OF(13) TILE_OF(14) TILE_OF(15) TILE_OF(16)
 #endif
-TILE_OF(8)
-TILE_OF(4)
-TILE_OF(2)
-TILE_OF(1)
 
-/* out[m] for all `rows` rows of one weight block: the largest tiles first, the block read from cache after the
-   first. */
-static void block_rows(const float *x, long x_stride, const float *w, int K, int rows, vec *out) {
-    int m = 0;
+typedef void (*tile_fn)(const float *, long, const float *, int, vec *);
+static const tile_fn tiles[MAX_TILE + 1] = {
+    NULL, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6, tile_7, tile_8,
 #if MAX_TILE >= 16
-    for (; m + 16 <= rows; m += 16) tile_16(x + m * x_stride, x_stride, w, K, out + m);
+    tile_9, tile_10, tile_11, tile_12, tile_13, tile_14, tile_15, tile_16,
 #endif
-    for (; m + 8 <= rows; m += 8) tile_8(x + m * x_stride, x_stride, w, K, out + m);
-    for (; m + 4 <= rows; m += 4) tile_4(x + m * x_stride, x_stride, w, K, out + m);
-    for (; m + 2 <= rows; m += 2) tile_2(x + m * x_stride, x_stride, w, K, out + m);
-    for (; m < rows; m++) tile_1(x + m * x_stride, x_stride, w, K, out + m);
+};
+
+/* out[m] for all `rows` rows of one weight block, MAX_TILE rows a pass and the rest in one more: a step whose
+   rows are not a power of two (rows leave as their completions end) passes over the block no more often than
+   needed (SmolLM2's layers at 14 rows, a scratch C benchmark: 23.8 ms a step in passes of 8, 4 and 2 rows, 20.2
+   ms in one; 15 rows 27.3 -> 20.7 ms). The block is read from cache after the first pass. */
+static void block_rows(const float *x, long x_stride, const float *w, int K, int rows, vec *out) {
+    for (int m = 0; m < rows; m += MAX_TILE) {
+        int r = rows - m < MAX_TILE ? rows - m : MAX_TILE;
+        tiles[r](x + m * x_stride, x_stride, w, K, out + m);
+    }
 }
 
 int grpo_decode_linear_lanes(void) { return LANES; }
