@@ -39,7 +39,10 @@ def test_the_kernel_is_built_exactly_where_a_c_compiler_is():
 
 
 @needs_kernel
-@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 48), (4, 2, 64), (6, 1, 16), (8, 2, 128)])
+# dims 16, 64 and 128 take the vector path (a multiple of 16), 48 and 40 the scalar one; 12 query heads over one
+# kv head are two passes of at most 8 (MAX_GROUP)
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 48), (4, 2, 64), (6, 1, 16), (8, 2, 128), (12, 1, 40),
+                                                (12, 1, 64)])
 # (300, 4) and (40, 600): spans of more than one of the kernel's 256-position blocks
 @pytest.mark.parametrize("prompt_length,length", [(7, 1), (5, 9), (300, 4), (40, 600)])
 def test_kernel_equals_attention_worked_out_in_float64(heads, kv_heads, dim, prompt_length, length):

@@ -14,7 +14,8 @@ def reference(x, weight, bias):
     return torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
 
 
-# rows: a tile of 1, 3 and 16 rows, 29 two tiles (16 + 13 with AVX-512), 70 more than one 64-row pass over a weight block.
+# rows: a tile of 1, 3 and 16 rows, 29 two tiles (16 + 13 with AVX-512), 70 more than one 64-row pass over a
+# weight block.
 # out_features 37 and 90: a last block the kernel writes only in part (8 and 16 lanes).
 @pytest.mark.parametrize("rows", [1, 3, 16, 29, 70])
 @pytest.mark.parametrize("out_features,in_features", [(37, 24), (90, 48), (64, 200)])
