@@ -93,8 +93,9 @@ static inline __attribute__((always_inline)) void scores16(float (*scores)[BLOCK
 #endif
 
 /* Adds the positions [begin, end) of keys k and values v (consecutive positions `pos` floats apart) to the
-   states of `group` query heads (q: head i at q + i q_head) that share them: each key block is read once for all
-   of them. always_inline, so that a constant `dim` unrolls the loops over it (attend_dim). */
+   states of `group` query heads (q: head i at q + i q_head) that share them, a block of BLOCK positions at a
+   time: all the heads' scores, softmax updates and value sums over one block while it is in cache. always_inline,
+   so that a constant `dim` unrolls the loops over it (see `attend`). */
 static inline __attribute__((always_inline)) void attend_block(Softmax *states, int group, const float *restrict q,
                                                                long q_head, const float *k, const float *v,
                                                                long pos, int begin, int end, int dim, float scale) {
