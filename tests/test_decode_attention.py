@@ -39,8 +39,8 @@ def test_the_kernel_is_built_exactly_where_a_c_compiler_is():
 
 
 @needs_kernel
-# dims 16, 64 and 128 take the vector path (a multiple of 16), 48 and 40 the scalar one; 12 query heads over one
-# kv head are two passes of at most 8 (MAX_GROUP)
+# dims 16, 48, 64 and 128 take the vector path (a multiple of 16; 64 and 128 as constants), 40 the scalar one; 12
+# query heads over one kv head are two passes of at most 8 (MAX_GROUP)
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 48), (4, 2, 64), (6, 1, 16), (8, 2, 128), (12, 1, 40),
                                                 (12, 1, 64)])
 # (300, 4) and (40, 600): spans of more than one of the kernel's 256-position blocks
