@@ -302,7 +302,8 @@ def summarize(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
     phases["other"] = max(0.0, mean_step_time - sum(phases.values()))
     # a repeat that never reached the target counts its whole run: the mean is then a lower bound
     bounded = [t if t is not None else run[-1] for t, run in zip(times_to_target, elapsed)]
-    return dict(times_to_target=times_to_target, step_time=step_time, mean_step_time=mean_step_time,
+    return dict(times_to_target=times_to_target, bounded_times_to_target=bounded, step_time=step_time,
+                mean_step_time=mean_step_time,
                 tokens_per_s=statistics.median(s["generated"] / s["step_time"] for s in steps),
                 trained=statistics.mean(s["trained"] for s in steps), phases=phases,
                 rewards=[statistics.mean(r) for r in zip(*curves)], peak_mib=max(r["peak_mib"] for r in results),
@@ -351,6 +352,17 @@ def time_to_target_row(name: str, stats: dict[str, dict[str, Any]]) -> str:
     return f"| {name} | {cell['trl']} | {cell['grpo']} | {speedup} |"
 
 
+def repeat_ratios(stats: dict[str, dict[str, Any]]) -> str:
+    """Each repeat's time-to-target ratio (repeats with the same seed in both trainers line up): a bound where one
+    trainer's repeat never reached the target (its whole run counted), "-" where neither did."""
+    cells = []
+    for repeat, (trl, ours) in enumerate(zip(*(stats[t]["bounded_times_to_target"] for t in TRAINERS))):
+        missed = [stats[t]["times_to_target"][repeat] is None for t in TRAINERS]
+        bound = "-" if all(missed) else ">=" if missed[0] else "<=" if missed[1] else ""
+        cells.append("-" if bound == "-" else bound + ratio(ours, trl, inverse=True))
+    return " ".join(cells)
+
+
 def report(case: dict[str, Any], stats: dict[str, dict[str, Any]], params: int, peak: float,
            opts: argparse.Namespace) -> list[str]:
     memory = "peak RSS (MiB)" if opts.device == "cpu" else "peak CUDA memory (MiB)"
@@ -384,6 +396,7 @@ def report(case: dict[str, Any], stats: dict[str, dict[str, Any]], params: int, 
         for t in TRAINERS:
             each = " ".join("-" if r is None else f"{r:.0f}" for r in stats[t]["times_to_target"])
             lines.append(f"\ntime to target of each repeat (s), {t + ':':<5} {each}")
+        lines.append(f"\ntime to target, TRL / grpo, each repeat: {repeat_ratios(stats)}")
     for t in TRAINERS:  # time to the same reward can fall on different steps: these compare equal steps
         lines.append(f"\nseconds since the start after each step, {t + ':':<5} "
                      f"{' '.join(f'{e:.1f}' for e in stats[t]['elapsed'])}")

@@ -1,6 +1,7 @@
 """grpo's compiled CPU kernels, one library built from source on first use: the decode step's
-(`rollout/decode_attention.c`, `rollout/decode_linear.c`, and `rollout/decode_layers.c`, which runs a step's
-layers with the other two) and the training step's fused element-wise steps (`fused_ops.c`).
+(`rollout/decode_attention.c`, `rollout/decode_linear.c`, `rollout/decode_layers.c`, which runs a step's layers
+with those two, and the sampler, `rollout/sampling.c`) and the training step's fused element-wise steps
+(`fused_ops.c`).
 
 Building takes a C compiler with OpenMP (gcc or clang: `$CC`, else `cc` on PATH) and about a second. The library
 is cached under `~/.cache/grpo/kernels` (or `$GRPO_CACHE/kernels`), keyed by sources, compiler and CPU, since it
@@ -26,7 +27,8 @@ from typing import Any
 from grpo.paths import compiled_library, load_compiled, run_first
 
 HERE = Path(__file__).parent
-SOURCES = [*(HERE / "rollout" / name for name in ("decode_attention.c", "decode_linear.c", "decode_layers.c")),
+SOURCES = [*(HERE / "rollout" / name for name in ("decode_attention.c", "decode_linear.c", "decode_layers.c",
+                                                  "sampling.c")),
            HERE / "fused_ops.c"]
 COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu99"]
 ARCH_FLAGS = [["-march=native"], []]  # a compiler that cannot target the host's own CPU builds generic code

@@ -1,11 +1,16 @@
 """Sampling transforms as pure functions on a (rows, vocab) logits tensor, in transformers' order and meaning:
 repetition penalty, then temperature, top-k, top-p, min-p. Removed tokens get -inf. The settings come in one
-`SamplingParams` (`GRPOConfig.sampling_params`)."""
+`SamplingParams` (`GRPOConfig.sampling_params`). `sample_tokens` draws one token per row from the result (on CPU
+with the compiled `sampling.c`)."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
+from grpo.cpu_kernels import INT, POINTER, STRIDE, entry
 from grpo.sampling_params import SamplingParams
 
 
@@ -69,14 +74,35 @@ def sample_tokens(processed: torch.Tensor, params: SamplingParams, generator: to
                   ) -> torch.Tensor:
     """One token per row from softmax(processed) (argmax when greedy).
 
-    Sampling inverts the CDF with one uniform draw per row: the first v with cumsum(p)_v > u. It is exact up to
-    the float32 rounding of the cumulative sum (on SmolLM2's next-token distributions, 49152 entries: a total
-    variation of 1.8e-4 from softmax(processed), mean log-prob equal to 4 decimals), and far cheaper than
-    `torch.multinomial` or a Gumbel race, which draw a random number per vocabulary entry.
+    Sampling inverts the CDF with one uniform draw per row: the first v with cumsum(p)_v > u, far cheaper than
+    `torch.multinomial` or a Gumbel race, which draw a random number per vocabulary entry. On CPU the compiled
+    kernel (`sampling.c`) sums the probabilities in double in one pass over each row, exact to double rounding
+    and never drawing a token of probability 0 (SmolLM2's 16 rows x 49152: 0.28 against 2.1 ms). Elsewhere
+    torch's float32 cumulative sum is exact up to its rounding (on SmolLM2's next-token distributions a total
+    variation of 1.8e-4 from softmax(processed), mean log-prob equal to 4 decimals).
     """
     if params.greedy:  # on the logits: softmax can round two close ones to the same probability, a false tie
         return processed.argmax(dim=-1)
+    if _kernel_applies(processed):
+        rows, vocab = processed.shape
+        uniforms = torch.rand(rows, dtype=torch.float64, generator=generator)
+        tokens = torch.empty(rows, dtype=torch.long)
+        kernel()(processed.data_ptr(), processed.stride(0), uniforms.data_ptr(), rows, vocab, tokens.data_ptr(),
+                 torch.get_num_threads())
+        if bool((tokens >= 0).all()):  # -1: a row's max or sum was not finite (NaN logits): torch's path says how
+            return tokens
     probs = torch.softmax(processed, dim=-1)
     cdf = probs.cumsum(dim=-1)
     u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.size(1) - 1)
+
+
+def _kernel_applies(processed: torch.Tensor) -> bool:
+    return (processed.device.type == "cpu" and processed.dtype == torch.float32 and processed.dim() == 2
+            and processed.stride(1) == 1 and processed.size(1) > 0 and kernel() is not None)
+
+
+@functools.cache
+def kernel() -> Callable[..., None] | None:
+    """The compiled sampler's entry point, or None where the CPU kernels cannot be built (`cpu_kernels.library`)."""
+    return entry("grpo_sample_tokens", [POINTER, STRIDE, POINTER, INT, INT, POINTER, INT])
