@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from grpo.algorithm import entropy_from_logits, selective_log_softmax
 from grpo.fused_ops import fused_ops
+from grpo.lora_ops import lora_linears
 from grpo.models import (
     LINEAR_HEADS,
     LLAMA_FAMILY,
@@ -97,9 +98,12 @@ def completion_logps(
     grouped = uses_grouped_attention(body)  # decided once: the cost model and the forward must agree
     embedding = _embedding_adding_in_place(body) if grads_in_place else None
     embed = None if embedding is None else functools.partial(_embed_adding_in_place, embedding)
-    # fused element-wise kernels where no backward will recompute the layers outside this call (the trainer holds
-    # its own scope over a checkpointed forward and backward)
-    with nullcontext() if checkpoints_activations(body) else fused_ops(body):
+    # fused element-wise kernels and LoRA linears where no backward will recompute the layers outside this call (the
+    # trainer holds its own scope over a checkpointed forward and backward)
+    with ExitStack() as scope:
+        if not checkpoints_activations(body):
+            scope.enter_context(fused_ops(body))
+            scope.enter_context(lora_linears(body))
         if (packed is not None and supports_packing(body, packed.input_ids.size(1)) and packing_saves_work(
                 packed, *inputs["input_ids"].shape, text_config(body.config), grouped=grouped)):
             hidden = shared_prefix_hidden(body, packed, grouped, embed=embed)

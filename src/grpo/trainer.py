@@ -52,6 +52,7 @@ from grpo.distributed import Processes, accelerator_kwargs, check_distributed_su
 from grpo.fused_ops import fused_ops
 from grpo.guard import NonFiniteGuard, is_finite_step
 from grpo.logprobs import PolicyLogps, completion_logps
+from grpo.lora_ops import lora_linears
 from grpo.metrics import ProgressBar, RunLog, run_summary
 from grpo.models import (
     base_model,
@@ -354,9 +355,9 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         body = base_model(self.model)
         for i, rows in enumerate(micro_batches):
             batch = rollout.select(rows)
-            # packed attention by the layout, and fused element-wise kernels, also where gradient checkpointing
-            # recomputes layers in the backward
-            with grouped_attention(body), fused_ops(body):
+            # packed attention by the layout, fused element-wise kernels and LoRA linears, also where gradient
+            # checkpointing recomputes layers in the backward
+            with grouped_attention(body), fused_ops(body), lora_linears(body):
                 with self._autocast():
                     logps, entropy, aux_loss = self.policy_logps(
                         batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
