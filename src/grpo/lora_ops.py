@@ -6,7 +6,7 @@ picks. With a frozen base weight W, rank-r factors A (r, in) and B (out, r) and 
 
     forward     t = x A^T                     (tokens, r)
                 y = x W^T + b,  y += s t B^T  (in place)
-    backward    u = dy B                      (tokens, r)
+    backward    u = dy B                      (tokens, r: dL/dt short of s)
                 dx = dy W,  dx += s u A       (in place)
                 dA = s u^T x,   dB = s (t^T dy)^T
 
@@ -49,12 +49,12 @@ class _LoRALinear(torch.autograd.Function):
         rows, down, weight, lora_a, lora_b = ctx.saved_tensors
         scaling = ctx.scaling
         dy = dy.reshape(-1, dy.size(-1))
-        up = dy @ lora_b
+        grad_down = dy @ lora_b  # dL/d(x A^T), short of the scaling
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = (dy @ weight).addmm_(up, lora_a, alpha=scaling).view(ctx.shape)
+            dx = (dy @ weight).addmm_(grad_down, lora_a, alpha=scaling).view(ctx.shape)
         # (r, tokens) @ (tokens, n) runs about twice as fast on CPU as the (n, tokens) @ (tokens, r) orientation
-        d_a = (up.t() @ rows).mul_(scaling) if ctx.needs_input_grad[3] else None
+        d_a = (grad_down.t() @ rows).mul_(scaling) if ctx.needs_input_grad[3] else None
         d_b = (down.t() @ dy).mul_(scaling).t() if ctx.needs_input_grad[4] else None
         return dx, None, None, d_a, d_b, None
 
