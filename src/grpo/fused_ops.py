@@ -85,10 +85,10 @@ def fused_ops(body: torch.nn.Module) -> Iterator[None]:
             if "forward" in vars(module):
                 continue
             if name in STANDARD_RMS_NORMS:
-                stack.enter_context(_forward_replaced(module, _norm_forward))
+                stack.enter_context(forward_replaced(module, _norm_forward))
             elif name.endswith("MLP") and type(getattr(module, "act_fn", None)).__name__ in SILU_ACTIVATIONS and all(
                     hasattr(module, part) for part in ("gate_proj", "up_proj", "down_proj")):
-                stack.enter_context(_forward_replaced(module, _mlp_forward))
+                stack.enter_context(forward_replaced(module, _mlp_forward))
             elif name.endswith("Attention"):
                 stack.enter_context(_rotary_replaced(sys.modules[type(module).__module__]))
         yield
@@ -179,7 +179,8 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def _forward_replaced(module: torch.nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+def forward_replaced(module: torch.nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """`forward` bound as `module`'s own forward within it; the class's forward is back on exit."""
     module.forward = types.MethodType(forward, module)
     try:
         yield

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from grpo.fused_ops import forward_replaced
+
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -67,8 +69,7 @@ def lora_linears(model: torch.nn.Module) -> Iterator[None]:
     with ExitStack() as stack:
         for module in model.modules():
             if _plain_lora(module):
-                module.forward = _lora_forward.__get__(module)
-                stack.callback(delattr, module, "forward")
+                stack.enter_context(forward_replaced(module, _lora_forward))
         yield
 
 

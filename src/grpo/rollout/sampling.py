@@ -78,9 +78,8 @@ def sample_tokens(processed: torch.Tensor, params: SamplingParams, generator: to
     `torch.multinomial` or a Gumbel race, which draw a random number per vocabulary entry. On CPU the compiled
     kernel (`sampling.c`) sums the probabilities (float32 exps) in double in one pass over each row, adding no
     error beyond double rounding, and never draws a token of probability 0 (SmolLM2's 16 rows x 49152: 0.28
-    against 2.1 ms). Elsewhere
-    torch's float32 cumulative sum is exact up to its rounding (on SmolLM2's next-token distributions a total
-    variation of 1.8e-4 from softmax(processed), mean log-prob equal to 4 decimals).
+    against 2.1 ms). Elsewhere torch's float32 cumulative sum is exact up to its rounding (on SmolLM2's next-token
+    distributions a total variation of 1.8e-4 from softmax(processed), mean log-prob equal to 4 decimals).
     """
     if params.greedy:  # on the logits: softmax can round two close ones to the same probability, a false tie
         return processed.argmax(dim=-1)
