@@ -14,11 +14,12 @@ def reference(x, weight, bias):
     return torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
 
 
-# rows: a tile of 1, 3 and 16 rows, 29 two tiles (16 + 13 with AVX-512), 70 more than one 64-row pass over a
-# weight block.
-# out_features 37 and 90: a last block the kernel writes only in part (8 and 16 lanes).
+# rows: one tile of 1 and 3 rows, 16 and 29 several (tiles of 6, 8 and 16 rows with AVX-512), 70 more than one
+# 64-row pass over a group of weight blocks.
+# out_features 37 and 90: a last block the kernel writes only in part (8 and 16 lanes); with AVX-512's groups of 3
+# blocks (4 for gate and up) 64 and 80 end in a group of 1 and 2 blocks, 37's gate and up in a group of one pair.
 @pytest.mark.parametrize("rows", [1, 3, 16, 29, 70])
-@pytest.mark.parametrize("out_features,in_features", [(37, 24), (90, 48), (64, 200)])
+@pytest.mark.parametrize("out_features,in_features", [(37, 24), (90, 48), (64, 200), (80, 40)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_each_epilogue_equals_the_linear_worked_out_in_float64(rows, out_features, in_features, with_bias):
     torch.manual_seed(rows * out_features)

@@ -4,8 +4,12 @@
    At a step's few rows a linear is neither purely compute- nor memory-bound: it streams each weight once, doing
    M multiply-adds per weight. oneDNN's and BLAS's kernels stall on that stream (measured on a 2-core CPU: about
    14 GB/s of a 33 GB/s memory, 100-140 of a 190 GFLOP/s peak). Here W is packed in blocks of LANES outputs,
-   (N / LANES, K, LANES): a block is one sequential stream, fetched ahead with software prefetch, and each of its
-   64-byte lines meets up to 16 rows' broadcast inputs in registers (a 16 x LANES tile of accumulators).
+   (N / LANES, K, LANES): a block is one sequential stream, fetched ahead with software prefetch. A thread takes a
+   group of GROUP adjacent blocks (3 with AVX-512) and multiplies each k's GROUP lines by 8 rows' broadcast inputs
+   in registers (a 3 x 8 tile of LANES-wide accumulators), so a line of weight meets more rows than it costs loads
+   of inputs. SmolLM2's decode step (`benchmarks/decode_step.py --linears --size smollm2`, the layers in one call)
+   against one block by 16 rows: 16 rows 29.6-31.2 -> 27.3-31.0 ms (memory-bound there), 32 rows 51 -> 44 ms, 64 rows 95-102
+   -> 77 ms.
 
    Epilogues save the step separate passes over its activations:
        0  y = x W^T + b
@@ -27,12 +31,14 @@
 
 #if defined(__AVX512F__)
 #define LANES 16
-#define MAX_TILE 16
+#define GROUP 3        /* packed blocks multiplied together; a gated MLP's group is GATED_GROUP (gate, up pairs) */
+#define GATED_GROUP 4
 #else
 #define LANES 8
-#define MAX_TILE 8 /* 16 accumulators of 8 floats fill AVX2's 16 registers: 8 rows at a time */
+#define GROUP 1 /* AVX2's 16 registers: one block and 8 rows, or a gate and up pair and 4 rows */
+#define GATED_GROUP 2
 #endif
-#define PREFETCH_LINES 96 /* about 6 KB ahead of the line being multiplied: memory latency at the tile's pace */
+#define PREFETCH_LINES 32 /* 2 KB ahead in each of a group's streams */
 
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 
@@ -42,44 +48,64 @@ static inline vec load(const float *p) {
     return v;
 }
 
-/* out[m] = sum_k x[m, k] w[k, :], for `R` rows (a compile-time constant, so the accumulators stay in registers). */
-static inline __attribute__((always_inline)) void tile(const float *restrict x, long x_stride,
-                                                       const float *restrict w, int K, vec *restrict out, int R) {
-    vec acc[MAX_TILE];
-    for (int m = 0; m < R; m++) acc[m] = (vec){0};
-    for (int k = 0; k < K; k++) {
-        __builtin_prefetch(w + (long)(k + PREFETCH_LINES) * LANES, 0, 1);
-        vec wk = load(w + (long)k * LANES);
-        for (int m = 0; m < R; m++) acc[m] += x[m * x_stride + k] * wk;
+/* out[b * out_stride + m] = sum_k x[m, k] w_b[k, :] for NB packed blocks w_b (`block_stride` floats apart) and R
+   rows, both compile-time constants, so the NB x R accumulators stay in registers. Each k loads NB lines of the
+   weight and R inputs for NB R multiply-adds: at 3 x 8 the loads no longer outnumber the multiply-adds, as they
+   do in a 1 x 16 tile (a scratch C benchmark, 16 rows, a 3.5 MB weight in cache: 1 x 16 292 GFLOP/s, 3 x 8 337). */
+#define TILE(NB, R)                                                                                          \
+    static void tile_##NB##_##R(const float *restrict x, long x_stride, const float *restrict w,             \
+                                long block_stride, int K, vec *restrict out, int out_stride) {               \
+        vec acc[NB][R];                                                                                      \
+        for (int b = 0; b < NB; b++)                                                                         \
+            for (int m = 0; m < R; m++) acc[b][m] = (vec){0};                                                \
+        for (int k = 0; k < K; k++) {                                                                        \
+            vec wk[NB];                                                                                      \
+            for (int b = 0; b < NB; b++) {                                                                   \
+                const float *line = w + b * block_stride + (long)k * LANES;                                  \
+                __builtin_prefetch(line + PREFETCH_LINES * LANES, 0, 1);                                     \
+                wk[b] = load(line);                                                                          \
+            }                                                                                                \
+            for (int m = 0; m < R; m++) {                                                                    \
+                float xm = x[m * x_stride + k];                                                              \
+                for (int b = 0; b < NB; b++) acc[b][m] += xm * wk[b];                                        \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int b = 0; b < NB; b++)                                                                         \
+            for (int m = 0; m < R; m++) out[b * out_stride + m] = acc[b][m];                                 \
     }
-    for (int m = 0; m < R; m++) out[m] = acc[m];
-}
-
-#define TILE_OF(R)                                                                                            \
-    static void tile_##R(const float *x, long x_stride, const float *w, int K, vec *out) {                    \
-        tile(x, x_stride, w, K, out, R);                                                                      \
-    }
-TILE_OF(1) TILE_OF(2) TILE_OF(3) TILE_OF(4) TILE_OF(5) TILE_OF(6) TILE_OF(7) TILE_OF(8)
-#if MAX_TILE >= 16
-TILE_OF(9) TILE_OF(10) TILE_OF(11) TILE_OF(12) TILE_OF(13) TILE_OF(14) TILE_OF(15) TILE_OF(16)
+#define TILES_OF(NB) TILE(NB, 1) TILE(NB, 2) TILE(NB, 3) TILE(NB, 4) TILE(NB, 5) TILE(NB, 6) TILE(NB, 7) TILE(NB, 8)
+#define TABLE_OF(NB) {NULL, tile_##NB##_1, tile_##NB##_2, tile_##NB##_3, tile_##NB##_4, tile_##NB##_5,            \
+                      tile_##NB##_6, tile_##NB##_7, tile_##NB##_8}
+TILES_OF(1) TILES_OF(2) TILES_OF(3) TILES_OF(4)
+#if LANES == 16
+TILE(1, 9) TILE(1, 10) TILE(1, 11) TILE(1, 12) TILE(1, 13) TILE(1, 14) TILE(1, 15) TILE(1, 16)
 #endif
 
-typedef void (*tile_fn)(const float *, long, const float *, int, vec *);
-static const tile_fn tiles[MAX_TILE + 1] = {
-    NULL, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6, tile_7, tile_8,
-#if MAX_TILE >= 16
-    tile_9, tile_10, tile_11, tile_12, tile_13, tile_14, tile_15, tile_16,
+typedef void (*tile_fn)(const float *, long, const float *, long, int, vec *, int);
+static const tile_fn tiles[5][9] = {{NULL}, TABLE_OF(1), TABLE_OF(2), TABLE_OF(3), TABLE_OF(4)};
+#if LANES == 16
+static const tile_fn single_tiles[17] = {NULL, tile_1_1, tile_1_2, tile_1_3, tile_1_4, tile_1_5, tile_1_6, tile_1_7,
+                                         tile_1_8, tile_1_9, tile_1_10, tile_1_11, tile_1_12, tile_1_13, tile_1_14,
+                                         tile_1_15, tile_1_16};
+static const int tile_rows[5] = {0, 16, 8, 8, 6}; /* rows a tile of NB blocks takes: 16 to 24 accumulators */
+#else
+static const int tile_rows[5] = {0, 8, 4, 4, 3};
 #endif
-};
 
-/* out[m] for all `rows` rows of one weight block, MAX_TILE rows a pass and the rest in one more: a step whose
-   rows are not a power of two (rows leave as their completions end) passes over the block no more often than
-   needed (SmolLM2's layers at 14 rows, a scratch C benchmark: 23.8 ms a step in passes of 8, 4 and 2 rows, 20.2
-   ms in one; 15 rows 27.3 -> 20.7 ms). The block is read from cache after the first pass. */
-static void block_rows(const float *x, long x_stride, const float *w, int K, int rows, vec *out) {
-    for (int m = 0; m < rows; m += MAX_TILE) {
-        int r = rows - m < MAX_TILE ? rows - m : MAX_TILE;
-        tiles[r](x + m * x_stride, x_stride, w, K, out + m);
+/* out[b * out_stride + m] for `rows` rows of NB packed blocks, tile_rows[NB] rows a pass and the rest in one
+   more: a step whose rows are not a multiple of it (rows leave as their completions end) passes over the blocks
+   no more often than needed (SmolLM2's layers at 14 rows, a scratch C benchmark: 23.8 ms a step in passes of 8,
+   4 and 2 rows, 20.2 ms in one). The blocks are read from cache after the first pass. */
+static void group_rows(const float *x, long x_stride, const float *w, long block_stride, int K, int NB, int rows,
+                       vec *out, int out_stride) {
+    for (int m = 0; m < rows; m += tile_rows[NB]) {
+        int r = rows - m < tile_rows[NB] ? rows - m : tile_rows[NB];
+#if LANES == 16
+        tile_fn f = NB == 1 ? single_tiles[r] : tiles[NB][r];
+#else
+        tile_fn f = tiles[NB][r];
+#endif
+        f(x + m * x_stride, x_stride, w, block_stride, K, out + m, out_stride);
     }
 }
 
@@ -105,40 +131,44 @@ int grpo_decode_linear(const float *x, long x_stride, const float *w, const floa
             row_scale[m] = 1.0f / sqrtf(squares + norm_eps);
         }
     }
+    int packed_blocks = blocks * per_output, group = epilogue == 2 ? GATED_GROUP : GROUP;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int b = 0; b < blocks; b++) {
-        vec first[ROW_CHUNK], second[ROW_CHUNK];
-        int n = N - b * LANES < LANES ? N - b * LANES : LANES;
-        const float *block = w + (long)b * per_output * K * LANES;
-        const float *block_bias = bias ? bias + (long)b * per_output * LANES : NULL;
+    for (int first = 0; first < packed_blocks; first += group) {
+        vec products[GATED_GROUP > GROUP ? GATED_GROUP : GROUP][ROW_CHUNK];
+        int nb = packed_blocks - first < group ? packed_blocks - first : group;
         for (int m0 = 0; m0 < M; m0 += ROW_CHUNK) {
             int rows = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
-            block_rows(x + m0 * x_stride, x_stride, block, K, rows, first);
-            if (epilogue == 2) block_rows(x + m0 * x_stride, x_stride, block + (long)K * LANES, K, rows, second);
-            for (int m = 0; m < rows; m++) {
-                float a[LANES], c[LANES];
-                memcpy(a, &first[m], sizeof a);
-                if (epilogue == 2) memcpy(c, &second[m], sizeof c);
-                float *dst = y + (long)(m0 + m) * y_stride + (long)b * LANES;
-                if (row_scale)
-                    for (int j = 0; j < LANES; j++) {
-                        a[j] *= row_scale[m0 + m];
-                        if (epilogue == 2) c[j] *= row_scale[m0 + m];
-                    }
-                if (block_bias)
-                    for (int j = 0; j < LANES; j++) {
-                        a[j] += block_bias[j];
-                        if (epilogue == 2) c[j] += block_bias[LANES + j];
-                    }
-                if (epilogue == 0) {
-                    for (int j = 0; j < n; j++) dst[j] = a[j];
-                } else if (epilogue == 1) {
-                    for (int j = 0; j < n; j++) dst[j] += a[j];
-                } else {
-                    /* silu(g) = g / (1 + e^-g); e^-g capped, as the library is built with -ffast-math (no inf) */
+            group_rows(x + m0 * x_stride, x_stride, w + (long)first * K * LANES, (long)K * LANES, K, nb, rows,
+                       products[0], ROW_CHUNK);
+            for (int j = 0; j < nb; j += per_output) {
+                int b = (first + j) / per_output; /* the output block */
+                int n = N - b * LANES < LANES ? N - b * LANES : LANES;
+                const float *block_bias = bias ? bias + (long)(first + j) * LANES : NULL;
+                for (int m = 0; m < rows; m++) {
+                    float a[LANES], c[LANES];
+                    memcpy(a, &products[j][m], sizeof a);
+                    if (epilogue == 2) memcpy(c, &products[j + 1][m], sizeof c);
+                    float *dst = y + (long)(m0 + m) * y_stride + (long)b * LANES;
+                    if (row_scale)
+                        for (int l = 0; l < LANES; l++) {
+                            a[l] *= row_scale[m0 + m];
+                            if (epilogue == 2) c[l] *= row_scale[m0 + m];
+                        }
+                    if (block_bias)
+                        for (int l = 0; l < LANES; l++) {
+                            a[l] += block_bias[l];
+                            if (epilogue == 2) c[l] += block_bias[LANES + l];
+                        }
+                    if (epilogue == 0) {
+                        for (int l = 0; l < n; l++) dst[l] = a[l];
+                    } else if (epilogue == 1) {
+                        for (int l = 0; l < n; l++) dst[l] += a[l];
+                    } else {
+                        /* silu(g) = g / (1 + e^-g); e^-g capped, as the library is built with -ffast-math (no inf) */
 #pragma omp simd
-                    for (int j = 0; j < LANES; j++) a[j] = a[j] / (1.0f + expf(fminf(-a[j], 80.0f))) * c[j];
-                    for (int j = 0; j < n; j++) dst[j] = a[j];
+                        for (int l = 0; l < LANES; l++) a[l] = a[l] / (1.0f + expf(fminf(-a[l], 80.0f))) * c[l];
+                        for (int l = 0; l < n; l++) dst[l] = a[l];
+                    }
                 }
             }
         }

@@ -5,7 +5,7 @@ model, each streamed from memory once: there oneDNN's and BLAS's kernels wait on
 weight in blocks of `kernel_lanes()` outputs, one sequential stream each, prefetched ahead, and fuses what
 follows the multiply: the bias, the residual addition, a gated MLP's silu(gate) * up, and what precedes it, an
 RMSNorm's remaining factor. A whole SmolLM2-135M decode step at 16 rows (`benchmarks/decode_step.py --linears
---size smollm2 --prompts 2`): 35.7-38.5 ms against 45.6-48.8 with oneDNN's packed weights.
+--size smollm2 --prompts 2`, layer by layer): 30.9-35.0 ms against 44.0-48.0 with oneDNN's packed weights.
 
 `pack(linears, input_scale, gated)` lays float32 (out, in) weights out, once per round; `linear(x, packed)`
 multiplies. A row's outputs are summed in one order whatever the number of rows or threads, so a completion's
