@@ -14,8 +14,8 @@ def reference(x, weight, bias):
     return torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
 
 
-# rows: one tile of 1 and 3 rows, 16 and 29 several (tiles of 6, 8 and 16 rows with AVX-512), 70 more than one
-# 64-row pass over a group of weight blocks.
+# rows: one tile of 1, 3 and 16 rows (a block by all rows), 29 several (with AVX-512 a group of blocks by 8 or 6
+# rows a pass), 70 more than one 64-row pass over a group of weight blocks.
 # out_features 37 and 90: a last block the kernel writes only in part (8 and 16 lanes); with AVX-512's groups of 3
 # blocks (4 for gate and up) 64 and 80 end in a group of 1 and 2 blocks, 37's gate and up in a group of one pair.
 @pytest.mark.parametrize("rows", [1, 3, 16, 29, 70])

@@ -5,11 +5,11 @@
    M multiply-adds per weight. oneDNN's and BLAS's kernels stall on that stream (measured on a 2-core CPU: about
    14 GB/s of a 33 GB/s memory, 100-140 of a 190 GFLOP/s peak). Here W is packed in blocks of LANES outputs,
    (N / LANES, K, LANES): a block is one sequential stream, fetched ahead with software prefetch. A thread takes a
-   group of GROUP adjacent blocks (3 with AVX-512) and multiplies each k's GROUP lines by 8 rows' broadcast inputs
-   in registers (a 3 x 8 tile of LANES-wide accumulators), so a line of weight meets more rows than it costs loads
-   of inputs. SmolLM2's decode step (`benchmarks/decode_step.py --linears --size smollm2`, the layers in one call)
-   against one block by 16 rows: 16 rows 29.6-31.2 -> 27.3-31.0 ms (memory-bound there), 32 rows 51 -> 44 ms, 64 rows 95-102
-   -> 77 ms.
+   group of GROUP adjacent blocks (3 with AVX-512). Up to 16 rows each 64-byte line of a block meets all rows'
+   broadcast inputs in registers (a 16 x LANES tile of accumulators); with more rows each k's 3 lines meet 8 rows'
+   inputs a pass (a 3 x 8 tile), so a line of weight meets more rows than it costs loads of inputs: SmolLM2's
+   decode step (`benchmarks/decode_step.py --linears --size smollm2`, the layers in one call) at 32 rows 51 -> 44
+   ms, at 64 rows 95-102 -> 77 ms against 16-row passes of one block.
 
    Epilogues save the step separate passes over its activations:
        0  y = x W^T + b
@@ -35,10 +35,10 @@
 #define GATED_GROUP 4
 #else
 #define LANES 8
-#define GROUP 1 /* AVX2's 16 registers: one block and 8 rows, or a gate and up pair and 4 rows */
+#define GROUP 1 /* AVX2: one block by 8 rows at a time (a gate and up pair for the gated MLP) */
 #define GATED_GROUP 2
 #endif
-#define PREFETCH_LINES 32 /* 2 KB ahead in each of a group's streams */
+#define PREFETCH_LINES(NB) ((NB) == 1 ? 96 : 32) /* lines ahead: ~6 KB in a block's stream, 2 KB in a group's */
 
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 
@@ -62,7 +62,7 @@ static inline vec load(const float *p) {
             vec wk[NB];                                                                                      \
             for (int b = 0; b < NB; b++) {                                                                   \
                 const float *line = w + b * block_stride + (long)k * LANES;                                  \
-                __builtin_prefetch(line + PREFETCH_LINES * LANES, 0, 1);                                     \
+                __builtin_prefetch(line + PREFETCH_LINES(NB) * LANES, 0, 1);                                     \
                 wk[b] = load(line);                                                                          \
             }                                                                                                \
             for (int m = 0; m < R; m++) {                                                                    \
@@ -76,37 +76,45 @@ static inline vec load(const float *p) {
 #define TILES_OF(NB) TILE(NB, 1) TILE(NB, 2) TILE(NB, 3) TILE(NB, 4) TILE(NB, 5) TILE(NB, 6) TILE(NB, 7) TILE(NB, 8)
 #define TABLE_OF(NB) {NULL, tile_##NB##_1, tile_##NB##_2, tile_##NB##_3, tile_##NB##_4, tile_##NB##_5,            \
                       tile_##NB##_6, tile_##NB##_7, tile_##NB##_8}
-TILES_OF(1) TILES_OF(2) TILES_OF(3) TILES_OF(4)
-#if LANES == 16
-TILE(1, 9) TILE(1, 10) TILE(1, 11) TILE(1, 12) TILE(1, 13) TILE(1, 14) TILE(1, 15) TILE(1, 16)
-#endif
-
 typedef void (*tile_fn)(const float *, long, const float *, long, int, vec *, int);
-static const tile_fn tiles[5][9] = {{NULL}, TABLE_OF(1), TABLE_OF(2), TABLE_OF(3), TABLE_OF(4)};
+TILES_OF(1)
 #if LANES == 16
-static const tile_fn single_tiles[17] = {NULL, tile_1_1, tile_1_2, tile_1_3, tile_1_4, tile_1_5, tile_1_6, tile_1_7,
-                                         tile_1_8, tile_1_9, tile_1_10, tile_1_11, tile_1_12, tile_1_13, tile_1_14,
-                                         tile_1_15, tile_1_16};
-static const int tile_rows[5] = {0, 16, 8, 8, 6}; /* rows a tile of NB blocks takes: 16 to 24 accumulators */
+#define SINGLE_ROWS 16
+TILE(1, 9) TILE(1, 10) TILE(1, 11) TILE(1, 12) TILE(1, 13) TILE(1, 14) TILE(1, 15) TILE(1, 16)
+static const tile_fn single_tiles[SINGLE_ROWS + 1] = {
+    NULL, tile_1_1, tile_1_2, tile_1_3, tile_1_4, tile_1_5, tile_1_6, tile_1_7, tile_1_8,
+    tile_1_9, tile_1_10, tile_1_11, tile_1_12, tile_1_13, tile_1_14, tile_1_15, tile_1_16};
+TILES_OF(2) TILES_OF(3) TILES_OF(4)
+static const tile_fn group_tiles[5][9] = {{NULL}, TABLE_OF(1), TABLE_OF(2), TABLE_OF(3), TABLE_OF(4)};
+static const int group_tile_rows[5] = {0, 8, 8, 8, 6}; /* 16 to 24 accumulators */
 #else
-static const int tile_rows[5] = {0, 8, 4, 4, 3};
+#define SINGLE_ROWS 8 /* 8 accumulators of AVX2's 16 registers */
+static const tile_fn single_tiles[SINGLE_ROWS + 1] = TABLE_OF(1);
 #endif
 
-/* out[b * out_stride + m] for `rows` rows of NB packed blocks, tile_rows[NB] rows a pass and the rest in one
-   more: a step whose rows are not a multiple of it (rows leave as their completions end) passes over the blocks
-   no more often than needed (SmolLM2's layers at 14 rows, a scratch C benchmark: 23.8 ms a step in passes of 8,
-   4 and 2 rows, 20.2 ms in one). The blocks are read from cache after the first pass. */
+/* out[b * out_stride + m] for `rows` rows of NB packed blocks. Up to SINGLE_ROWS rows, each block is multiplied by
+   all of them in one pass: a step whose rows are not a power of two (rows leave as their completions end) passes
+   over a block no more often than needed (SmolLM2's layers at 14 rows, a scratch C benchmark: 23.8 ms a step in
+   passes of 8, 4 and 2 rows, 20.2 ms in one). There a step waits on memory, and groups of 8 rows cost a second
+   pass: `--size small`, cached weights, 14 and 15 rows, 10-15% slower. More rows, where the multiply-adds
+   count, go through the whole group 8 rows a pass (6 for 4 blocks), the blocks read from cache after the first. */
 static void group_rows(const float *x, long x_stride, const float *w, long block_stride, int K, int NB, int rows,
                        vec *out, int out_stride) {
-    for (int m = 0; m < rows; m += tile_rows[NB]) {
-        int r = rows - m < tile_rows[NB] ? rows - m : tile_rows[NB];
 #if LANES == 16
-        tile_fn f = NB == 1 ? single_tiles[r] : tiles[NB][r];
-#else
-        tile_fn f = tiles[NB][r];
-#endif
-        f(x + m * x_stride, x_stride, w, block_stride, K, out + m, out_stride);
+    if (rows > SINGLE_ROWS) {
+        for (int m = 0; m < rows; m += group_tile_rows[NB]) {
+            int r = rows - m < group_tile_rows[NB] ? rows - m : group_tile_rows[NB];
+            group_tiles[NB][r](x + m * x_stride, x_stride, w, block_stride, K, out + m, out_stride);
+        }
+        return;
     }
+#endif
+    for (int b = 0; b < NB; b++)
+        for (int m = 0; m < rows; m += SINGLE_ROWS) {
+            int r = rows - m < SINGLE_ROWS ? rows - m : SINGLE_ROWS;
+            single_tiles[r](x + m * x_stride, x_stride, w + b * block_stride, block_stride, K,
+                            out + b * out_stride + m, out_stride);
+        }
 }
 
 int grpo_decode_linear_lanes(void) { return LANES; }
