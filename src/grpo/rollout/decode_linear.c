@@ -5,11 +5,11 @@
    M multiply-adds per weight. oneDNN's and BLAS's kernels stall on that stream (measured on a 2-core CPU: about
    14 GB/s of a 33 GB/s memory, 100-140 of a 190 GFLOP/s peak). Here W is packed in blocks of LANES outputs,
    (N / LANES, K, LANES): a block is one sequential stream, fetched ahead with software prefetch. A thread takes a
-   group of GROUP adjacent blocks (3 with AVX-512). Up to 16 rows each 64-byte line of a block meets all rows'
-   broadcast inputs in registers (a 16 x LANES tile of accumulators); with more rows each k's 3 lines meet 8 rows'
-   inputs a pass (a 3 x 8 tile), so a line of weight meets more rows than it costs loads of inputs: SmolLM2's
-   decode step (`benchmarks/decode_step.py --linears --size smollm2`, the layers in one call) at 32 rows 51 -> 44
-   ms, at 64 rows 95-102 -> 77 ms against 16-row passes of one block.
+   group of GROUP adjacent blocks (3 with AVX-512, 4 for gate and up pairs). Up to 16 rows each 64-byte line of a
+   block meets all rows' broadcast inputs in registers (a 16 x LANES tile of accumulators); with more rows each
+   k's 3 lines meet 8 rows' inputs a pass (a 3 x 8 tile), so a line of weight meets more rows than it costs loads
+   of inputs: SmolLM2's decode step (`benchmarks/decode_step.py --linears --size smollm2`, the layers in one call)
+   at 32 rows 57 -> 51-52 ms, at 64 rows 95-102 -> 77 ms against 16-row passes of one block.
 
    Epilogues save the step separate passes over its activations:
        0  y = x W^T + b
@@ -62,7 +62,7 @@ static inline vec load(const float *p) {
             vec wk[NB];                                                                                      \
             for (int b = 0; b < NB; b++) {                                                                   \
                 const float *line = w + b * block_stride + (long)k * LANES;                                  \
-                __builtin_prefetch(line + PREFETCH_LINES(NB) * LANES, 0, 1);                                     \
+                __builtin_prefetch(line + PREFETCH_LINES(NB) * LANES, 0, 1);                                 \
                 wk[b] = load(line);                                                                          \
             }                                                                                                \
             for (int m = 0; m < R; m++) {                                                                    \
