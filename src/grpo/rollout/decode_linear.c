@@ -139,7 +139,10 @@ int grpo_decode_linear(const float *x, long x_stride, const float *w, const floa
             row_scale[m] = 1.0f / sqrtf(squares + norm_eps);
         }
     }
-    int packed_blocks = blocks * per_output, group = epilogue == 2 ? GATED_GROUP : GROUP;
+    /* a thread's share: an output block (a gate and up pair) each up to SINGLE_ROWS rows, as the blocks are
+       multiplied one by one there (group_rows); a group of them beyond */
+    int packed_blocks = blocks * per_output;
+    int group = M <= SINGLE_ROWS ? per_output : epilogue == 2 ? GATED_GROUP : GROUP;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int first = 0; first < packed_blocks; first += group) {
         vec products[GATED_GROUP > GROUP ? GATED_GROUP : GROUP][ROW_CHUNK];
