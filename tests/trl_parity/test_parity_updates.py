@@ -4,7 +4,7 @@ over two steps, with sampling taken out of the comparison by a `rollout_func` th
 
 So a difference between the two trainers' reward curves comes from what they sample, not from how they learn
 from it (on SmolLM2-135M-Instruct, `benchmarks/compare_trl.py`'s configuration, the same check agreed to 6e-5 of
-the update after two steps; README, "Against TRL on the real model")."""
+the update after two steps; docs/performance.md, "Against TRL on the real model")."""
 
 from __future__ import annotations
 
