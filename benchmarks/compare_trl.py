@@ -304,6 +304,7 @@ def summarize(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
     bounded = [t if t is not None else run[-1] for t, run in zip(times_to_target, elapsed)]
     return dict(times_to_target=times_to_target, bounded_times_to_target=bounded, step_time=step_time,
                 mean_step_time=mean_step_time,
+                repeat_step_times=[statistics.median(s["step_time"] for s in r["steps"]) for r in results],
                 tokens_per_s=statistics.median(s["generated"] / s["step_time"] for s in steps),
                 trained=statistics.mean(s["trained"] for s in steps), phases=phases,
                 rewards=[statistics.mean(r) for r in zip(*curves)], peak_mib=max(r["peak_mib"] for r in results),
@@ -397,6 +398,12 @@ def report(case: dict[str, Any], stats: dict[str, dict[str, Any]], params: int, 
             each = " ".join("-" if r is None else f"{r:.0f}" for r in stats[t]["times_to_target"])
             lines.append(f"\ntime to target of each repeat (s), {t + ':':<5} {each}")
         lines.append(f"\ntime to target, TRL / grpo, each repeat: {repeat_ratios(stats)}")
+        for t in TRAINERS:  # the machine's drift between repeats, which the pooled median above hides
+            lines.append(f"\nmedian s / step of each repeat, {t + ':':<5} "
+                         f"{' '.join(f'{s:.2f}' for s in stats[t]['repeat_step_times'])}")
+        each = zip(*(stats[t]["repeat_step_times"] for t in TRAINERS))
+        step_ratios = " ".join(ratio(ours, trl, inverse=True) for trl, ours in each)
+        lines.append(f"\nmedian step, TRL / grpo, each repeat: {step_ratios}")
     for t in TRAINERS:  # time to the same reward can fall on different steps: these compare equal steps
         lines.append(f"\nseconds since the start after each step, {t + ':':<5} "
                      f"{' '.join(f'{e:.1f}' for e in stats[t]['elapsed'])}")

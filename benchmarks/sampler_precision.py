@@ -12,8 +12,8 @@ subprocess, and prints the reward per step. Only the sampler differs:
 - autocast: generation under bf16 autocast, the weights rounded to bfloat16 at every matmul (grpo's CUDA
   default).
 
-Measured 2026-12-04 on the 2-core CPU (docs/performance.md, "bf16 on this CPU"): reward at step 12, float32 / bf16-copies /
-autocast: -12.1 / -153.2 / -70.7 (seed 42), -12.3 / -18.3 / -27.8 (seed 7).
+Measured 2026-12-04 on the 2-core CPU (docs/performance.md, "bf16 on this CPU"): reward at step 12, float32 /
+bf16-copies / autocast: -12.1 / -153.2 / -70.7 (seed 42), -12.3 / -18.3 / -27.8 (seed 7).
 """
 
 from __future__ import annotations
