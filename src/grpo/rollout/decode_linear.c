@@ -4,12 +4,13 @@
    At a step's few rows a linear is neither purely compute- nor memory-bound: it streams each weight once, doing
    M multiply-adds per weight. oneDNN's and BLAS's kernels stall on that stream (measured on a 2-core CPU: about
    14 GB/s of a 33 GB/s memory, 100-140 of a 190 GFLOP/s peak). Here W is packed in blocks of LANES outputs,
-   (N / LANES, K, LANES): a block is one sequential stream, fetched ahead with software prefetch. A thread takes a
-   group of GROUP adjacent blocks (3 with AVX-512, 4 for gate and up pairs). Up to 16 rows each 64-byte line of a
-   block meets all rows' broadcast inputs in registers (a 16 x LANES tile of accumulators); with more rows each
-   k's 3 lines meet 8 rows' inputs a pass (a 3 x 8 tile), so a line of weight meets more rows than it costs loads
-   of inputs: SmolLM2's decode step (`benchmarks/decode_step.py --linears --size smollm2`, the layers in one call)
-   at 32 rows 57 -> 51-52 ms, at 64 rows 95-102 -> 77 ms against 16-row passes of one block.
+   (N / LANES, K, LANES): a block is one sequential stream, fetched ahead with software prefetch. Up to 16 rows a
+   thread takes one output block (a gate and up pair) at a time, and each 64-byte line of it meets all rows'
+   broadcast inputs in registers (a 16 x LANES tile of accumulators). With more rows (AVX-512) a thread takes a
+   group of GROUP adjacent blocks (3, or 4 for gate and up pairs) and each k's 3 lines meet 8 rows' inputs a pass
+   (a 3 x 8 tile), so a line of weight meets more rows than it costs loads of inputs: SmolLM2's decode step
+   (`benchmarks/decode_step.py --linears --size smollm2`, the layers in one call) at 32 rows 57 -> 51-52 ms, at 64
+   rows 95-102 -> 77 ms against 16-row passes of one block.
 
    Epilogues save the step separate passes over its activations:
        0  y = x W^T + b
