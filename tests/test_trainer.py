@@ -212,11 +212,11 @@ def test_activation_estimate_and_the_checkpointing_rule_by_hand():
 
     from grpo.models import activation_bytes, needs_gradient_checkpointing
 
-    # SmolLM2-135M's shape: 30 layers, h = 576, i = 1536 -> 10 h + 5 i = 5760 + 7680 = 13440 values a layer and
-    # token; 1000 float32 tokens: 1000 x 30 x 13440 x 4 = 1 612 800 000 bytes
+    # SmolLM2-135M's shape: 30 layers, h = 576, i = 1536 -> 10 h + 4 i = 5760 + 6144 = 11904 values a layer and
+    # token; 1000 float32 tokens: 1000 x 30 x 11904 x 4 = 1 428 480 000 bytes
     smollm2 = SimpleNamespace(num_hidden_layers=30, hidden_size=576, intermediate_size=1536)
-    assert activation_bytes(smollm2, 1000, 4) == 1_612_800_000
-    assert activation_bytes(smollm2, 1000, 2) == 806_400_000
+    assert activation_bytes(smollm2, 1000, 4) == 1_428_480_000
+    assert activation_bytes(smollm2, 1000, 2) == 714_240_000
     # free 20 GB, 135M trainable parameters: (20e9 - 12 x 135e6) / 2 = (20e9 - 1.62e9) / 2 = 9.19e9 bytes
     assert not needs_gradient_checkpointing(9_190_000_000, 135_000_000, 20_000_000_000)
     assert needs_gradient_checkpointing(9_190_000_001, 135_000_000, 20_000_000_000)

@@ -190,7 +190,10 @@ class GRPOConfig(TRLFields):
     gradient_checkpointing: bool | None = None
     """Recompute activations in the backward pass to save memory, at the cost of a second forward. None (TRL:
     True) decides when training starts: on only when one training forward's activations would take more than
-    half the memory left (`models.needs_gradient_checkpointing`); the decision is printed."""
+    half the memory left (`models.needs_gradient_checkpointing`); the decision is printed. Where it is on, a
+    micro-batch whose backward starts before the layers' gradients exist (the first of each step) keeps the top
+    layers' activations that the gradients' memory holds, and recomputes only the rest (`grpo.recompute`): the
+    same peak memory, less recomputation."""
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
     """Arguments for `gradient_checkpointing_enable` (default {"use_reentrant": False})."""
     tf32: bool | None = None

@@ -257,17 +257,19 @@ def activation_bytes(config: Any, tokens: int, dtype_bytes: int, predicted_token
     checkpointing, `predicted_tokens` of them completion tokens whose LM-head probabilities are kept
     (`logprobs._LinearTokenLogps`), estimated as
 
-        A = tokens x L x (10 h + 5 i) x dtype_bytes + predicted_tokens x V x 4
+        A = tokens x L x (10 h + 4 i) x dtype_bytes + predicted_tokens x V x 4
 
     with L layers, hidden size h, MLP size i and vocabulary V. Per layer and token: the two norms' inputs and
     outputs, q, k, v, the attention output and the residual sum (about 10 h values), and the MLP's gate, up,
-    activation, product and the down projection's input (5 i). Counted without k/v sharing (grouped-query
-    attention keeps less)."""
+    activation and their product, the down projection's input (4 i). Counted without k/v sharing (grouped-query
+    attention keeps less) and without an attention matrix (SDPA keeps none; eager attention does). An upper
+    bound for a transformers Llama: SmolLM2-135M's layers keep 11275 values a token (10898 with `fused_ops`)
+    against 11904 here (`tests/test_recompute.py` checks the bound on small models)."""
     text = text_config(config)
     hidden = text.hidden_size
     mlp = getattr(text, "intermediate_size", None) or 4 * hidden
     logits = predicted_tokens * (getattr(text, "vocab_size", None) or 0) * 4
-    return tokens * text.num_hidden_layers * (10 * hidden + 5 * mlp) * dtype_bytes + logits
+    return tokens * text.num_hidden_layers * (10 * hidden + 4 * mlp) * dtype_bytes + logits
 
 
 def checkpoints_activations(model: torch.nn.Module) -> bool:

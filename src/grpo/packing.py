@@ -200,6 +200,13 @@ class GroupedAttention:
         return cls(prompt_width, own, torch.cat([prompt_keys, own], 1),
                    torch.cat([prompt_allowed, own_keys], 2).unsqueeze(1), real, own.flatten()[real])
 
+    def kept_bytes(self, query_width: int, kv_width: int, dtype_bytes: int) -> int:
+        """Bytes a layer's attention by this layout keeps for the backward besides its tokens' own q, k, v and
+        output: the rows' gathered queries (B, C) and keys and values (B, P + C), their attention's output, the
+        mask. `query_width` = heads x head_dim, `kv_width` = kv heads x head_dim."""
+        rows_queries, rows_keys = self.query_index.numel(), self.key_index.numel()
+        return (2 * rows_queries * query_width + 2 * rows_keys * kv_width) * dtype_bytes + self.allowed.numel()
+
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
                  dropout: float = 0.0) -> torch.Tensor:
         """query (S, H, L, D), key and value (S, KV, L, D) -> output (S, L, H, D), as transformers' attention

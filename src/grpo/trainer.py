@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ from grpo.models import (
     choose_gradient_checkpointing,
     enable_gradient_checkpointing,
     free_memory_bytes,
+    lm_body_and_head,
     load_tokenizer,
     prepare_policy,
     prepare_reference,
@@ -66,6 +67,7 @@ from grpo.models import (
 )
 from grpo.optim import create_optimizer, create_scheduler
 from grpo.packing import grouped_attention
+from grpo.recompute import recompute_where_memory_needs
 from grpo.rewards import RewardRunner, prepare_reward_funcs
 from grpo.rollout import Generator, Rollout, RolloutSpec, default_generator, set_chat_template
 from grpo.run_state import EntropyControl, RunPosition, TrainerState
@@ -356,8 +358,8 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         for i, rows in enumerate(micro_batches):
             batch = rollout.select(rows)
             # packed attention by the layout, fused element-wise kernels and LoRA linears, also where gradient
-            # checkpointing recomputes layers in the backward
-            with grouped_attention(body), fused_ops(body), lora_linears(body):
+            # checkpointing recomputes layers in the backward; recomputation only where memory needs it
+            with grouped_attention(body), fused_ops(body), lora_linears(body), self._recompute_scope():
                 with self._autocast():
                     logps, entropy, aux_loss = self.policy_logps(
                         batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
@@ -446,6 +448,14 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         with distributed.full_weights(self.policy_logps):
             policy, ref = dict(self._unwrapped_model().named_parameters()), list(self.ref_model.named_parameters())
             mix_into([p for _, p in ref], [policy[n] for n, _ in ref], self.args.ref_model_mixup_alpha)
+
+    def _recompute_scope(self) -> AbstractContextManager:
+        """`recompute_where_memory_needs` over the decoder body, where its gradients are this process's own
+        parameters' (not FSDP shards, not DeepSpeed's buffers)."""
+        parts = lm_body_and_head(self.model)
+        if parts is None or zero.is_engine(self.policy_logps) or distributed.is_sharded(self.model):
+            return nullcontext()
+        return recompute_where_memory_needs(parts[0])
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         """Accumulate gradients; `last`: the step's last micro-batch, where processes reduce them."""
