@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
-from grpo import catalog
 from grpo.allocator import keep_freed_memory
 from grpo.fused_ops import fused_ops
 from grpo.logprobs import completion_logps
-from grpo.models import load_causal_lm
 from grpo.packing import grouped_attention
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import smollm2_group  # noqa: E402
 
 
 def forward_backward(model: torch.nn.Module, tensors: tuple[torch.Tensor, ...], fused: bool) -> tuple[float, float]:
@@ -51,15 +54,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--gradient-checkpointing", nargs="+", default=["on", "off"], choices=["on", "off"])
     opts = parser.parse_args()
-    model = load_causal_lm(str(catalog.fetch("smollm2-135m-instruct")), {"dtype": torch.float32})
-    model.config._attn_implementation = "sdpa"
-    model.train()
-    g = torch.Generator().manual_seed(0)
-    prompt_ids = torch.randint(100, model.config.vocab_size, (1, opts.prompt_len), generator=g)
-    tensors = (prompt_ids.repeat(opts.num_generations, 1), torch.ones(opts.num_generations, opts.prompt_len,
-                                                                        dtype=torch.long),
-               torch.randint(100, model.config.vocab_size, (opts.num_generations, opts.length), generator=g),
-               torch.ones(opts.num_generations, opts.length, dtype=torch.long))
+    model, tensors = smollm2_group(opts.prompt_len, opts.length, opts.num_generations)
     print(f"SmolLM2-135M, G={opts.num_generations}, prompt {opts.prompt_len} + completions {opts.length} tokens, "
           f"float32, {torch.get_num_threads()} threads; median of {opts.repeats} after a warm-up")
     with keep_freed_memory():  # as the trainer runs: freed blocks reused, not faulted in again

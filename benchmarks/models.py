@@ -31,6 +31,23 @@ def build(size: str, seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
+def smollm2_group(prompt_len: int, length: int, num_generations: int) -> tuple[LlamaForCausalLM, tuple]:
+    """SmolLM2-135M-Instruct in float32 for training (SDPA attention), and one group as a micro-batch of
+    compare_trl's: G completions of `length` random tokens behind one `prompt_len`-token prompt, as (prompt_ids,
+    prompt_mask, completion_ids, completion_mask)."""
+    from grpo import catalog
+    from grpo.models import load_causal_lm
+
+    model = load_causal_lm(str(catalog.fetch("smollm2-135m-instruct")), {"dtype": torch.float32})
+    model.config._attn_implementation = "sdpa"
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(100, model.config.vocab_size, (1, prompt_len), generator=g)
+    completion_ids = torch.randint(100, model.config.vocab_size, (num_generations, length), generator=g)
+    return model, (prompt_ids.repeat(num_generations, 1), torch.ones(num_generations, prompt_len, dtype=torch.long),
+                   completion_ids, torch.ones(num_generations, length, dtype=torch.long))
+
+
 def prompts(num: int, vocab: int, seed: int = 0, min_len: int = 8, max_len: int = 40) -> list[list[int]]:
     """Token-id prompts of uneven lengths, min_len to max_len tokens."""
     g = torch.Generator().manual_seed(seed)

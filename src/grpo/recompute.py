@@ -16,9 +16,12 @@ a a layer's activations (`models.activation_bytes`, an upper bound, plus what at
 
     k <= (G_layers - R - L c) / (a - c)
 
-so those k layers keep their activations at no cost in peak memory, and the backward skips their recomputation.
-The backward runs the top layer first, each kept layer freeing more than its gradients take. Micro-batches that
-start with the layers' gradients allocated (the rest of a step) recompute every layer, as configured.
+so those k layers keep their activations without raising the peak of memory in use, and the backward skips their
+recomputation. Through that backward (top layer first) memory moves from the kept activations to the gradients and
+ends at U + G, as before. Micro-batches that start with the layers' gradients allocated (the rest of a step)
+recompute every layer, as configured. On CPU the resident peak may gain up to the tensor cache's slack
+(`allocator.py`): the blocks the kept activations leave stay mapped for reuse within it (`benchmarks/recompute.py`:
++15 MiB at 64 completion tokens, +58 at 20).
 
 SmolLM2-135M, one group of 8 x 64 completion tokens behind a 35-token prompt (547 packed tokens, the micro-batch
 of `benchmarks/compare_trl.py`): G_layers 425 MB, a 29.7 MB (its layers keep 22.7), c 1.3 MB: the first
