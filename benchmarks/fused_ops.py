@@ -32,7 +32,7 @@ from grpo.logprobs import completion_logps
 from grpo.packing import grouped_attention
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import smollm2_group  # noqa: E402
+from models import add_group_arguments, smollm2_group  # noqa: E402
 
 
 def forward_backward(model: torch.nn.Module, tensors: tuple[torch.Tensor, ...], fused: bool) -> tuple[float, float]:
@@ -48,10 +48,7 @@ def forward_backward(model: torch.nn.Module, tensors: tuple[torch.Tensor, ...], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt-len", type=int, default=35)
-    parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--num-generations", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=7)
+    add_group_arguments(parser)
     parser.add_argument("--gradient-checkpointing", nargs="+", default=["on", "off"], choices=["on", "off"])
     opts = parser.parse_args()
     model, tensors = smollm2_group(opts.prompt_len, opts.length, opts.num_generations)

@@ -7,6 +7,8 @@ scaled up so that EOS fires in some contexts and not others: completion lengths 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -29,6 +31,14 @@ def build(size: str, seed: int = 0) -> LlamaForCausalLM:
     with torch.no_grad():
         model.lm_head.weight[EOS_ID] *= eos_scale
     return model
+
+
+def add_group_arguments(parser: Any) -> None:
+    """The command-line options of `smollm2_group`'s micro-batch, and the repeats to time."""
+    parser.add_argument("--prompt-len", type=int, default=35)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7)
 
 
 def smollm2_group(prompt_len: int, length: int, num_generations: int) -> tuple[LlamaForCausalLM, tuple]:

@@ -40,7 +40,7 @@ from grpo.packing import grouped_attention
 from grpo.recompute import recompute_where_memory_needs
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import smollm2_group  # noqa: E402
+from models import add_group_arguments, smollm2_group  # noqa: E402
 
 
 def peak_rss() -> int:
@@ -67,10 +67,7 @@ def step(model, tensors, keep: bool, kept: list[int]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt-len", type=int, default=35)
-    parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--num-generations", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=7)
+    add_group_arguments(parser)
     opts = parser.parse_args()
     model, tensors = smollm2_group(opts.prompt_len, opts.length, opts.num_generations)
     model.gradient_checkpointing_enable({"use_reentrant": False})
