@@ -261,7 +261,7 @@ def activation_bytes(config: Any, tokens: int, dtype_bytes: int, predicted_token
 
     with L layers, hidden size h, MLP size i and vocabulary V. Per layer and token: the two norms' inputs and
     outputs, q, k, v, the attention output and the residual sum (about 10 h values), and the MLP's gate, up,
-    activation and their product, the down projection's input (4 i). Counted without k/v sharing (grouped-query
+    activation and product (4 i; the product is the down projection's input). Counted without k/v sharing (grouped-query
     attention keeps less) and without an attention matrix (SDPA keeps none; eager attention does). An upper
     bound for a transformers Llama: SmolLM2-135M's layers keep 11275 values a token (10898 with `fused_ops`)
     against 11904 here (`tests/test_recompute.py` checks the bound on small models)."""
