@@ -142,12 +142,19 @@ def test_the_first_micro_batch_keeps_its_top_layers_and_the_gradients_are_the_sa
     assert len(checkpointed_layers(model.model)) == layers  # checkpointed again on exit
 
 
-def test_nothing_kept_under_eager_attention_or_without_checkpointing(monkeypatch):
+def test_nothing_kept_where_the_estimate_is_no_bound_or_without_checkpointing(monkeypatch):
     monkeypatch.setattr(grpo.recompute, "LOGITS_CHUNK_BYTES", 0)
     model = checkpointed_llama()
     model.config._attn_implementation = "eager"  # its attention matrix is not in the estimate
     _, runs = two_micro_batches(model, recompute_where_memory_needs)
     assert runs[0] == [2] * SHAPE["num_hidden_layers"]
+    model.config._attn_implementation = "sdpa"
+    model.config.num_local_experts = 4  # as a mixture of experts' config says: its MLP is not the estimate's
+    _, runs = two_micro_batches(model, recompute_where_memory_needs)
+    assert runs[0] == [2] * SHAPE["num_hidden_layers"]
+    del model.config.num_local_experts
+    _, runs = two_micro_batches(model, recompute_where_memory_needs)
+    assert runs[0] != [2] * SHAPE["num_hidden_layers"]  # the same model keeps layers without those
     model.gradient_checkpointing_disable()
     with recompute_where_memory_needs(model.model):
         assert checkpointed_layers(model.model) == []

@@ -79,21 +79,26 @@ def recompute_where_memory_needs(body: torch.nn.Module) -> Iterator[None]:
     """Within it, each forward of `body` (a decoder body under gradient checkpointing, called with input_ids or
     inputs_embeds) lets its top `layers_kept` layers keep their activations, the room taken from the layers'
     gradients not allocated when the forward starts. Only for a training forward and backward inside the scope;
-    the layers are checkpointed again on exit. Nothing changes for eager attention (its attention matrix is not
-    in the estimate) or where no layer is checkpointed."""
+    the layers are checkpointed again on exit. Nothing changes where the estimate is no bound (eager attention
+    keeps an attention matrix; a mixture of experts' MLP is not `intermediate_size` wide), where no layer is
+    checkpointed, or for a forward given neither input_ids nor inputs_embeds."""
     layers = checkpointed_layers(body)
-    if not layers or getattr(body.config, "_attn_implementation", None) == "eager":
+    text = text_config(body.config)
+    experts = any(getattr(text, name, None) for name in ("num_experts", "num_local_experts", "n_routed_experts"))
+    if not layers or experts or getattr(body.config, "_attn_implementation", None) == "eager":
         yield
         return
 
     def choose(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        tokens = ids.numel() if ids is not None else kwargs["inputs_embeds"][..., 0].numel()
-        dtype_bytes = next(layers[0].parameters()).element_size()
-        layout = kwargs.get("attention_layout")
-        attention = 0 if layout is None else layout.kept_bytes(*attention_widths(body.config), dtype_bytes)
-        room = unallocated_gradient_bytes(layers) - LOGITS_CHUNK_BYTES
-        kept = layers_kept(room, tokens, body.config, dtype_bytes, attention) if torch.is_grad_enabled() else 0
+        ids, embeds = kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")
+        inputs = ids if isinstance(ids, torch.Tensor) else embeds[..., 0] if isinstance(embeds, torch.Tensor) else None
+        kept = 0
+        if inputs is not None and torch.is_grad_enabled():
+            dtype_bytes = next(layers[0].parameters()).element_size()
+            layout = kwargs.get("attention_layout")
+            attention = 0 if layout is None else layout.kept_bytes(*attention_widths(body.config), dtype_bytes)
+            room = unallocated_gradient_bytes(layers) - LOGITS_CHUNK_BYTES
+            kept = layers_kept(room, inputs.numel(), body.config, dtype_bytes, attention)
         for i, layer in enumerate(layers):
             layer.gradient_checkpointing = i < len(layers) - kept
 
