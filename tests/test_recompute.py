@@ -17,9 +17,9 @@ from grpo import GRPOConfig, GRPOTrainer
 from grpo.embedded import length_task
 from grpo.fused_ops import fused_ops
 from grpo.logprobs import completion_logps
-from grpo.models import activation_bytes
+from grpo.models import activation_bytes, attention_widths
 from grpo.packing import grouped_attention
-from grpo.recompute import attention_widths, checkpointed_layers, layers_kept, recompute_where_memory_needs
+from grpo.recompute import checkpointed_layers, layers_kept, recompute_where_memory_needs
 
 SHAPE = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, pad_token_id=0)

@@ -251,6 +251,15 @@ def text_config(config: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def attention_widths(config: Any) -> tuple[int, int]:
+    """(heads x head_dim, kv heads x head_dim) of a decoder config: the widths of its queries and of its keys
+    (or values)."""
+    text = text_config(config)
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return heads * head_dim, (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+
+
 # ---- gradient checkpointing chosen by memory (gradient_checkpointing=None) ------------------------------------
 def activation_bytes(config: Any, tokens: int, dtype_bytes: int, predicted_tokens: int = 0) -> int:
     """Memory a decoder keeps for the backward pass of one forward over `tokens` tokens without gradient

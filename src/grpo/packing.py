@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from grpo.models import checkpoints_activations
+from grpo.models import attention_widths, checkpoints_activations
 
 PROMPT, PADDING = 0, -1  # segment ids; row i's completion is segment i + 1
 GROUPED_ATTENTION = "grpo_grouped_sdpa"  # the attention implementation `grouped_attention` switches to
@@ -130,8 +130,7 @@ def packing_saves_work(packed: SharedPrefixBatch, rows: int, width: int, config:
     heads = getattr(config, "num_attention_heads", None)
     if not (hidden and mlp and heads):
         return True
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    _, kv = attention_widths(config)
     k = 3 * hidden / (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp)
     sequences, length = packed.input_ids.shape
     if grouped:

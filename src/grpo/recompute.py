@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from grpo.logprobs import LOGITS_CHUNK_BYTES
-from grpo.models import activation_bytes, text_config
+from grpo.models import activation_bytes, attention_widths, text_config
 
 
 def layers_kept(room: int, tokens: int, config: Any, dtype_bytes: int, attention_bytes: int = 0) -> int:
@@ -51,14 +51,6 @@ def layers_kept(room: int, tokens: int, config: Any, dtype_bytes: int, attention
     kept_input = tokens * text.hidden_size * dtype_bytes
     per_layer = activation_bytes(config, tokens, dtype_bytes) // layers + attention_bytes
     return max(0, min(layers - 1, (room - layers * kept_input) // max(per_layer - kept_input, 1)))
-
-
-def attention_widths(config: Any) -> tuple[int, int]:
-    """(heads x head_dim, kv heads x head_dim) of a decoder config."""
-    text = text_config(config)
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return heads * head_dim, (getattr(text, "num_key_value_heads", None) or heads) * head_dim
 
 
 def checkpointed_layers(body: torch.nn.Module) -> list[torch.nn.Module]:
