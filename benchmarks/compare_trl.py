@@ -18,7 +18,9 @@ learning rate and seed, gradient checkpointing on (TRL's default; --gradient-che
 trainer its own: grpo turns it on only when memory needs it), float32 unless --bf16. Reward: completion
 tokens / L for the random models (completions run to the limit: the same work every step), the course's
 -|20 - characters| for smollm2 (completions shorten as it learns; "time to target" is the wall time until the
-step whose reward first reaches --target).
+step whose reward first reaches --target). `--task word_problems` (smollm2): the built-in arithmetic word
+problems, scored 1 or 0 by `problem_reward`, where a group whose completions are all right or all wrong has no
+signal (the share is printed; grpo leaves those rows out of its training forward/backward, TRL trains them).
 
 Phases are timed inside each trainer by wrapping its own functions: generation, rewards, old/reference log-probs
 (no-grad forwards), the training forward, backward, the optimizer step; "other" is the step's remainder. MFU of
@@ -90,18 +92,22 @@ def prepare_model(name: str, directory: Path) -> tuple[str, int]:
     return path, sum(p.numel() for p in model.parameters()) - embedding
 
 
-def dataset(model: str, vocab_size: int, num: int = 256) -> Any:
+def dataset(model: str, vocab_size: int, task: str, num: int = 256) -> Any:
     if model == "smollm2":
-        from grpo.embedded.tasks import chat_length_task
+        from grpo.embedded.tasks import chat_length_task, word_problems_task
 
-        return chat_length_task(num)
+        return word_problems_task(num) if task == "word_problems" else chat_length_task(num)
     from datasets import Dataset
 
     texts = [" ".join(f"t{max(i, 4)}" for i in ids[1:]) for ids in prompts(num, vocab_size)]
     return Dataset.from_dict({"prompt": texts})
 
 
-def reward_function(model: str, max_length: int) -> Any:
+def reward_function(model: str, max_length: int, task: str) -> Any:
+    if model == "smollm2" and task == "word_problems":
+        from grpo.rewards.builtin import problem_reward
+
+        return problem_reward
     if model == "smollm2":
         def course_length(completions: list[Any], **kwargs: Any) -> list[float]:
             return [-abs(20 - len(c[-1]["content"])) for c in completions]
@@ -195,8 +201,8 @@ def run_trl(opts: argparse.Namespace, vocab_size: int, output_dir: str) -> list[
             steps.append(dict(step_time=time.perf_counter() - self.started, phases=clock.lap()))
 
     config = GRPOConfig(**settings(opts, output_dir), use_vllm=False)
-    trainer = GRPOTrainer(model=opts.model_dir, reward_funcs=reward_function(opts.model, opts.length), args=config,
-                          train_dataset=dataset(opts.model, vocab_size), callbacks=[Laps()],
+    trainer = GRPOTrainer(model=opts.model_dir, reward_funcs=reward_function(opts.model, opts.length, opts.task),
+                          args=config, train_dataset=dataset(opts.model, vocab_size, opts.task), callbacks=[Laps()],
                           peft_config=lora_config(opts.mode))
     clock.wrap(trainer, "_generate_single_turn", "generation")
     clock.wrap(trainer, "_calculate_rewards", "rewards")
@@ -204,17 +210,19 @@ def run_trl(opts: argparse.Namespace, vocab_size: int, output_dir: str) -> list[
     clock.wrap(trainer.accelerator, "backward", "backward")
     trainer.train()
     logs = [r for r in trainer.state.log_history if "reward" in r]
-    return [dict(step, reward=r["reward"], completion_length=r["completions/mean_length"], num_tokens=r["num_tokens"])
-            for step, r in zip(steps, logs)]
+    return [dict(step, reward=r["reward"], completion_length=r["completions/mean_length"], num_tokens=r["num_tokens"],
+                 silent=r["frac_reward_zero_std"]) for step, r in zip(steps, logs)]
 
 
 def run_grpo(opts: argparse.Namespace, vocab_size: int, output_dir: str) -> list[dict[str, Any]]:
     import grpo.trainer_rounds
     from grpo import GRPOConfig, GRPOTrainer
 
-    config = GRPOConfig(**settings(opts, output_dir))
-    trainer = GRPOTrainer(model=opts.model_dir, reward_funcs=reward_function(opts.model, opts.length), args=config,
-                          train_dataset=dataset(opts.model, vocab_size), peft_config=lora_config(opts.mode))
+    options = {key: json.loads(value) for key, value in (o.split("=", 1) for o in opts.grpo_option)}
+    config = GRPOConfig(**settings(opts, output_dir), **options)
+    trainer = GRPOTrainer(model=opts.model_dir, reward_funcs=reward_function(opts.model, opts.length, opts.task),
+                          args=config, train_dataset=dataset(opts.model, vocab_size, opts.task),
+                          peft_config=lora_config(opts.mode))
     clock, phases = PhaseClock(), []
     clock.wrap(trainer.generator, "generate", "generation")
     clock.wrap(trainer.reward_runner, "score", "rewards")
@@ -235,7 +243,7 @@ def run_grpo(opts: argparse.Namespace, vocab_size: int, output_dir: str) -> list
     records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "step_time" in r]
     return [dict(step_time=r["step_time"], phases=p, reward=r["reward"], completion_length=r["completions/mean_length"],
-                 num_tokens=r["num_tokens"]) for r, p in zip(records, phases)]
+                 num_tokens=r["num_tokens"], silent=r["frac_reward_zero_std"]) for r, p in zip(records, phases)]
 
 
 def worker(opts: argparse.Namespace) -> None:
@@ -262,7 +270,8 @@ def run_worker(trainer: str, case: dict[str, Any], opts: argparse.Namespace, see
                    "--steps", str(case["steps"]), "--result", result.name, "--device", opts.device,
                    "--learning-rate", str(opts.learning_rate), "--seed", str(seed)]
         command += (["--threads", str(opts.threads)] if opts.threads else []) + (["--bf16"] if opts.bf16 else [])
-        command += ["--gradient-checkpointing", opts.gradient_checkpointing]
+        command += ["--gradient-checkpointing", opts.gradient_checkpointing, "--task", opts.task]
+        command += [arg for option in opts.grpo_option for arg in ("--grpo-option", option)]
         env = dict(os.environ)
         if trainer == "trl" and opts.trl_keeps_freed_memory:  # what grpo's cpu_keep_freed_memory sets, for TRL
             env |= {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}
@@ -307,6 +316,7 @@ def summarize(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
                 repeat_step_times=[statistics.median(s["step_time"] for s in r["steps"]) for r in results],
                 tokens_per_s=statistics.median(s["generated"] / s["step_time"] for s in steps),
                 trained=statistics.mean(s["trained"] for s in steps), phases=phases,
+                silent=statistics.mean(s["silent"] for s in steps),
                 rewards=[statistics.mean(r) for r in zip(*curves)], peak_mib=max(r["peak_mib"] for r in results),
                 elapsed=[statistics.mean(e) for e in zip(*elapsed)],
                 time_to_target=statistics.mean(bounded), target_missed=None in times_to_target)
@@ -391,6 +401,8 @@ def report(case: dict[str, Any], stats: dict[str, dict[str, Any]], params: int, 
         trl, ours = stats["trl"]["phases"][phase], stats["grpo"]["phases"][phase]
         lines.append(f"| {phase} s / step (share) | {trl:.2f} ({trl / stats['trl']['mean_step_time']:.0%}) | "
                      f"{ours:.2f} ({ours / stats['grpo']['mean_step_time']:.0%}) | {ratio(ours, trl, inverse=True)} |")
+    lines.append(f"| groups with all-equal rewards (frac_reward_zero_std, mean) | {stats['trl']['silent']:.0%} | "
+                 f"{stats['grpo']['silent']:.0%} | |")
     for t in TRAINERS:
         lines.append(f"\nreward per step, {t + ':':<5} {' '.join(f'{r:.2f}' for r in stats[t]['rewards'])}")
     if case["repeats"] > 1:  # the mean above is over these
@@ -451,6 +463,12 @@ def main() -> None:
     parser.add_argument("--trl-keeps-freed-memory", action="store_true",
                         help="run TRL with glibc's malloc keeping freed memory (MALLOC_MMAP_MAX_=0, no trimming), as "
                              "grpo's cpu_keep_freed_memory does in-process: how much of the gap is the allocator")
+    parser.add_argument("--task", default="length", choices=["length", "word_problems"],
+                        help="smollm2's prompts and reward: chat_length and -|20 - characters|, or the built-in "
+                             "arithmetic word problems scored 1/0 by problem_reward (groups all right or all "
+                             "wrong carry no signal)")
+    parser.add_argument("--grpo-option", action="append", default=[], metavar="FIELD=JSON",
+                        help="a GRPOConfig field for grpo only, e.g. skip_zero_advantage_rows=false (repeatable)")
     for hidden in ("--worker", "--model", "--model-dir", "--length", "--g", "--mode", "--result"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     opts = parser.parse_args()

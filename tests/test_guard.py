@@ -20,7 +20,8 @@ def _trainer_with_nan_steps(tmp_path, bad_steps: set[int], **overrides) -> tuple
     and a list that records each optimizer.step() call."""
     settings = dict(output_dir=str(tmp_path / "run"), num_generations=4, per_device_train_batch_size=8,
                     max_completion_length=8, max_steps=4, logging_steps=1, learning_rate=1e-2,
-                    gradient_checkpointing=False, disable_tqdm=True, save_strategy="no")
+                    gradient_checkpointing=False, disable_tqdm=True, save_strategy="no",
+                    skip_zero_advantage_rows=False)  # every row trained: one training-mode forward a step
     settings.update(overrides)
     trainer = GRPOTrainer(model="grpo:tiny", reward_funcs=reward_len, args=GRPOConfig(**settings),
                           train_dataset=TASKS["length"].make(24, seed=2))

@@ -282,7 +282,8 @@ def test_the_trainer_attends_by_the_layout_under_gradient_checkpointing(tiny_mod
     calls = count_grouped_calls(monkeypatch)
     args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=4,
                       gradient_accumulation_steps=1, max_completion_length=6, max_steps=1, report_to="none",
-                      save_strategy="no", disable_tqdm=True, gradient_checkpointing=True)
+                      save_strategy="no", disable_tqdm=True, gradient_checkpointing=True,
+                      skip_zero_advantage_rows=False)  # trained even where the completions' lengths tie
     trainer = GRPOTrainer(model=tiny_model_dir, args=args, train_dataset=[{"prompt": "Write about rain:"}] * 4,
                           reward_funcs=lambda completions, **kw: [len(c) for c in completions])
     trainer.train()

@@ -435,7 +435,7 @@ def test_no_forward_pass_the_math_does_not_need(tmp_path, tiny_model_dir, monkey
     monkeypatch.setattr(trainer_module, "completion_logps_in_chunks",
                         lambda *a, **k: no_grad_passes.append(1) or real(*a, **k))
     args = small_args(tmp_path, beta=0.0, gradient_accumulation_steps=2, per_device_train_batch_size=4,
-                      max_steps=3)
+                      max_steps=3, skip_zero_advantage_rows=False)  # every row trained: a fixed count of passes
     trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8))
     assert trainer.ref_model is None and not args.needs_old_logps
     body = trainer.model.model  # the decoder body: every pass runs it, whether or not through model.forward

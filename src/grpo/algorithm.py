@@ -48,12 +48,14 @@ def group_advantages(
     rewards: (N,) with the G completions of a prompt in consecutive rows; NaN rows are left out of the
     group statistics and get A = 0. std is Bessel-corrected and taken per group ("group"), over the whole
     round ("batch"), or not used at all ("none": A_i = r_i - mean_g r, Dr. GRPO).
+    A group whose rewards are all equal gets A = 0 exactly (its float mean can differ from the rewards in the
+    last bit), so the trainer can tell the rows that carry no signal (`skip_zero_advantage_rows`).
     Returns (advantages (N,), group_std (N/G,)), the latter for the `frac_reward_zero_std` metric.
     """
     grouped = rewards.view(-1, num_generations)
     group_mean = torch.nanmean(grouped, dim=1, keepdim=True)
     group_std = nanstd(grouped, dim=1)
-    centered = grouped - group_mean
+    centered = torch.where(all_equal_groups(rewards, num_generations).unsqueeze(1), 0.0, grouped - group_mean)
     if scale_rewards == "group":
         advantages = centered / (group_std.unsqueeze(1) + ADVANTAGE_EPS)
     elif scale_rewards == "batch":
@@ -460,6 +462,15 @@ class LossSettings:
     bias_correction_kl: bool = False  # the k3 term times the policy ratio (DeepSeek-V3.2's unbiased KL)
     off_policy_mask_threshold: float | None = None  # DeepSeek-V3.2's sequence mask (None: off)
     router_aux_loss_coef: float = 0.0  # MoE load-balancing loss weight
+
+    @property
+    def zero_advantage_is_silent(self) -> bool:
+        """Whether a row with A = 0 adds exactly 0 to the loss, its gradient and every statistic but the entropy
+        (and 0 to the per-sequence clip fractions): true of every policy loss here, which is A times a weight,
+        unless a term without A is on (the KL, the entropy bonus, the MoE router loss) or, for vespo, phi(w)
+        is summed over every sequence."""
+        return (self.beta == 0 and not self.entropy_bonus and self.entropy_coef == 0 and not self.router_aux_loss_coef
+                and self.loss_type != "vespo")
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """How a round's rows become optimizer steps, and a step's rows become micro-batches (forward/backward passes).
 
 The loss normaliser counts the whole optimizer step (`StepCounts`), so how a step's rows are cut into
-micro-batches changes memory and speed but not the update. That freedom is used twice: rows are sorted by
-length so a micro-batch is padded only to rows like it, and a micro-batch is cut smaller when its padded size
+micro-batches changes memory and speed but not the update. That freedom is used three times: rows are sorted by
+length so a micro-batch is padded only to rows like it; a micro-batch is cut smaller when its padded size
 (rows x longest row) would exceed `max_tokens`, which bounds the activation memory of one forward/backward
-however long the completions get, without recomputing anything (gradient checkpointing stays a separate choice).
+however long the completions get, without recomputing anything (gradient checkpointing stays a separate choice);
+and rows whose loss is exactly 0 (advantage 0, nothing else in the loss) leave the forward/backward altogether
+(`split_silent`).
 """
 
 from __future__ import annotations
@@ -71,3 +73,19 @@ def split_to_counts(steps: list[list[torch.Tensor]], counts: list[int], lengths:
             pieces[i:i + 1] = [pieces[i][:half], pieces[i][half:]]
         evened.append(pieces)
     return evened
+
+
+def split_silent(micro_batches: list[torch.Tensor], silent: torch.Tensor, lengths: torch.Tensor, batch_size: int,
+                 max_tokens: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A step's micro-batches without the rows where `silent` (bool over the round's rows) is set, and those rows
+    on their own: each kept in the step's order and cut again by `cut_micro_batches`, so the step runs fewer
+    forward/backward passes, none larger than before. The loss normaliser counts the whole step, so leaving out
+    rows whose loss is exactly 0 leaves the update unchanged."""
+    rows = torch.cat(micro_batches)
+    quiet = silent[rows]
+
+    def cut(part: torch.Tensor) -> list[torch.Tensor]:
+        return cut_micro_batches(part, lengths, batch_size, max_tokens) if len(part) else []
+
+    return cut(rows[~quiet]), cut(rows[quiet])
+

@@ -49,6 +49,7 @@ RESUMABLE_CHANGES = frozenset({
     "per_device_eval_batch_size", "num_generations_eval", "generation_max_batch_rows",
     "max_consecutive_nonfinite_steps",
     "max_tokens_per_micro_batch",  # memory only: the update does not depend on how a step is cut
+    "skip_zero_advantage_rows",  # speed only: rows left out have a loss of exactly 0
     "reward_timeout", "reward_num_workers", "reward_error",  # how rewards are called: a crash's fix is a resume
     "model",  # the path may move; the model itself is compared by its parameter names and shapes
     "logging_strategy", "logging_first_step", "log_unique_prompts", "eval_delay", "eval_on_start", "save_only_model",

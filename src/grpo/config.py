@@ -155,6 +155,12 @@ class GRPOConfig(TRLFields):
     forward/backward however long completions get. The update is unchanged (the loss normaliser counts the whole
     optimizer step); short completions are never cut. None: micro-batches of per_device_train_batch_size
     completions whatever their length (TRL's behaviour)."""
+    skip_zero_advantage_rows: bool = True
+    """Leave out of the training forward/backward the completions whose advantage is exactly 0 (a group whose
+    rewards are all equal: all right or all wrong), whose loss and gradient are then exactly 0: the same update
+    for less work (a no-grad forward still measures their entropy for the logged metric). Applies where nothing
+    else in the loss reads them (beta = 0, no entropy bonus or entropy quantile mask, no MoE router loss, not
+    vespo) and in one process; off: every row is trained, as in TRL."""
     learning_rate: float = 1e-6
     """Peak AdamW learning rate. TRL's 1e-6 suits pretrained models; the embedded demo model uses far more."""
     lr_scheduler_type: str = "linear"

@@ -35,6 +35,7 @@ from grpo.algorithm import (
     mix_into,
 )
 from grpo.allocator import keep_freed_memory
+from grpo.batching import split_silent
 from grpo.callbacks import Callbacks
 from grpo.checkpoint import (
     TrainingObjects,
@@ -353,6 +354,11 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         settings = self._loss_settings()
         entropy_masks = self._high_entropy_masks(rollout, micro_batches) if args.top_entropy_quantile < 1 else None
         totals = LossStats()
+        if self._skips_silent_rows(settings, entropy_masks):  # rows with A = 0: the same update without them
+            lengths = rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1)
+            micro_batches, silent = split_silent(micro_batches, rollout.advantages == 0, lengths,
+                                                 args.per_device_train_batch_size, args.max_tokens_per_micro_batch)
+            totals += self._silent_rows_stats(rollout, silent)
         self.policy_logps.train()  # the model and any DDP wrapper around it
         body = base_model(self.model)
         for i, rows in enumerate(micro_batches):
@@ -376,6 +382,10 @@ class GRPOTrainer(GenerationRounds, Evaluation):
             if not last:
                 self.callbacks.event("on_substep_end", self.state)
             totals += stats
+        if not micro_batches:  # every row silent: the optimizer steps on the zero gradient it would have computed
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
         totals = self._summed_over_processes(totals)
         metrics = {"loss": totals.loss, "grad_norm": self._optimizer_step(totals.loss),
                    "learning_rate": self.lr_scheduler.get_last_lr()[0]}  # the rate this step used, as TRL logs
@@ -384,6 +394,25 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         if settings.entropy_bonus:
             metrics["entropy_coef"] = self._next_entropy_coef(metrics["entropy"])
         return metrics
+
+    def _skips_silent_rows(self, settings: LossSettings, entropy_masks: list[torch.Tensor] | None) -> bool:
+        """skip_zero_advantage_rows where it is exact: nothing in the loss but A reads a row, and one process
+        (several would each have to run the same number of passes; DeepSpeed counts its micro-steps)."""
+        return (self.args.skip_zero_advantage_rows and settings.zero_advantage_is_silent and entropy_masks is None
+                and self.processes.count == 1 and not zero.is_engine(self.policy_logps))
+
+    @torch.no_grad()
+    def _silent_rows_stats(self, rollout: Rollout, micro_batches: list[torch.Tensor]) -> LossStats:
+        """What rows with A = 0 add to a step's statistics without their backward: their entropy, from a no-grad
+        forward, and a per-sequence clip fraction of 0 (`zero_advantage_is_silent`)."""
+        entropy_sum, body = 0.0, base_model(self.model)
+        for rows in micro_batches:
+            batch = rollout.select(rows)
+            with grouped_attention(body), fused_ops(body), lora_linears(body), self._autocast():
+                _, entropy, _ = self.policy_logps(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                                  batch.completion_mask, self.args.temperature, with_entropy=True)
+            entropy_sum += float((entropy * self._loss_mask(batch).to(entropy.device)).sum())
+        return LossStats(entropy=entropy_sum, low_clipped_min=0.0) if micro_batches else LossStats()
 
     def _loss_settings(self) -> LossSettings:
         """What the loss reads from the config, with this step's entropy coefficient (use_adaptive_entropy: the

@@ -261,6 +261,8 @@ GRPO_ONLY_FIELDS: dict[str, str] = {
     "logging_dir": "transformers 4's field; ignored (TensorBoard writes to <output_dir>/tensorboard)",
     "max_consecutive_nonfinite_steps": "stop after this many NaN/inf steps in a row",
     "max_tokens_per_micro_batch": "bound a micro-batch's padded tokens; the update is unchanged",
+    "skip_zero_advantage_rows": "leave rows with advantage 0 out of the training forward/backward; the update is "
+                                "unchanged",
     "generation_backend": '"engine" (grpo\'s rollout engine) or "transformers" (model.generate)',
     "generation_max_batch_rows": "most rows the engine decodes at once",
     "cpu_keep_freed_memory": "CPU: freed tensors' memory reused during train() within the peak in use, "

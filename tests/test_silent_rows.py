@@ -1,0 +1,105 @@
+"""Rows whose advantage is exactly 0 leave the training forward/backward (`skip_zero_advantage_rows`): the same
+update, metrics included, for fewer rows trained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpo import GRPOConfig, GRPOTrainer
+from grpo.algorithm import LossSettings, ObjectiveParams, group_advantages
+from grpo.batching import split_silent
+from grpo.embedded import length_task
+
+
+def test_split_silent_keeps_the_order_and_cuts_again():
+    lengths = torch.tensor([5, 6, 7, 8, 9, 10, 11, 12])
+    silent = torch.tensor([False, True, True, False, False, True, False, False])
+    micro_batches = [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7])]
+    trained, quiet = split_silent(micro_batches, silent, lengths, batch_size=4, max_tokens=None)
+    assert [t.tolist() for t in trained] == [[0, 3, 4, 6], [7]]
+    assert [q.tolist() for q in quiet] == [[1, 2, 5]]
+    # max_tokens cuts the trained rows as it cut the plan: 4 rows x 11 tokens > 40, so two pieces of 2
+    trained, _ = split_silent(micro_batches, silent, lengths, batch_size=4, max_tokens=40)
+    assert [t.tolist() for t in trained] == [[0, 3], [4, 6], [7]]
+    assert split_silent(micro_batches, torch.ones(8, dtype=torch.bool), lengths, 4, None)[0] == []
+
+
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantages():
+    grouped = torch.full((1, 7), 0.1)
+    assert (grouped - grouped.mean(1, keepdim=True)).abs().max() > 0  # the float mean misses 0.1 here
+    rewards = torch.tensor([0.1] * 7 + [0.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.5])
+    for scale in ("group", "batch", "none"):
+        advantages, _ = group_advantages(rewards, 7, scale)
+        assert advantages[:7].eq(0).all() and advantages[7:].ne(0).any()
+
+
+@pytest.mark.parametrize("change, silent", [
+    ({}, True), ({"loss_type": "cispo"}, True), ({"loss_type": "sapo"}, True), ({"beta": 0.1}, False),
+    ({"entropy_coef": 0.01}, False), ({"entropy_bonus": True}, False), ({"router_aux_loss_coef": 0.01}, False),
+    ({"loss_type": "vespo"}, False),
+])
+def test_which_losses_let_a_zero_advantage_row_go(change, silent):
+    settings = dict(loss_type="dapo", importance_sampling_level="token", params=ObjectiveParams()) | change
+    assert LossSettings(**settings).zero_advantage_is_silent is silent
+
+
+def half_silent(completions, silent, **kwargs):
+    """All-equal rewards for the prompts marked silent, the completion's length for the others."""
+    return [1.0 if s else float(len(c)) for c, s in zip(completions, silent)]
+
+
+def train(tmp_path, tiny_model_dir, name, reward, **overrides):
+    """Two optimizer steps on the tiny model; returns the logged steps, the weights and the rows each training
+    forward with gradients saw."""
+    dataset = length_task(8).add_column("silent", [i % 2 == 0 for i in range(8)])
+    args = GRPOConfig(**{**dict(output_dir=str(tmp_path / name), save_strategy="no", num_generations=4,
+                                per_device_train_batch_size=4, gradient_accumulation_steps=2, max_completion_length=12,
+                                max_steps=2, logging_steps=1, learning_rate=1e-2, weight_decay=0.1,
+                                disable_tqdm=True, seed=5), **overrides})
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward, args=args, train_dataset=dataset)
+    rows_trained, forward = [], trainer.policy_logps.forward
+
+    def counted(prompt_ids, *args, **kwargs):
+        if torch.is_grad_enabled():
+            rows_trained.append(len(prompt_ids))
+        return forward(prompt_ids, *args, **kwargs)
+
+    trainer.policy_logps.forward = counted
+    trainer.train()
+    steps = [r for r in trainer.state.log_history if "loss" in r and "train_runtime" not in r]
+    return steps, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, rows_trained
+
+
+def assert_same_run(skipped, every_row):
+    for a, b in zip(skipped[0], every_row[0], strict=True):
+        for key in ("loss", "grad_norm", "entropy", "clip_ratio/low_min", "clip_ratio/region_mean", "reward"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    for name, weight in every_row[1].items():
+        torch.testing.assert_close(skipped[1][name], weight, rtol=0, atol=2e-6, msg=name)
+
+
+def test_skipping_silent_rows_gives_the_same_steps_for_fewer_rows(tmp_path, tiny_model_dir):
+    skipped = train(tmp_path, tiny_model_dir, "skip", half_silent)
+    every_row = train(tmp_path, tiny_model_dir, "all", half_silent, skip_zero_advantage_rows=False)
+    assert_same_run(skipped, every_row)
+    assert every_row[2] == [4, 4, 4, 4]  # two micro-batches of 4 rows a step
+    heard = [round(8 * (1 - step["frac_reward_zero_std"])) for step in skipped[0]]
+    assert 0 < sum(heard) < 16 and sum(skipped[2]) == sum(heard)  # only the groups with a signal were trained
+    assert len(skipped[2]) == sum(h > 0 for h in heard)  # each step's rows in one micro-batch, not two
+
+
+def test_a_step_with_every_row_silent_still_steps_the_optimizer(tmp_path, tiny_model_dir):
+    def constant(completions, **kwargs):
+        return [2.0] * len(completions)
+
+    skipped = train(tmp_path, tiny_model_dir, "skip", constant)
+    every_row = train(tmp_path, tiny_model_dir, "all", constant, skip_zero_advantage_rows=False)
+    assert skipped[2] == []  # no training forward at all
+    assert_same_run(skipped, every_row)  # weight decay moved the weights the same way in both
+    assert skipped[0][-1]["grad_norm"] == 0.0
+
+
+def test_a_loss_that_reads_every_row_trains_every_row(tmp_path, tiny_model_dir):
+    _, _, rows = train(tmp_path, tiny_model_dir, "kl", half_silent, beta=0.1)
+    assert rows == [4, 4, 4, 4]
