@@ -403,6 +403,9 @@ def report(case: dict[str, Any], stats: dict[str, dict[str, Any]], params: int, 
                      f"{ours:.2f} ({ours / stats['grpo']['mean_step_time']:.0%}) | {ratio(ours, trl, inverse=True)} |")
     lines.append(f"| groups with all-equal rewards (frac_reward_zero_std, mean) | {stats['trl']['silent']:.0%} | "
                  f"{stats['grpo']['silent']:.0%} | |")
+    if stats["grpo"]["silent"] > 0:
+        lines.append("\nMFU counts every row's tokens, also those of the rows grpo left out of its backward (advantage "
+                     "0: skip_zero_advantage_rows), so grpo's is the work of training every row over the time taken")
     for t in TRAINERS:
         lines.append(f"\nreward per step, {t + ':':<5} {' '.join(f'{r:.2f}' for r in stats[t]['rewards'])}")
     if case["repeats"] > 1:  # the mean above is over these

@@ -465,10 +465,10 @@ class LossSettings:
 
     @property
     def zero_advantage_is_silent(self) -> bool:
-        """Whether a row with A = 0 adds exactly 0 to the loss, its gradient and every statistic but the entropy
-        (and 0 to the per-sequence clip fractions): true of every policy loss here, which is A times a weight,
-        unless a term without A is on (the KL, the entropy bonus, the MoE router loss) or, for vespo, phi(w)
-        is summed over every sequence."""
+        """Whether a row with A = 0, or with no token in the loss mask, adds exactly 0 to the loss, its gradient
+        and every statistic but the entropy (and 0 to the per-sequence clip fractions): true of every policy loss
+        here, which is A times a weight, unless a term without A is on (the KL, the entropy bonus, the MoE router
+        loss) or, for vespo, phi(w) is summed over every sequence."""
         return (self.beta == 0 and not self.entropy_bonus and self.entropy_coef == 0 and not self.router_aux_loss_coef
                 and self.loss_type != "vespo")
 

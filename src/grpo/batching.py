@@ -46,9 +46,9 @@ def cut_micro_batches(rows: torch.Tensor, lengths: torch.Tensor, batch_size: int
                       ) -> list[torch.Tensor]:
     """`rows` (sorted by length, shortest first) cut into micro-batches of `batch_size` rows, each of which is
     cut again into the fewest equal pieces whose padded size (rows x the piece's longest row) stays within
-    `max_tokens` (a single row may exceed it)."""
+    `max_tokens` (a single row may exceed it). No rows, no micro-batches."""
     pieces = []
-    for batch in rows.split(batch_size):
+    for batch in rows.split(batch_size) if len(rows) else []:
         count = 1
         while count < len(batch) and max_tokens is not None and any(
                 len(p) * int(lengths[p].max()) > max_tokens for p in batch.tensor_split(count)):
@@ -76,16 +76,11 @@ def split_to_counts(steps: list[list[torch.Tensor]], counts: list[int], lengths:
 
 
 def split_silent(micro_batches: list[torch.Tensor], silent: torch.Tensor, lengths: torch.Tensor, batch_size: int,
-                 max_tokens: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """A step's micro-batches without the rows where `silent` (bool over the round's rows) is set, and those rows
-    on their own: each kept in the step's order and cut again by `cut_micro_batches`, so the step runs fewer
-    forward/backward passes, none larger than before. The loss normaliser counts the whole step, so leaving out
-    rows whose loss is exactly 0 leaves the update unchanged."""
+                 max_tokens: int | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A step's micro-batches without the rows where `silent` (bool over the round's rows) is set, the rest kept in
+    the step's order and cut again by `cut_micro_batches` (fewer forward/backward passes, none larger than
+    before), and the silent rows. The loss normaliser counts the whole step, so leaving out rows whose loss is
+    exactly 0 leaves the update unchanged."""
     rows = torch.cat(micro_batches)
-    quiet = silent[rows]
-
-    def cut(part: torch.Tensor) -> list[torch.Tensor]:
-        return cut_micro_batches(part, lengths, batch_size, max_tokens) if len(part) else []
-
-    return cut(rows[~quiet]), cut(rows[quiet])
-
+    heard = rows[~silent[rows]]
+    return cut_micro_batches(heard, lengths, batch_size, max_tokens), rows[silent[rows]]

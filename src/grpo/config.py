@@ -157,8 +157,9 @@ class GRPOConfig(TRLFields):
     completions whatever their length (TRL's behaviour)."""
     skip_zero_advantage_rows: bool = True
     """Leave out of the training forward/backward the completions whose advantage is exactly 0 (a group whose
-    rewards are all equal: all right or all wrong), whose loss and gradient are then exactly 0: the same update
-    for less work (a no-grad forward still measures their entropy for the logged metric). Applies where nothing
+    rewards are all equal: all right or all wrong) or that have no token in the loss (mask_truncated_completions),
+    whose loss and gradient are then exactly 0: the same update for less work (a no-grad forward still measures
+    the entropy of the former for the logged metric). Applies where nothing
     else in the loss reads them (beta = 0, no entropy bonus or entropy quantile mask, no MoE router loss, not
     vespo) and in one process; off: every row is trained, as in TRL."""
     learning_rate: float = 1e-6

@@ -35,7 +35,7 @@ from grpo.algorithm import (
     mix_into,
 )
 from grpo.allocator import keep_freed_memory
-from grpo.batching import split_silent
+from grpo.batching import cut_micro_batches, split_silent
 from grpo.callbacks import Callbacks
 from grpo.checkpoint import (
     TrainingObjects,
@@ -354,11 +354,8 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         settings = self._loss_settings()
         entropy_masks = self._high_entropy_masks(rollout, micro_batches) if args.top_entropy_quantile < 1 else None
         totals = LossStats()
-        if self._skips_silent_rows(settings, entropy_masks):  # rows with A = 0: the same update without them
-            lengths = rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1)
-            micro_batches, silent = split_silent(micro_batches, rollout.advantages == 0, lengths,
-                                                 args.per_device_train_batch_size, args.max_tokens_per_micro_batch)
-            totals += self._silent_rows_stats(rollout, silent)
+        if self._skips_silent_rows(settings, entropy_masks):  # rows whose loss is 0: the same update without them
+            micro_batches, totals = self._without_silent_rows(rollout, micro_batches)
         self.policy_logps.train()  # the model and any DDP wrapper around it
         body = base_model(self.model)
         for i, rows in enumerate(micro_batches):
@@ -402,17 +399,26 @@ class GRPOTrainer(GenerationRounds, Evaluation):
                 and self.processes.count == 1 and not zero.is_engine(self.policy_logps))
 
     @torch.no_grad()
-    def _silent_rows_stats(self, rollout: Rollout, micro_batches: list[torch.Tensor]) -> LossStats:
-        """What rows with A = 0 add to a step's statistics without their backward: their entropy, from a no-grad
-        forward, and a per-sequence clip fraction of 0 (`zero_advantage_is_silent`)."""
+    def _without_silent_rows(self, rollout: Rollout, micro_batches: list[torch.Tensor]
+                             ) -> tuple[list[torch.Tensor], LossStats]:
+        """The step's micro-batches without the rows whose loss is exactly 0 (advantage 0, or no token in the loss),
+        cut again (`batching.split_silent`), and what those rows add to the step's statistics without a backward:
+        the entropy of those with loss tokens, from a no-grad forward, and a per-sequence clip fraction of 0
+        (`LossSettings.zero_advantage_is_silent`)."""
+        args, loss_tokens = self.args, self._loss_mask(rollout).sum(1)
+        lengths = rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1)
+        heard, silent = split_silent(micro_batches, (rollout.advantages == 0) | (loss_tokens == 0), lengths,
+                                     args.per_device_train_batch_size, args.max_tokens_per_micro_batch)
+        measured = silent[loss_tokens[silent] > 0]
         entropy_sum, body = 0.0, base_model(self.model)
-        for rows in micro_batches:
+        for rows in cut_micro_batches(measured, lengths, args.per_device_train_batch_size,
+                                      args.max_tokens_per_micro_batch):
             batch = rollout.select(rows)
             with grouped_attention(body), fused_ops(body), lora_linears(body), self._autocast():
                 _, entropy, _ = self.policy_logps(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                                  batch.completion_mask, self.args.temperature, with_entropy=True)
+                                                  batch.completion_mask, args.temperature, with_entropy=True)
             entropy_sum += float((entropy * self._loss_mask(batch).to(entropy.device)).sum())
-        return LossStats(entropy=entropy_sum, low_clipped_min=0.0) if micro_batches else LossStats()
+        return heard, LossStats(entropy=entropy_sum, low_clipped_min=0.0) if len(silent) else LossStats()
 
     def _loss_settings(self) -> LossSettings:
         """What the loss reads from the config, with this step's entropy coefficient (use_adaptive_entropy: the
