@@ -48,7 +48,12 @@ SCRIPT = textwrap.dedent('''
     def reward_len(completions, **kwargs):
         return [-abs(6 - len(c)) for c in completions]
 
-    def run(output_dir, generator=None, resume=False, **overrides):
+    def reward_coarse(completions, **kwargs):  # 1/0: many groups all equal, so their rows are left out
+        return [float(len(c) > THRESHOLD) for c in completions]
+
+    THRESHOLD = 8  # the generator's completions decode to 1-11 characters
+
+    def run(output_dir, generator=None, resume=False, reward=reward_len, **overrides):
         settings = dict(output_dir=output_dir, num_generations=4, max_completion_length=12, max_steps=1,
                         logging_steps=1, gradient_checkpointing=False, disable_tqdm=True, seed=5,
                         lr_scheduler_type="constant", save_strategy="no")
@@ -61,7 +66,7 @@ SCRIPT = textwrap.dedent('''
             optimizers = (sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0))
         else:
             model = "grpo:tiny"
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=args, optimizers=optimizers,
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, optimizers=optimizers,
                               train_dataset=TASKS["length"].make(16, seed=1), generator=generator)
         trainer.train(resume_from_checkpoint=True if resume else None)
 
@@ -74,8 +79,9 @@ SCRIPT = textwrap.dedent('''
     atexit.register(report_process_group)
     if mode == "updates":
         for case in json.loads(sys.argv[4]):
+            reward = reward_coarse if case.pop("coarse_reward", False) else reward_len
             run(f"{root}/{case.pop('name')}", PromptSeededGenerator(), per_device_train_batch_size=per_device,
-                max_grad_norm=0.0, **case)
+                max_grad_norm=0.0, reward=reward, **case)
     elif mode == "train":  # the real engine; a 4-step run in one go, and one stopped at step 2
         run(f"{root}/whole", per_device_train_batch_size=per_device, max_steps=4, save_strategy="steps",
             save_steps=2, learning_rate=1e-2)
@@ -92,6 +98,8 @@ CASES = [  # gradient_accumulation_steps > 1 and batch reward scaling need the g
     dict(name="dr_grpo", loss_type="dr_grpo", gradient_accumulation_steps=2, scale_rewards="batch"),
     # micro-batches cut by a token budget: the processes need different numbers of pieces and agree on the most
     dict(name="token_budget", loss_type="dapo", gradient_accumulation_steps=2, max_tokens_per_micro_batch=50),
+    # rows with advantage 0 left out: the processes train and measure different numbers of rows, and agree on passes
+    dict(name="silent_rows", loss_type="dapo", gradient_accumulation_steps=2, coarse_reward=True),
 ]
 
 
@@ -168,8 +176,11 @@ def test_two_processes_take_the_same_update_as_one_with_twice_the_batch(runs, ca
                                    atol=1e-6 * max(largest, 1.0), rtol=1e-4)
     one_log = json.loads((root / "one" / case / "metrics.jsonl").read_text())
     two_log = json.loads((root / "two" / case / "metrics.jsonl").read_text())
-    for name in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "num_tokens", "loss"):
+    for name in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "num_tokens", "loss",
+                 "entropy"):
         assert two_log[name] == pytest.approx(one_log[name], rel=1e-5, abs=1e-7), name  # metrics of the whole run
+    if case == "silent_rows":  # some groups silent, not all: rows left out, passes evened between the processes
+        assert 0 < one_log["frac_reward_zero_std"] < 1
 
 
 def test_two_process_run_writes_once_and_resumes_exactly(runs):

@@ -8,7 +8,7 @@ import torch
 
 from grpo import GRPOConfig, GRPOTrainer
 from grpo.algorithm import LossSettings, ObjectiveParams, group_advantages
-from grpo.batching import split_silent
+from grpo.batching import even_passes, split_silent
 from grpo.embedded import length_task
 
 
@@ -23,6 +23,17 @@ def test_split_silent_keeps_the_order_and_cuts_again():
     trained, _ = split_silent(micro_batches, silent, lengths, batch_size=4, max_tokens=40)
     assert [t.tolist() for t in trained] == [[0, 3], [4, 6], [7]]
     assert split_silent(micro_batches, torch.ones(8, dtype=torch.bool), lengths, 4, None)[0] == []
+
+
+def test_even_passes_cuts_then_borrows_silent_rows():
+    lengths = torch.arange(10) + 5
+    passes, spare = even_passes([torch.tensor([0, 1, 2])], 2, lengths, torch.tensor([7, 8]))
+    assert [p.tolist() for p in passes] == [[0, 1], [2]] and spare.tolist() == [7, 8]
+    passes, spare = even_passes([torch.tensor([0])], 3, lengths, torch.tensor([7, 8, 9]))
+    assert [p.tolist() for p in passes] == [[0], [7], [8]] and spare.tolist() == [9]
+    passes, spare = even_passes([], 1, lengths, torch.tensor([7, 8]))
+    assert [p.tolist() for p in passes] == [[7]] and spare.tolist() == [8]
+    assert even_passes([torch.tensor([3])], 1, lengths, torch.tensor([7]))[0][0].tolist() == [3]
 
 
 def test_a_group_of_equal_rewards_gets_exactly_zero_advantages():

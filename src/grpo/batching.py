@@ -84,3 +84,16 @@ def split_silent(micro_batches: list[torch.Tensor], silent: torch.Tensor, length
     rows = torch.cat(micro_batches)
     heard = rows[~silent[rows]]
     return cut_micro_batches(heard, lengths, batch_size, max_tokens), rows[silent[rows]]
+
+
+def even_passes(pieces: list[torch.Tensor], count: int, lengths: torch.Tensor, spare: torch.Tensor
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`pieces` made exactly `count` passes for processes that must all run as many (`count` at least
+    len(pieces)): cut by `split_to_counts` while they have rows enough, then each further pass one row from the
+    front of `spare` (rows whose loss is 0, so a pass of one adds nothing to the update). Returns the passes and
+    the spare rows not used."""
+    rows = sum(len(p) for p in pieces)
+    passes = split_to_counts([pieces], [min(count, rows)], lengths)[0] if pieces else []
+    extra = count - len(passes)
+    return passes + [spare[i:i + 1] for i in range(extra)], spare[extra:]
+

@@ -161,7 +161,7 @@ class GRPOConfig(TRLFields):
     whose loss and gradient are then exactly 0: the same update for less work (a no-grad forward still measures
     the entropy of the former for the logged metric). Applies where nothing
     else in the loss reads them (beta = 0, no entropy bonus or entropy quantile mask, no MoE router loss, not
-    vespo) and in one process; off: every row is trained, as in TRL."""
+    vespo), not under DeepSpeed; off: every row is trained, as in TRL."""
     learning_rate: float = 1e-6
     """Peak AdamW learning rate. TRL's 1e-6 suits pretrained models; the embedded demo model uses far more."""
     lr_scheduler_type: str = "linear"

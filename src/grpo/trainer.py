@@ -35,7 +35,7 @@ from grpo.algorithm import (
     mix_into,
 )
 from grpo.allocator import keep_freed_memory
-from grpo.batching import cut_micro_batches, split_silent
+from grpo.batching import cut_micro_batches, even_passes, split_silent
 from grpo.callbacks import Callbacks
 from grpo.checkpoint import (
     TrainingObjects,
@@ -393,10 +393,10 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         return metrics
 
     def _skips_silent_rows(self, settings: LossSettings, entropy_masks: list[torch.Tensor] | None) -> bool:
-        """skip_zero_advantage_rows where it is exact: nothing in the loss but A reads a row, and one process
-        (several would each have to run the same number of passes; DeepSpeed counts its micro-steps)."""
+        """skip_zero_advantage_rows where it is exact: nothing in the loss but A reads a row; not under DeepSpeed,
+        which counts its micro-steps to know where an optimizer step ends."""
         return (self.args.skip_zero_advantage_rows and settings.zero_advantage_is_silent and entropy_masks is None
-                and self.processes.count == 1 and not zero.is_engine(self.policy_logps))
+                and not zero.is_engine(self.policy_logps))
 
     @torch.no_grad()
     def _without_silent_rows(self, rollout: Rollout, micro_batches: list[torch.Tensor]
@@ -405,19 +405,25 @@ class GRPOTrainer(GenerationRounds, Evaluation):
         cut again (`batching.split_silent`), and what those rows add to the step's statistics without a backward:
         the entropy of those with loss tokens, from a no-grad forward, and a per-sequence clip fraction of 0
         (`LossSettings.zero_advantage_is_silent`)."""
-        args, loss_tokens = self.args, self._loss_mask(rollout).sum(1)
+        args, loss_tokens, processes = self.args, self._loss_mask(rollout).sum(1), self.processes
         lengths = rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1)
         heard, silent = split_silent(micro_batches, (rollout.advantages == 0) | (loss_tokens == 0), lengths,
                                      args.per_device_train_batch_size, args.max_tokens_per_micro_batch)
-        measured = silent[loss_tokens[silent] > 0]
+        if processes.count > 1:  # each pass of a sharded or DDP model communicates: all run as many as the most
+            heard, silent = even_passes(heard, processes.max_each([len(heard)])[0], lengths, silent)
+        measured = cut_micro_batches(silent[loss_tokens[silent] > 0], lengths, args.per_device_train_batch_size,
+                                     args.max_tokens_per_micro_batch)
+        counted = len(measured)  # passes beyond these only keep step with the other processes
+        if processes.count > 1:
+            measured, _ = even_passes(measured, processes.max_each([len(measured)])[0], lengths,
+                                      torch.cat(micro_batches))
         entropy_sum, body = 0.0, base_model(self.model)
-        for rows in cut_micro_batches(measured, lengths, args.per_device_train_batch_size,
-                                      args.max_tokens_per_micro_batch):
+        for i, rows in enumerate(measured):
             batch = rollout.select(rows)
             with grouped_attention(body), fused_ops(body), lora_linears(body), self._autocast():
                 _, entropy, _ = self.policy_logps(batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                                   batch.completion_mask, args.temperature, with_entropy=True)
-            entropy_sum += float((entropy * self._loss_mask(batch).to(entropy.device)).sum())
+            entropy_sum += float((entropy * self._loss_mask(batch).to(entropy.device)).sum()) if i < counted else 0.0
         return heard, LossStats(entropy=entropy_sum, low_clipped_min=0.0) if len(silent) else LossStats()
 
     def _loss_settings(self) -> LossSettings:
