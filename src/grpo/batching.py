@@ -96,4 +96,3 @@ def even_passes(pieces: list[torch.Tensor], count: int, lengths: torch.Tensor, s
     passes = split_to_counts([pieces], [min(count, rows)], lengths)[0] if pieces else []
     extra = count - len(passes)
     return passes + [spare[i:i + 1] for i in range(extra)], spare[extra:]
-
