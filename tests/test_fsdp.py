@@ -67,6 +67,7 @@ CASES = [  # the loss math itself is covered by test_distributed.py; these add w
     dict(name="token_budget", loss_type="dapo", gradient_accumulation_steps=2, max_tokens_per_micro_batch=50),
     # and processes that leave out different numbers of rows with advantage 0 (test_distributed.py's case)
     dict(name="silent_rows", loss_type="dapo", gradient_accumulation_steps=2, coarse_reward=True),
+    dict(name="silent_two_passes", loss_type="dapo", num_iterations=2, max_steps=2, coarse_reward=True),
 ]
 
 

@@ -86,7 +86,9 @@ def train(tmp_path, tiny_model_dir, name, reward, **overrides):
 
 def assert_same_run(skipped, every_row):
     for a, b in zip(skipped[0], every_row[0], strict=True):
-        for key in ("loss", "grad_norm", "entropy", "clip_ratio/low_min", "clip_ratio/region_mean", "reward"):
+        keys = ("loss", "grad_norm", "entropy", "clip_ratio/low_min", "clip_ratio/region_mean", "reward")
+        assert a.keys() == b.keys()
+        for key in set(keys) & b.keys():  # a round's second pass logs no round metrics
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
     for name, weight in every_row[1].items():
         torch.testing.assert_close(skipped[1][name], weight, rtol=0, atol=2e-6, msg=name)
@@ -129,3 +131,24 @@ def test_rows_with_no_loss_token_are_left_out_too(tmp_path, tiny_model_dir):
     heard = [8 * (1 - s["frac_reward_zero_std"]) for s in skipped[0]]
     assert any(t > 0 for t in truncated) and sum(skipped[2]) < sum(heard)  # fewer rows than the groups with signal
 
+
+
+def test_off_policy_rounds_compute_old_logps_only_for_rows_the_loss_reads(tmp_path, tiny_model_dir, monkeypatch):
+    """num_iterations = 2: the old policy's log-probs are computed for the rows with a signal only, and the two
+    passes over the round take the same steps as with every row computed and trained."""
+    import grpo.trainer_rounds
+
+    computed, real = [], grpo.trainer_rounds.completion_logps_in_chunks
+
+    def counted(model, rollout, temperature, chunk_rows, rows=None):
+        computed.append(len(rollout) if rows is None else len(rows))
+        return real(model, rollout, temperature, chunk_rows, rows=rows)
+
+    monkeypatch.setattr(grpo.trainer_rounds, "completion_logps_in_chunks", counted)
+    skipped = train(tmp_path, tiny_model_dir, "skip", half_silent, num_iterations=2, max_steps=4)
+    every_row = train(tmp_path, tiny_model_dir, "all", half_silent, num_iterations=2, max_steps=4,
+                      skip_zero_advantage_rows=False)
+    assert_same_run(skipped, every_row)
+    rounds = len(computed) // 2
+    heard = [round(8 * (1 - s["frac_reward_zero_std"])) for s in skipped[0] if "frac_reward_zero_std" in s]
+    assert computed[rounds:] == [8] * rounds and computed[:rounds] == heard and sum(heard) < 8 * rounds

@@ -152,15 +152,17 @@ def token_logps(
 
 
 @torch.no_grad()
-def completion_logps_in_chunks(model: Any, rollout: Any, temperature: float, chunk_rows: int) -> torch.Tensor:
-    """`completion_logps` over a whole round without gradients, `chunk_rows` rows at a time (old / reference)."""
-    pieces = []
-    for start in range(0, len(rollout), chunk_rows):
-        rows = torch.arange(start, min(start + chunk_rows, len(rollout)))
-        logps, _ = completion_logps(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
-                                    rollout.completion_ids[rows], rollout.completion_mask[rows], temperature)
-        pieces.append(logps.float().cpu())
-    return torch.cat(pieces)
+def completion_logps_in_chunks(model: Any, rollout: Any, temperature: float, chunk_rows: int,
+                               rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`completion_logps` over a whole round without gradients, `chunk_rows` rows at a time (old / reference);
+    with `rows`, only those rows' (the others' are 0: rows no loss term will read)."""
+    out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32)
+    rows = torch.arange(len(rollout)) if rows is None else rows
+    for chunk in rows.split(chunk_rows) if len(rows) else []:
+        logps, _ = completion_logps(model, rollout.prompt_ids[chunk], rollout.prompt_mask[chunk],
+                                    rollout.completion_ids[chunk], rollout.completion_mask[chunk], temperature)
+        out[chunk] = logps.float().cpu()
+    return out
 
 
 # ---- the chunked LM head -------------------------------------------------------------------------------------

@@ -354,7 +354,7 @@ class GRPOTrainer(GenerationRounds, Evaluation, StepRows):
         settings = self._loss_settings()
         entropy_masks = self._high_entropy_masks(rollout, micro_batches) if args.top_entropy_quantile < 1 else None
         totals = LossStats()
-        if self._skips_silent_rows(settings, entropy_masks):  # rows whose loss is 0: the same update without them
+        if self._skips_silent_rows(settings):  # rows whose loss is 0: the same update without them
             micro_batches, totals = self._without_silent_rows(rollout, micro_batches)
         self.policy_logps.train()  # the model and any DDP wrapper around it
         body = base_model(self.model)

@@ -47,11 +47,22 @@ class StepRows:
         threshold = entropy_threshold(torch.cat([e[m] for e, m in zip(entropies, masks)]), rho)
         return [(e >= threshold).float() for e in entropies]
 
-    def _skips_silent_rows(self, settings: LossSettings, entropy_masks: list[torch.Tensor] | None) -> bool:
-        """skip_zero_advantage_rows where it is exact: nothing in the loss but A reads a row; not under DeepSpeed,
-        which counts its micro-steps to know where an optimizer step ends."""
-        return (self.args.skip_zero_advantage_rows and settings.zero_advantage_is_silent and entropy_masks is None
-                and not zero.is_engine(self.policy_logps))
+    def _skips_silent_rows(self, settings: LossSettings) -> bool:
+        """skip_zero_advantage_rows where it is exact: nothing in the loss but A reads a row (no entropy quantile
+        either, whose threshold every row's entropy moves); not under DeepSpeed, which counts its micro-steps to
+        know where an optimizer step ends."""
+        return (self.args.skip_zero_advantage_rows and settings.zero_advantage_is_silent
+                and self.args.top_entropy_quantile == 1 and not zero.is_engine(self.policy_logps))
+
+    def _silent(self, rollout: Rollout) -> torch.Tensor:
+        """(N,) bool: rows whose loss is exactly 0, given `_skips_silent_rows`: advantage 0, or no loss token."""
+        return (rollout.advantages == 0) | (self._loss_mask(rollout).sum(1) == 0)
+
+    def _rows_the_loss_reads(self, rollout: Rollout) -> torch.Tensor | None:
+        """The rows whose old log-probs a round's steps will read: None (all) unless silent rows are skipped."""
+        if not self._skips_silent_rows(self._loss_settings()):
+            return None
+        return torch.nonzero(~self._silent(rollout)).flatten()
 
     @torch.no_grad()
     def _without_silent_rows(self, rollout: Rollout, micro_batches: list[torch.Tensor]
@@ -62,7 +73,7 @@ class StepRows:
         (`LossSettings.zero_advantage_is_silent`)."""
         args, loss_tokens, processes = self.args, self._loss_mask(rollout).sum(1), self.processes
         lengths = rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1)
-        heard, silent = split_silent(micro_batches, (rollout.advantages == 0) | (loss_tokens == 0), lengths,
+        heard, silent = split_silent(micro_batches, self._silent(rollout), lengths,
                                      args.per_device_train_batch_size, args.max_tokens_per_micro_batch)
         if processes.count > 1:  # each pass of a sharded or DDP model communicates: all run as many as the most
             heard, silent = even_passes(heard, processes.max_each([len(heard)])[0], lengths, silent)
