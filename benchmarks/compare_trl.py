@@ -16,7 +16,8 @@ Config (both trainers, TRL's names): per_device_train_batch_size = G, gradient_a
 G-completion groups a step, on-policy), beta 0, loss "dapo", temperature 1, top_p 1, top_k 0, AdamW, the same
 learning rate and seed, gradient checkpointing on (TRL's default; --gradient-checkpointing default gives each
 trainer its own: grpo turns it on only when memory needs it), float32 unless --bf16. Reward: completion
-tokens / L for the random models (completions run to the limit: the same work every step), the course's
+tokens / L for the random models (completions run to the limit: the same work every step; with little reward
+spread, grpo trains every row there as TRL does rather than leave the silent ones out), the course's
 -|20 - characters| for smollm2 (completions shorten as it learns; "time to target" is the wall time until the
 step whose reward first reaches --target). `--task word_problems` (smollm2): the built-in arithmetic word
 problems, scored 1 or 0 by `problem_reward`, where a group whose completions are all right or all wrong has no
@@ -134,6 +135,14 @@ def settings(opts: argparse.Namespace, output_dir: str) -> dict[str, Any]:
                    dict(gradient_checkpointing=opts.gradient_checkpointing == "on")))
 
 
+def grpo_options(opts: argparse.Namespace, model: str) -> dict[str, Any]:
+    """grpo's own fields: --grpo-option's, and for the random models skip_zero_advantage_rows False unless given
+    (their completions mostly run to the limit and score 1, so many groups would be silent (half of them in a
+    2-step tiny run at 16 tokens): they train every row, as TRL does, and the tables time the same work)."""
+    options = {key: json.loads(value) for key, value in (o.split("=", 1) for o in opts.grpo_option)}
+    return options if model == "smollm2" else {"skip_zero_advantage_rows": False, **options}
+
+
 def lora_config(mode: str) -> Any:
     if mode != "lora":
         return None
@@ -218,8 +227,7 @@ def run_grpo(opts: argparse.Namespace, vocab_size: int, output_dir: str) -> list
     import grpo.trainer_rounds
     from grpo import GRPOConfig, GRPOTrainer
 
-    options = {key: json.loads(value) for key, value in (o.split("=", 1) for o in opts.grpo_option)}
-    config = GRPOConfig(**settings(opts, output_dir), **options)
+    config = GRPOConfig(**settings(opts, output_dir), **grpo_options(opts, opts.model))
     trainer = GRPOTrainer(model=opts.model_dir, reward_funcs=reward_function(opts.model, opts.length, opts.task),
                           args=config, train_dataset=dataset(opts.model, vocab_size, opts.task),
                           peft_config=lora_config(opts.mode))
@@ -403,7 +411,7 @@ def report(case: dict[str, Any], stats: dict[str, dict[str, Any]], params: int, 
                      f"{ours:.2f} ({ours / stats['grpo']['mean_step_time']:.0%}) | {ratio(ours, trl, inverse=True)} |")
     lines.append(f"| groups with all-equal rewards (frac_reward_zero_std, mean) | {stats['trl']['silent']:.0%} | "
                  f"{stats['grpo']['silent']:.0%} | |")
-    if stats["grpo"]["silent"] > 0:
+    if stats["grpo"]["silent"] > 0 and grpo_options(opts, case["model"]).get("skip_zero_advantage_rows", True):
         lines.append("\nMFU counts every row's tokens, also those of the rows grpo left out of its backward (advantage "
                      "0: skip_zero_advantage_rows), so grpo's is the work of training every row over the time taken")
     for t in TRAINERS:
