@@ -32,7 +32,7 @@ class GenerationRounds:
         prompts. Every process runs the same number of micro-batches per step (agreed here, once per round).
         """
         args = self.args
-        lengths = rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1)
+        lengths = rollout.row_lengths()
         order = torch.randperm(len(rollout), generator=self._shuffle)
         steps = plan_steps(order, lengths, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                            args.num_iterations, args.max_tokens_per_micro_batch, group_size=args.num_generations)

@@ -54,15 +54,17 @@ class StepRows:
         return (self.args.skip_zero_advantage_rows and settings.zero_advantage_is_silent
                 and self.args.top_entropy_quantile == 1 and not zero.is_engine(self.policy_logps))
 
-    def _silent(self, rollout: Rollout) -> torch.Tensor:
-        """(N,) bool: rows whose loss is exactly 0, given `_skips_silent_rows`: advantage 0, or no loss token."""
-        return (rollout.advantages == 0) | (self._loss_mask(rollout).sum(1) == 0)
+    @staticmethod
+    def _silent(rollout: Rollout, loss_tokens: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: rows whose loss is exactly 0, given `_skips_silent_rows`: advantage 0, or no loss token
+        (`loss_tokens`: each row's count in `_loss_mask`)."""
+        return (rollout.advantages == 0) | (loss_tokens == 0)
 
     def _rows_the_loss_reads(self, rollout: Rollout) -> torch.Tensor | None:
         """The rows whose old log-probs a round's steps will read: None (all) unless silent rows are skipped."""
         if not self._skips_silent_rows(self._loss_settings()):
             return None
-        return torch.nonzero(~self._silent(rollout)).flatten()
+        return torch.nonzero(~self._silent(rollout, self._loss_mask(rollout).sum(1))).flatten()
 
     @torch.no_grad()
     def _without_silent_rows(self, rollout: Rollout, micro_batches: list[torch.Tensor]
@@ -72,8 +74,8 @@ class StepRows:
         the entropy of those with loss tokens, from a no-grad forward, and a per-sequence clip fraction of 0
         (`LossSettings.zero_advantage_is_silent`)."""
         args, loss_tokens, processes = self.args, self._loss_mask(rollout).sum(1), self.processes
-        lengths = rollout.prompt_mask.sum(1) + rollout.completion_mask.sum(1)
-        heard, silent = split_silent(micro_batches, self._silent(rollout), lengths,
+        lengths = rollout.row_lengths()  # as the plan cut them (`_optimizer_steps`)
+        heard, silent = split_silent(micro_batches, self._silent(rollout, loss_tokens), lengths,
                                      args.per_device_train_batch_size, args.max_tokens_per_micro_batch)
         if processes.count > 1:  # each pass of a sharded or DDP model communicates: all run as many as the most
             heard, silent = even_passes(heard, processes.max_each([len(heard)])[0], lengths, silent)

@@ -106,6 +106,10 @@ class Rollout:
     def __len__(self) -> int:
         return self.completion_ids.size(0)
 
+    def row_lengths(self) -> torch.Tensor:
+        """(N,) each row's prompt + completion tokens: what micro-batches are sorted and cut by (`grpo.batching`)."""
+        return self.prompt_mask.sum(1) + self.completion_mask.sum(1)
+
     @classmethod
     def concat(cls, pieces: list[Rollout], pad_id: int) -> Rollout:
         """Stack rollouts row-wise, re-padding prompts on the left and completions on the right."""
