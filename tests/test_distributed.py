@@ -25,11 +25,16 @@ SCRIPT = textwrap.dedent('''
     import torch
     from grpo import GRPOConfig, GRPOTrainer
     from grpo.embedded import TASKS
+    from grpo.logprobs import completion_logps
     from grpo.models import load_causal_lm
     from grpo.rollout.base import Generation, left_pad
 
     class PromptSeededGenerator:
-        """Completions that depend only on the prompt, wherever and with whatever batch they are generated."""
+        """Completions that depend only on the prompt, wherever and with whatever batch they are generated.
+        `entropies` "all" (or "rank0": on process 0 only) gives each token's entropy as an engine's sampler would."""
+
+        def __init__(self, entropies=None):
+            self.entropies = entropies
 
         def generate(self, model, prompt_ids, num_generations):
             rows, lengths, eos = [], [], []
@@ -43,7 +48,12 @@ SCRIPT = textwrap.dedent('''
             completion_ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
             completion_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
             prompts, prompt_mask = left_pad([ids for ids in prompt_ids for _ in range(num_generations)], 0)
-            return Generation(prompts, prompt_mask, completion_ids, completion_mask, torch.tensor(eos))
+            generation = Generation(prompts, prompt_mask, completion_ids, completion_mask, torch.tensor(eos))
+            if self.entropies == "all" or (self.entropies == "rank0" and os.environ.get("RANK", "0") == "0"):
+                _, entropy = completion_logps(model, prompts, prompt_mask, completion_ids, completion_mask,
+                                              with_entropy=True)
+                generation.entropies = entropy * completion_mask
+            return generation
 
     def reward_len(completions, **kwargs):
         return [-abs(6 - len(c)) for c in completions]
@@ -80,7 +90,8 @@ SCRIPT = textwrap.dedent('''
     if mode == "updates":
         for case in json.loads(sys.argv[4]):
             reward = reward_coarse if case.pop("coarse_reward", False) else reward_len
-            run(f"{root}/{case.pop('name')}", PromptSeededGenerator(), per_device_train_batch_size=per_device,
+            run(f"{root}/{case.pop('name')}", PromptSeededGenerator(case.pop("entropies", None)),
+                per_device_train_batch_size=per_device,
                 max_grad_norm=0.0, reward=reward, **case)
     elif mode == "train":  # the real engine; a 4-step run in one go, and one stopped at step 2
         run(f"{root}/whole", per_device_train_batch_size=per_device, max_steps=4, save_strategy="steps",
@@ -102,6 +113,11 @@ CASES = [  # gradient_accumulation_steps > 1 and batch reward scaling need the g
     dict(name="silent_rows", loss_type="dapo", gradient_accumulation_steps=2, coarse_reward=True),
     # and a round of two passes: old log-probs only for the rows with a signal, different counts per process
     dict(name="silent_two_passes", loss_type="dapo", num_iterations=2, max_steps=2, coarse_reward=True),
+    # the silent rows' entropy as the sampler measured it, on every process; and on one only: all run the forward
+    dict(name="silent_sampled_entropy", loss_type="dapo", gradient_accumulation_steps=2, coarse_reward=True,
+         entropies="all"),
+    dict(name="silent_entropy_on_one", loss_type="dapo", gradient_accumulation_steps=2, coarse_reward=True,
+         entropies="rank0"),
 ]
 
 

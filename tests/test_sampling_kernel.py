@@ -13,10 +13,11 @@ pytestmark = pytest.mark.skipif(sampling.kernel() is None, reason="no C compiler
 PARAMS = GRPOConfig(num_generations=2, per_device_train_batch_size=2).sampling_params
 
 
-def kernel_tokens(logits: torch.Tensor, uniforms: torch.Tensor, threads: int = 2) -> torch.Tensor:
+def kernel_tokens(logits: torch.Tensor, uniforms: torch.Tensor, threads: int = 2,
+                  entropies: torch.Tensor | None = None) -> torch.Tensor:
     tokens = torch.empty(logits.size(0), dtype=torch.long)
     sampling.kernel()(logits.data_ptr(), logits.stride(0), uniforms.data_ptr(), logits.size(0), logits.size(1),
-                      tokens.data_ptr(), threads)
+                      tokens.data_ptr(), None if entropies is None else entropies.data_ptr(), threads)
     return tokens
 
 
@@ -36,14 +37,43 @@ def test_the_kernel_inverts_the_cdf_worked_out_in_float64(vocab):
     assert torch.equal(kernel_tokens(logits, uniforms), inverse_cdf(logits, uniforms))
 
 
+@pytest.mark.parametrize("vocab", [1, 65, 1000, 49152])
+def test_the_kernel_measures_each_rows_entropy_in_the_same_pass(vocab):
+    """H = -sum p log p of softmax(logits), worked out in float64, filtered tokens included; asking for it draws
+    the same tokens."""
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(24, vocab, generator=generator) * 4
+    logits[:, ::7] = float("-inf")
+    logits[:, 0] = 0.5
+    logits[1, 1:] = -300.0  # tokens whose float32 probability is exactly 0: one-token row, entropy 0
+    uniforms = torch.rand(24, dtype=torch.float64, generator=generator)
+    entropies = torch.empty(24, dtype=torch.float64)
+    tokens = kernel_tokens(logits, uniforms, entropies=entropies)
+    assert torch.equal(tokens, kernel_tokens(logits, uniforms))
+    probs = logits.double().softmax(-1)
+    expected = -(probs * probs.clamp(min=1e-300).log()).sum(-1)
+    torch.testing.assert_close(entropies, expected, rtol=1e-6, atol=1e-6)
+    assert entropies[1] == 0.0 and (vocab == 1 or entropies.max() > 1)
+    params = PARAMS
+    drawn, measured = sampling.sample_tokens_and_entropy(logits, params, torch.Generator().manual_seed(1))
+    assert measured.dtype == torch.float32 and torch.equal(
+        drawn, sampling.sample_tokens(logits, params, torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(measured.double(), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_rows_with_a_stride_and_any_number_of_threads():
     generator = torch.Generator().manual_seed(0)
     wide = torch.randn(16, 3000, generator=generator) * 3
     logits = wide[:, :2500]  # rows 3000 floats apart
     uniforms = torch.rand(16, dtype=torch.float64, generator=generator)
     expected = inverse_cdf(logits, uniforms)
+    entropy_one_thread = torch.empty(16, dtype=torch.float64)
+    kernel_tokens(logits, uniforms, 1, entropy_one_thread)
     for threads in (1, 2, 5):
         assert torch.equal(kernel_tokens(logits, uniforms, threads), expected)
+        entropies = torch.empty(16, dtype=torch.float64)
+        assert torch.equal(kernel_tokens(logits, uniforms, threads, entropies), expected)
+        assert torch.equal(entropies, entropy_one_thread)
 
 
 def test_a_token_of_probability_zero_is_never_returned():
@@ -63,6 +93,8 @@ def test_rows_that_are_not_finite_are_marked_and_sampled_by_torch():
     assert marked[0] == -1 and marked[1] == -1 and 0 <= marked[2] < 70
     tokens = sampling.sample_tokens(logits, PARAMS, torch.Generator().manual_seed(0))
     assert tokens.dtype == torch.long and bool(((tokens >= 0) & (tokens < 70)).all())
+    tokens, entropy = sampling.sample_tokens_and_entropy(logits, PARAMS, torch.Generator().manual_seed(0))
+    assert entropy is None and bool(((tokens >= 0) & (tokens < 70)).all())  # torch's path measures none
 
 
 def test_sampled_tokens_follow_the_distribution_across_blocks():

@@ -61,27 +61,26 @@ def half_silent(completions, silent, **kwargs):
 
 
 def train(tmp_path, tiny_model_dir, name, reward, **overrides):
-    """Two optimizer steps on the tiny model; returns the logged steps, the weights and the rows each training
-    forward with gradients saw. AdamW's epsilon is raised so that its first step, g / (|g| + eps), does not turn
-    float rounding in gradients near 0 (other micro-batches, other rounding) into differences of the learning
-    rate's size."""
+    """Two optimizer steps on the tiny model; returns the logged steps, the weights, the rows each training
+    forward with gradients saw and those each no-grad forward of the policy saw. AdamW's epsilon is raised so
+    that its first step, g / (|g| + eps), does not turn float rounding in gradients near 0 (other micro-batches,
+    other rounding) into differences of the learning rate's size."""
     dataset = length_task(8).add_column("silent", [i % 2 == 0 for i in range(8)])
     args = GRPOConfig(**{**dict(output_dir=str(tmp_path / name), save_strategy="no", num_generations=4,
                                 per_device_train_batch_size=4, gradient_accumulation_steps=2, max_completion_length=12,
                                 max_steps=2, logging_steps=1, learning_rate=1e-2, weight_decay=0.1, adam_epsilon=1e-4,
                                 disable_tqdm=True, seed=5), **overrides})
     trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward, args=args, train_dataset=dataset)
-    rows_trained, forward = [], trainer.policy_logps.forward
+    rows_trained, rows_measured, forward = [], [], trainer.policy_logps.forward
 
     def counted(prompt_ids, *args, **kwargs):
-        if torch.is_grad_enabled():
-            rows_trained.append(len(prompt_ids))
+        (rows_trained if torch.is_grad_enabled() else rows_measured).append(len(prompt_ids))
         return forward(prompt_ids, *args, **kwargs)
 
     trainer.policy_logps.forward = counted
     trainer.train()
     steps = [r for r in trainer.state.log_history if "loss" in r and "train_runtime" not in r]
-    return steps, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, rows_trained
+    return steps, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, rows_trained, rows_measured
 
 
 def assert_same_run(skipped, every_row):
@@ -103,6 +102,26 @@ def test_skipping_silent_rows_gives_the_same_steps_for_fewer_rows(tmp_path, tiny
     heard = [round(8 * (1 - step["frac_reward_zero_std"])) for step in skipped[0]]
     assert 0 < sum(heard) < 16 and sum(skipped[2]) == sum(heard)  # only the groups with a signal were trained
     assert len(skipped[2]) == sum(h > 0 for h in heard)  # each step's rows in one micro-batch, not two
+    # the embedded model's generation config suppresses tokens, so the sampler's entropy is not the policy's:
+    # the silent rows' entropy comes from a no-grad forward
+    assert sum(skipped[3]) == 16 - sum(heard) and every_row[3] == []
+
+
+UNSUPPRESSED = {"suppress_tokens": []}  # the sampler then draws from softmax(logits / T) itself
+
+
+def test_the_samplers_entropy_spares_the_silent_rows_their_forward(tmp_path, tiny_model_dir):
+    """Sampling from softmax(logits / T) itself, the engine measures each token's entropy; on a round's first step
+    (the weights that sampled) the silent rows' entropy is that, with no forward, and the step logs what training
+    every row logs."""
+    skipped = train(tmp_path, tiny_model_dir, "skip", half_silent, generation_kwargs=UNSUPPRESSED)
+    every_row = train(tmp_path, tiny_model_dir, "all", half_silent, generation_kwargs=UNSUPPRESSED,
+                      skip_zero_advantage_rows=False)
+    assert_same_run(skipped, every_row)
+    heard = [round(8 * (1 - step["frac_reward_zero_std"])) for step in skipped[0]]
+    assert sum(heard) < 16 and sum(skipped[2]) == sum(heard) and skipped[3] == []
+    bf16 = train(tmp_path, tiny_model_dir, "bf16", half_silent, generation_kwargs=UNSUPPRESSED, bf16=True)
+    assert sum(bf16[3]) == 16 - sum(heard)  # bf16 autocast in training: the sampler's float32 entropy is not its
 
 
 def test_a_step_with_every_row_silent_still_steps_the_optimizer(tmp_path, tiny_model_dir):
@@ -117,7 +136,7 @@ def test_a_step_with_every_row_silent_still_steps_the_optimizer(tmp_path, tiny_m
 
 
 def test_a_loss_that_reads_every_row_trains_every_row(tmp_path, tiny_model_dir):
-    _, _, rows = train(tmp_path, tiny_model_dir, "kl", half_silent, beta=0.1)
+    rows = train(tmp_path, tiny_model_dir, "kl", half_silent, beta=0.1)[2]
     assert rows == [4, 4, 4, 4]
 
 
@@ -151,3 +170,15 @@ def test_off_policy_rounds_compute_old_logps_only_for_rows_the_loss_reads(tmp_pa
     rounds = len(computed) // 2
     heard = [round(8 * (1 - s["frac_reward_zero_std"])) for s in skipped[0] if "frac_reward_zero_std" in s]
     assert computed[rounds:] == [8] * rounds and computed[:rounds] == heard and sum(heard) < 8 * rounds
+
+
+def test_after_a_rounds_first_step_the_silent_rows_entropy_comes_from_a_forward(tmp_path, tiny_model_dir):
+    """num_iterations = 2: the round's second pass trains weights that did not sample it, so the sampler's
+    entropies no longer describe them; the logged entropy is still what training every row logs."""
+    skipped = train(tmp_path, tiny_model_dir, "skip", half_silent, num_iterations=2, max_steps=4,
+                    generation_kwargs=UNSUPPRESSED)
+    every_row = train(tmp_path, tiny_model_dir, "all", half_silent, num_iterations=2, max_steps=4,
+                      generation_kwargs=UNSUPPRESSED, skip_zero_advantage_rows=False)
+    assert_same_run(skipped, every_row)
+    silent = [8 - round(8 * (1 - s["frac_reward_zero_std"])) for s in skipped[0] if "frac_reward_zero_std" in s]
+    assert sum(skipped[3]) == sum(silent) > 0  # each round's silent rows, measured once: on its second pass

@@ -44,6 +44,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.do_sample is False or self.top_k == 1
 
+    @property
+    def only_temperature(self) -> bool:
+        """Sampling draws from softmax(logits / temperature) itself: no top-k, top-p, min-p or repetition penalty
+        reshapes it (the distribution whose entropy TRL logs as `entropy`)."""
+        return (not self.greedy and self.top_k == 0 and self.top_p >= 1.0 and not self.min_p
+                and self.repetition_penalty == 1.0)
+
     @classmethod
     def resolve(cls, fields: dict[str, Any], generation_kwargs: dict[str, Any]) -> SamplingParams:
         """`fields`: the config's temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens (from

@@ -386,6 +386,7 @@ class GRPOTrainer(GenerationRounds, Evaluation, StepRows):
         totals = self._summed_over_processes(totals)
         metrics = {"loss": totals.loss, "grad_norm": self._optimizer_step(totals.loss),
                    "learning_rate": self.lr_scheduler.get_last_lr()[0]}  # the rate this step used, as TRL logs
+        rollout.sampled_entropy = None  # the weights moved: the sampler's entropies are no longer theirs
         self.lr_scheduler.step()  # the schedule follows global_step, skipped steps included
         metrics |= totals.step_metrics(counts, settings)
         if settings.entropy_bonus:

@@ -92,7 +92,8 @@ class GenerationRounds:
             prompt_ids=generation.prompt_ids, prompt_mask=generation.prompt_mask,
             completion_ids=generation.completion_ids, completion_mask=generation.completion_mask,
             is_eos=generation.is_eos, advantages=spread.own_rows(advantages), rewards_per_func=rewards_per_func,
-            tool_mask=generation.tool_mask, prompts=repeated_prompts, completions=completions, extra=logged_extra,
+            tool_mask=generation.tool_mask, sampled_entropy=generation.entropies, prompts=repeated_prompts,
+            completions=completions, extra=logged_extra,
         )
         chunk = args.per_device_train_batch_size
         with distributed.full_weights(self.policy_logps), self._autocast():

@@ -19,6 +19,9 @@ class Generation:
     completion_mask: torch.Tensor  # (N, C) 1 up to and including the first EOS
     is_eos: torch.Tensor  # (N,) bool: the completion ended with EOS rather than at max_completion_length
     tool_mask: torch.Tensor | None = None  # (N, C) multi-turn: 1 on the model's tokens, 0 on tool turns' tokens
+    # (N, C) float32: each token's entropy of softmax(logits / temperature) as the sampler drew it, where the engine
+    # measured it (its compiled sampler, nothing but the temperature shaping the distribution); 0 past the end
+    entropies: torch.Tensor | None = None
 
     def model_token_mask(self) -> torch.Tensor:
         """1 on the tokens the model sampled: the completion mask, less tool turns."""
@@ -99,6 +102,9 @@ class Rollout:
     old_logps: torch.Tensor | None = None  # (N, C) policy log-probs at generation time, when off-policy
     ref_logps: torch.Tensor | None = None  # (N, C) reference-model log-probs, when beta > 0
     tool_mask: torch.Tensor | None = None  # (N, C) multi-turn: 0 on tool turns' tokens, which the loss leaves out
+    # (N, C) `Generation.entropies`, kept while the weights are those that sampled (dropped after the round's first
+    # optimizer step): the logged entropy of rows that need no forward (`StepRows._without_silent_rows`)
+    sampled_entropy: torch.Tensor | None = None
     prompts: list[Any] = field(default_factory=list)
     completions: list[Any] = field(default_factory=list)
     extra: list[dict[str, Any]] = field(default_factory=list)  # per row: columns reward functions gave log_extra
@@ -140,7 +146,7 @@ class Rollout:
         prompt_start = int((batch.prompt_mask.sum(0) > 0).int().argmax())
         completion_end = int(batch.completion_mask.sum(1).max())
         batch.prompt_ids, batch.prompt_mask = batch.prompt_ids[:, prompt_start:], batch.prompt_mask[:, prompt_start:]
-        for name in ("completion_ids", "completion_mask", "old_logps", "ref_logps", "tool_mask"):
+        for name in ("completion_ids", "completion_mask", "old_logps", "ref_logps", "tool_mask", "sampled_entropy"):
             value = getattr(batch, name)
             if value is not None:
                 setattr(batch, name, value[:, :completion_end])

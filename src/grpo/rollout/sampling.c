@@ -13,6 +13,10 @@
    -ffast-math, so no comparison here relies on infinities or NaN: a row whose max or sum is not finite (a NaN
    logit, all -inf) is checked by its bits and gets token -1, and sampling.py samples such a batch with torch.
 
+   With `entropies`, each row's entropy of softmax(logits) comes from the same pass: with x = l - max,
+   S = sum exp(x) and W = sum exp(x) x (both in double), H = log S - W / S. A token of zero probability adds 0 to
+   both (its x is clamped at FLOOR, where exp is exactly 0).
+
    Built and loaded by cpu_kernels.py; called by sampling.py, which documents the contract. */
 
 #include <math.h>
@@ -34,15 +38,31 @@ static inline int finite_positive_double(double x) {
     return (bits >> 63) == 0 && (bits & 0x7ff0000000000000ull) != 0x7ff0000000000000ull && x > 0.0;
 }
 
-static inline float shifted_exp(float logit, float max) {
+static inline float clamped(float logit, float max) {
     float x = logit - max;
-    return expf(x > FLOOR ? x : FLOOR);
+    return x > FLOOR ? x : FLOOR;
 }
+
+static inline float shifted_exp(float logit, float max) { return expf(clamped(logit, max)); }
 
 static double block_sum(const float *logits, int start, int end, float max) {
     double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
     for (int i = start; i < end; i++) sum += (double)shifted_exp(logits[i], max);
+    return sum;
+}
+
+/* block_sum, adding sum p x to *weighted (the entropy's second term) */
+static double block_sum_weighted(const float *logits, int start, int end, float max, double *weighted) {
+    double sum = 0.0, times_x = 0.0;
+#pragma omp simd reduction(+ : sum, times_x)
+    for (int i = start; i < end; i++) {
+        float x = clamped(logits[i], max);
+        float p = expf(x);
+        sum += (double)p;
+        times_x += (double)p * (double)x;
+    }
+    *weighted += times_x;
     return sum;
 }
 
@@ -60,17 +80,19 @@ static float row_max(const float *logits, int vocab) {
     return nan ? NAN : max;
 }
 
-static long sample_row(const float *logits, int vocab, double uniform, double *sums) {
+static long sample_row(const float *logits, int vocab, double uniform, double *sums, double *entropy) {
     float max = row_max(logits, vocab);
     if (!finite_float(max)) return -1;
     int blocks = (vocab + BLOCK - 1) / BLOCK;
-    double total = 0.0;
+    double total = 0.0, weighted = 0.0;
     for (int b = 0; b < blocks; b++) {
         int end = (b + 1) * BLOCK < vocab ? (b + 1) * BLOCK : vocab;
-        sums[b] = block_sum(logits, b * BLOCK, end, max);
+        sums[b] = entropy ? block_sum_weighted(logits, b * BLOCK, end, max, &weighted)
+                          : block_sum(logits, b * BLOCK, end, max);
         total += sums[b];
     }
     if (!finite_positive_double(total)) return -1;
+    if (entropy) *entropy = log(total) - weighted / total;
     double target = uniform * total, before = 0.0;
     int chosen = -1; /* u's block; the last block of positive mass where rounding runs past the end */
     for (int b = 0; b < blocks; b++) {
@@ -93,15 +115,16 @@ static long sample_row(const float *logits, int vocab, double uniform, double *s
 }
 
 /* tokens[r] for each of `rows` rows of `logits` (row r at logits + r * row_stride, `vocab` entries), from
-   `uniforms[r]` in [0, 1); -1 where the row's max or sum is not finite. */
+   `uniforms[r]` in [0, 1); -1 where the row's max or sum is not finite. `entropies` (NULL: not wanted) gets each
+   row's entropy of softmax(logits), in nats. */
 void grpo_sample_tokens(const float *logits, long row_stride, const double *uniforms, int rows, int vocab,
-                        long *tokens, int threads) {
+                        long *tokens, double *entropies, int threads) {
     int blocks = (vocab + BLOCK - 1) / BLOCK;
 #pragma omp parallel num_threads(threads)
     {
         double sums[blocks]; /* 6 KB for a 49k vocabulary, 32 KB for 256k */
 #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++)
-            tokens[r] = sample_row(logits + r * row_stride, vocab, uniforms[r], sums);
+            tokens[r] = sample_row(logits + r * row_stride, vocab, uniforms[r], sums, entropies ? entropies + r : NULL);
     }
 }

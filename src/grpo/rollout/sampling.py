@@ -81,20 +81,31 @@ def sample_tokens(processed: torch.Tensor, params: SamplingParams, generator: to
     against 2.1 ms). Elsewhere torch's float32 cumulative sum is exact up to its rounding (on SmolLM2's next-token
     distributions a total variation of 1.8e-4 from softmax(processed), mean log-prob equal to 4 decimals).
     """
+    return sample_tokens_and_entropy(processed, params, generator, with_entropy=False)[0]
+
+
+def sample_tokens_and_entropy(processed: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                              with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sample_tokens`, and (`with_entropy`, where the compiled kernel samples) each row's entropy of
+    softmax(processed) in nats, float32, from the kernel's own pass over the row (H = log S - sum p x / S, x the
+    logit less the row's max); None elsewhere. The same uniforms are drawn either way, so asking for the entropy
+    never changes the tokens."""
     if params.greedy:  # on the logits: softmax can round two close ones to the same probability, a false tie
-        return processed.argmax(dim=-1)
+        return processed.argmax(dim=-1), None
     if _kernel_applies(processed):
         rows, vocab = processed.shape
         uniforms = torch.rand(rows, dtype=torch.float64, generator=generator)
         tokens = torch.empty(rows, dtype=torch.long)
+        entropy = torch.empty(rows, dtype=torch.float64) if with_entropy else None
         kernel()(processed.data_ptr(), processed.stride(0), uniforms.data_ptr(), rows, vocab, tokens.data_ptr(),
-                 torch.get_num_threads())
+                 None if entropy is None else entropy.data_ptr(), torch.get_num_threads())
         if bool((tokens >= 0).all()):  # -1: a row's max or sum was not finite (NaN logits): torch's path says how
-            return tokens
+            return tokens, None if entropy is None else entropy.float()
+        # torch's path draws its own uniforms after these: a NaN row fails there too, with torch's message
     probs = torch.softmax(processed, dim=-1)
     cdf = probs.cumsum(dim=-1)
     u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.size(1) - 1)
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.size(1) - 1), None
 
 
 def _kernel_applies(processed: torch.Tensor) -> bool:
@@ -105,4 +116,4 @@ def _kernel_applies(processed: torch.Tensor) -> bool:
 @functools.cache
 def kernel() -> Callable[..., None] | None:
     """The compiled sampler's entry point, or None where the CPU kernels cannot be built (`cpu_kernels.library`)."""
-    return entry("grpo_sample_tokens", [POINTER, STRIDE, POINTER, INT, INT, POINTER, INT])
+    return entry("grpo_sample_tokens", [POINTER, STRIDE, POINTER, INT, INT, POINTER, POINTER, INT])
