@@ -31,10 +31,11 @@ SCRIPT = textwrap.dedent('''
 
     class PromptSeededGenerator:
         """Completions that depend only on the prompt, wherever and with whatever batch they are generated.
-        `entropies` "all" (or "rank0": on process 0 only) gives each token's entropy as an engine's sampler would."""
+        `measured` "all" (or "rank0": on process 0 only) gives each token's log-prob and entropy as an engine's
+        sampler would."""
 
-        def __init__(self, entropies=None):
-            self.entropies = entropies
+        def __init__(self, measured=None):
+            self.measured = measured
 
         def generate(self, model, prompt_ids, num_generations):
             rows, lengths, eos = [], [], []
@@ -49,10 +50,10 @@ SCRIPT = textwrap.dedent('''
             completion_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
             prompts, prompt_mask = left_pad([ids for ids in prompt_ids for _ in range(num_generations)], 0)
             generation = Generation(prompts, prompt_mask, completion_ids, completion_mask, torch.tensor(eos))
-            if self.entropies == "all" or (self.entropies == "rank0" and os.environ.get("RANK", "0") == "0"):
-                _, entropy = completion_logps(model, prompts, prompt_mask, completion_ids, completion_mask,
-                                              with_entropy=True)
-                generation.entropies = entropy * completion_mask
+            if self.measured == "all" or (self.measured == "rank0" and os.environ.get("RANK", "0") == "0"):
+                logps, entropy = completion_logps(model, prompts, prompt_mask, completion_ids, completion_mask,
+                                                  with_entropy=True)
+                generation.logps, generation.entropies = logps * completion_mask, entropy * completion_mask
             return generation
 
     def reward_len(completions, **kwargs):
@@ -90,7 +91,7 @@ SCRIPT = textwrap.dedent('''
     if mode == "updates":
         for case in json.loads(sys.argv[4]):
             reward = reward_coarse if case.pop("coarse_reward", False) else reward_len
-            run(f"{root}/{case.pop('name')}", PromptSeededGenerator(case.pop("entropies", None)),
+            run(f"{root}/{case.pop('name')}", PromptSeededGenerator(case.pop("measured", None)),
                 per_device_train_batch_size=per_device,
                 max_grad_norm=0.0, reward=reward, **case)
     elif mode == "train":  # the real engine; a 4-step run in one go, and one stopped at step 2
@@ -115,9 +116,14 @@ CASES = [  # gradient_accumulation_steps > 1 and batch reward scaling need the g
     dict(name="silent_two_passes", loss_type="dapo", num_iterations=2, max_steps=2, coarse_reward=True),
     # the silent rows' entropy as the sampler measured it, on every process; and on one only: all run the forward
     dict(name="silent_sampled_entropy", loss_type="dapo", gradient_accumulation_steps=2, coarse_reward=True,
-         entropies="all"),
+         measured="all"),
     dict(name="silent_entropy_on_one", loss_type="dapo", gradient_accumulation_steps=2, coarse_reward=True,
-         entropies="rank0"),
+         measured="rank0"),
+    # pi_old's log-probs as the sampler measured them; and on one process only: all run the forward
+    dict(name="sampled_old_logps", loss_type="dapo", num_iterations=2, max_steps=2, coarse_reward=True,
+         measured="all"),
+    dict(name="old_logps_on_one", loss_type="dapo", num_iterations=2, max_steps=2, coarse_reward=True,
+         measured="rank0"),
 ]
 
 

@@ -68,9 +68,12 @@ CASES = [  # the loss math itself is covered by test_distributed.py; these add w
     # and processes that leave out different numbers of rows with advantage 0 (test_distributed.py's case)
     dict(name="silent_rows", loss_type="dapo", gradient_accumulation_steps=2, coarse_reward=True),
     dict(name="silent_two_passes", loss_type="dapo", num_iterations=2, max_steps=2, coarse_reward=True),
-    # the sampler's entropies on one process only: every process runs the silent rows' (all-gathering) forward
+    # the sampler's measures on one process only: every process runs the silent rows' (all-gathering) forward,
+    # and pi_old's log-probs from a forward
     dict(name="silent_entropy_on_one", loss_type="dapo", gradient_accumulation_steps=2, coarse_reward=True,
-         entropies="rank0"),
+         measured="rank0"),
+    dict(name="old_logps_on_one", loss_type="dapo", num_iterations=2, max_steps=2, coarse_reward=True,
+         measured="rank0"),
 ]
 
 

@@ -90,19 +90,19 @@ class SamplingRecorder:
         from grpo.rollout import engine
 
         self.events = []
-        sample, keep = engine.sample_tokens_and_entropy, engine.fill_from_the_end
+        sample, keep = engine.sample_and_measure, engine.fill_from_the_end
 
-        def recording_sample(processed, params, generator, with_entropy=True):
-            tokens, entropy = sample(processed, params, generator, with_entropy)
+        def recording_sample(processed, params, generator, measure=True):
+            tokens, measured = sample(processed, params, generator, measure)
             self.events.append(("step", processed.log_softmax(-1), tokens))
-            return tokens, entropy
+            return tokens, measured
 
         def recording_keep(finished):
             order = keep(finished)
             self.events.append(("keep", order))
             return order
 
-        monkeypatch.setattr(engine, "sample_tokens_and_entropy", recording_sample)
+        monkeypatch.setattr(engine, "sample_and_measure", recording_sample)
         monkeypatch.setattr(engine, "fill_from_the_end", recording_keep)
 
     def logps(self, generation) -> torch.Tensor:
@@ -135,23 +135,26 @@ def test_sampled_tokens_have_the_log_probs_of_a_separate_forward_pass(monkeypatc
 
 @pytest.mark.skipif(sampling.kernel() is None, reason="no C compiler: torch's sampler measures no entropy")
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_the_sampler_measures_the_entropy_a_forward_pass_gives(arch):
-    """Each token's entropy of softmax(logits / T) as the sampler drew it is a separate forward pass's (the
-    `entropy` the trainer logs), 0 past each row's end; none where anything but the temperature reshapes the
-    distribution."""
+def test_the_sampler_measures_the_log_probs_and_entropy_a_forward_pass_gives(arch):
+    """Each token's log-prob and entropy of softmax(logits / T) as the sampler drew it are a separate forward
+    pass's (pi_old's log-probs, the `entropy` the trainer logs), 0 past each row's end; none where anything but the
+    temperature reshapes the distribution."""
     model = make_model(arch)
     out = RolloutEngine(Tokenizer(), config(temperature=0.7).sampling_params, seed=2).generate(model, PROMPTS, 4)
-    _, entropy = completion_logps(model, out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask,
-                                  temperature=0.7, with_entropy=True)
+    logps, entropy = completion_logps(model, out.prompt_ids, out.prompt_mask, out.completion_ids,
+                                      out.completion_mask, temperature=0.7, with_entropy=True)
     mask = out.completion_mask.bool()
     assert out.completion_mask.sum(1).min() < out.completion_mask.sum(1).max()  # rows left the batch early
     torch.testing.assert_close(out.entropies[mask], entropy[mask], atol=1e-5, rtol=1e-5)
-    assert out.entropies[~mask].eq(0).all() and entropy[mask].std() > 1e-3  # far above the tolerance
+    torch.testing.assert_close(out.logps[mask], logps[mask], atol=1e-5, rtol=1e-5)
+    assert out.entropies[~mask].eq(0).all() and out.logps[~mask].eq(0).all()
+    assert entropy[mask].std() > 1e-3 and logps[mask].std() > 0.1  # far above the tolerance
     for reshaped in (dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1), dict(repetition_penalty=1.2),
                      dict(generation_kwargs={"suppress_tokens": [3]}),
                      dict(generation_kwargs={"no_repeat_ngram_size": 2}), dict(generation_kwargs={"do_sample": False})):
         engine = RolloutEngine(Tokenizer(), config(**reshaped).sampling_params)
-        assert engine.generate(model, PROMPTS[:2], 2).entropies is None, reshaped
+        out = engine.generate(model, PROMPTS[:2], 2)
+        assert out.entropies is None and out.logps is None, reshaped
 
 
 @pytest.mark.parametrize("settings", [dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8), dict(min_p=0.2)])

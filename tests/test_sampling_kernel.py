@@ -14,10 +14,10 @@ PARAMS = GRPOConfig(num_generations=2, per_device_train_batch_size=2).sampling_p
 
 
 def kernel_tokens(logits: torch.Tensor, uniforms: torch.Tensor, threads: int = 2,
-                  entropies: torch.Tensor | None = None) -> torch.Tensor:
+                  stats: torch.Tensor | None = None) -> torch.Tensor:
     tokens = torch.empty(logits.size(0), dtype=torch.long)
     sampling.kernel()(logits.data_ptr(), logits.stride(0), uniforms.data_ptr(), logits.size(0), logits.size(1),
-                      tokens.data_ptr(), None if entropies is None else entropies.data_ptr(), threads)
+                      tokens.data_ptr(), None if stats is None else stats.data_ptr(), threads)
     return tokens
 
 
@@ -38,27 +38,29 @@ def test_the_kernel_inverts_the_cdf_worked_out_in_float64(vocab):
 
 
 @pytest.mark.parametrize("vocab", [1, 65, 1000, 49152])
-def test_the_kernel_measures_each_rows_entropy_in_the_same_pass(vocab):
-    """H = -sum p log p of softmax(logits), worked out in float64, filtered tokens included; asking for it draws
-    the same tokens."""
+def test_the_kernel_measures_log_probs_and_entropy_in_the_same_pass(vocab):
+    """The drawn token's log p and H = -sum p log p of softmax(logits), worked out in float64, filtered tokens
+    included; asking for them draws the same tokens."""
     generator = torch.Generator().manual_seed(vocab)
     logits = torch.randn(24, vocab, generator=generator) * 4
     logits[:, ::7] = float("-inf")
     logits[:, 0] = 0.5
     logits[1, 1:] = -300.0  # tokens whose float32 probability is exactly 0: one-token row, entropy 0
     uniforms = torch.rand(24, dtype=torch.float64, generator=generator)
-    entropies = torch.empty(24, dtype=torch.float64)
-    tokens = kernel_tokens(logits, uniforms, entropies=entropies)
+    stats = torch.empty((24, 2), dtype=torch.float64)
+    tokens = kernel_tokens(logits, uniforms, stats=stats)
     assert torch.equal(tokens, kernel_tokens(logits, uniforms))
-    probs = logits.double().softmax(-1)
-    expected = -(probs * probs.clamp(min=1e-300).log()).sum(-1)
-    torch.testing.assert_close(entropies, expected, rtol=1e-6, atol=1e-6)
-    assert entropies[1] == 0.0 and (vocab == 1 or entropies.max() > 1)
-    params = PARAMS
-    drawn, measured = sampling.sample_tokens_and_entropy(logits, params, torch.Generator().manual_seed(1))
+    log_probs = logits.double().log_softmax(-1)
+    entropy = -(log_probs.exp() * log_probs.nan_to_num(neginf=0.0)).sum(-1)
+    torch.testing.assert_close(stats[:, 1], entropy, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats[:, 0], log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1), rtol=1e-6, atol=1e-6)
+    assert stats[1].tolist() == [0.0, 0.0] and (vocab == 1 or stats[:, 1].max() > 1)
+    drawn, measured = sampling.sample_and_measure(logits, PARAMS, torch.Generator().manual_seed(1))
     assert measured.dtype == torch.float32 and torch.equal(
-        drawn, sampling.sample_tokens(logits, params, torch.Generator().manual_seed(1)))
-    torch.testing.assert_close(measured.double(), expected, rtol=1e-6, atol=1e-6)
+        drawn, sampling.sample_tokens(logits, PARAMS, torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(measured[:, 1].double(), entropy, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(measured[:, 0].double(), log_probs.gather(1, drawn.unsqueeze(1)).squeeze(1),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_rows_with_a_stride_and_any_number_of_threads():
@@ -67,13 +69,13 @@ def test_rows_with_a_stride_and_any_number_of_threads():
     logits = wide[:, :2500]  # rows 3000 floats apart
     uniforms = torch.rand(16, dtype=torch.float64, generator=generator)
     expected = inverse_cdf(logits, uniforms)
-    entropy_one_thread = torch.empty(16, dtype=torch.float64)
-    kernel_tokens(logits, uniforms, 1, entropy_one_thread)
+    stats_one_thread = torch.empty((16, 2), dtype=torch.float64)
+    kernel_tokens(logits, uniforms, 1, stats_one_thread)
     for threads in (1, 2, 5):
         assert torch.equal(kernel_tokens(logits, uniforms, threads), expected)
-        entropies = torch.empty(16, dtype=torch.float64)
-        assert torch.equal(kernel_tokens(logits, uniforms, threads, entropies), expected)
-        assert torch.equal(entropies, entropy_one_thread)
+        stats = torch.empty((16, 2), dtype=torch.float64)
+        assert torch.equal(kernel_tokens(logits, uniforms, threads, stats), expected)
+        assert torch.equal(stats, stats_one_thread)
 
 
 def test_a_token_of_probability_zero_is_never_returned():
@@ -93,8 +95,8 @@ def test_rows_that_are_not_finite_are_marked_and_sampled_by_torch():
     assert marked[0] == -1 and marked[1] == -1 and 0 <= marked[2] < 70
     tokens = sampling.sample_tokens(logits, PARAMS, torch.Generator().manual_seed(0))
     assert tokens.dtype == torch.long and bool(((tokens >= 0) & (tokens < 70)).all())
-    tokens, entropy = sampling.sample_tokens_and_entropy(logits, PARAMS, torch.Generator().manual_seed(0))
-    assert entropy is None and bool(((tokens >= 0) & (tokens < 70)).all())  # torch's path measures none
+    tokens, measured = sampling.sample_and_measure(logits, PARAMS, torch.Generator().manual_seed(0))
+    assert measured is None and bool(((tokens >= 0) & (tokens < 70)).all())  # torch's path measures none
 
 
 def test_sampled_tokens_follow_the_distribution_across_blocks():

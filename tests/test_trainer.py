@@ -445,6 +445,57 @@ def test_no_forward_pass_the_math_does_not_need(tmp_path, tiny_model_dir, monkey
     assert len(training_forwards) == 3 * 2  # 3 steps x 2 micro-batches
 
 
+def test_old_logps_are_the_samplers_where_it_draws_from_the_policy(tmp_path, tiny_model_dir, monkeypatch):
+    """num_iterations = 2 needs pi_old's log-probs. Where the engine samples from softmax(logits / T) itself (here:
+    no token suppressed) and training is float32, they are the log-probs its sampler measured while drawing: no
+    forward pass, a forward's values to float32 rounding, and the same training as with a forward's."""
+    import grpo.rollout.engine
+    import grpo.trainer_rounds as rounds
+
+    forwards, real = [], rounds.completion_logps_in_chunks
+    monkeypatch.setattr(rounds, "completion_logps_in_chunks", lambda *a, **k: forwards.append(1) or real(*a, **k))
+
+    def run(name: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        # AdamW's epsilon raised: its first step g / (|g| + eps) would turn float rounding in gradients near 0
+        # into weight differences of the learning rate's size (tests/test_silent_rows.py)
+        args = small_args(tmp_path / name, num_iterations=2, max_steps=4, epsilon=0.01, max_grad_norm=0.0,
+                          adam_epsilon=1e-4, generation_kwargs={"suppress_tokens": []}, skip_zero_advantage_rows=False)
+        trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=reward_len, args=args, train_dataset=length_task(8))
+        score = trainer.generate_and_score
+
+        def checked(*a, **k):
+            rollout, metrics = score(*a, **k)
+            if rollout.old_logps is not None and not forwards:  # the sampler's: what a forward gives
+                forward = real(trainer.model, rollout, args.temperature, 4)
+                mask = rollout.completion_mask.bool()
+                torch.testing.assert_close(rollout.old_logps[mask], forward[mask], atol=2e-5, rtol=1e-5)
+                assert rollout.old_logps[~mask].eq(0).all()
+            return rollout, metrics
+
+        trainer.generate_and_score = checked
+        return trained_history(trainer), {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    sampled = run("sampled")
+    assert forwards == []
+    generate = grpo.rollout.engine.RolloutEngine.generate
+
+    def without_logps(*a, **k):  # the same samples, pi_old's log-probs left to a forward
+        generation = generate(*a, **k)
+        generation.logps = None
+        return generation
+
+    monkeypatch.setattr(grpo.rollout.engine.RolloutEngine, "generate", without_logps)
+    forward = run("forward")
+    assert len(forwards) == 2  # one pass a round
+    for a, b in zip(sampled[0], forward[0], strict=True):
+        for key in ("loss", "grad_norm", "clip_ratio/region_mean", "reward", "entropy"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert any(r["clip_ratio/region_mean"] > 0 for r in forward[0])  # the second pass moved the ratios
+    for name, weight in forward[1].items():
+        torch.testing.assert_close(sampled[1][name], weight, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_logged_learning_rate_is_the_one_the_step_used(tmp_path, tiny_model_dir):
     """As transformers and TRL log it: a linear schedule over 2 steps from 1e-3 used 1e-3, then 5e-4 (not the
     rate after the scheduler's step: 5e-4, then 0)."""

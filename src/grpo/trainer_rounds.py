@@ -98,8 +98,10 @@ class GenerationRounds:
         chunk = args.per_device_train_batch_size
         with distributed.full_weights(self.policy_logps), self._autocast():
             if args.needs_old_logps and for_loss:  # the policy moves within the round, so pi_old must be remembered
-                rollout.old_logps = completion_logps_in_chunks(self._unwrapped_model(), rollout, args.temperature,
-                                                               chunk, rows=self._rows_the_loss_reads(rollout))
+                rollout.old_logps = self._as_the_policys(generation.logps)  # as sampled: no forward
+                if rollout.old_logps is None:
+                    rollout.old_logps = completion_logps_in_chunks(self._unwrapped_model(), rollout, args.temperature,
+                                                                   chunk, rows=self._rows_the_loss_reads(rollout))
             if args.beta > 0 and for_loss:
                 with self._reference_model() as ref:
                     rollout.ref_logps = completion_logps_in_chunks(ref, rollout, args.temperature, chunk)

@@ -66,23 +66,22 @@ class StepRows:
             return None
         return torch.nonzero(~self._silent(rollout, self._loss_mask(rollout).sum(1))).flatten()
 
-    def _sampled_entropy(self, rollout: Rollout) -> torch.Tensor | None:
-        """The sampler's per-token entropies (`Rollout.sampled_entropy`) where they are this step's own, else None:
-        the weights that sampled are the weights training (`training_step` drops them once the weights move),
-        float32 both in sampling and in training (no bf16 autocast, float32 parameters), on every process (else
-        every process runs the forward, which may communicate). They equal a forward's to float32 rounding."""
-        usable = (rollout.sampled_entropy is not None and not self.use_bf16
-                  and next(self.model.parameters()).dtype == torch.float32)
+    def _as_the_policys(self, measured: torch.Tensor | None) -> torch.Tensor | None:
+        """What the sampler measured per token (`Generation.logps`, `.entropies`), where it is what a forward of the
+        policy at the weights that sampled would give, else None: float32 both in sampling and in training (no
+        bf16 autocast, float32 parameters), and measured on every process (else every process runs the forward,
+        which may communicate). It equals a forward's to float32 rounding (other kernels)."""
+        usable = measured is not None and not self.use_bf16 and next(self.model.parameters()).dtype == torch.float32
         if self.processes.count > 1:
             usable = not self.processes.max_each([int(not usable)])[0]
-        return rollout.sampled_entropy if usable else None
+        return measured if usable else None
 
     @torch.no_grad()
     def _without_silent_rows(self, rollout: Rollout, micro_batches: list[torch.Tensor]
                              ) -> tuple[list[torch.Tensor], LossStats]:
         """The step's micro-batches without the rows whose loss is exactly 0 (advantage 0, or no token in the loss),
         cut again (`batching.split_silent`), and what those rows add to the step's statistics without a backward:
-        the entropy of those with loss tokens, as the sampler measured it (`_sampled_entropy`) or else from a
+        the entropy of those with loss tokens, as the sampler measured it (`_as_the_policys`) or else from a
         no-grad forward, and a per-sequence clip fraction of 0 (`LossSettings.zero_advantage_is_silent`)."""
         args, loss_tokens, processes = self.args, self._loss_mask(rollout).sum(1), self.processes
         lengths = rollout.row_lengths()  # as the plan cut them (`_optimizer_steps`)
@@ -91,7 +90,8 @@ class StepRows:
         if processes.count > 1:  # each pass of a sharded or DDP model communicates: all run as many as the most
             heard, silent = even_passes(heard, processes.max_each([len(heard)])[0], lengths, silent)
         with_tokens = silent[loss_tokens[silent] > 0]
-        if (sampled := self._sampled_entropy(rollout)) is not None:  # the sampler measured them: no forward
+        # while the weights are those that sampled (`training_step` drops the entropies once they move)
+        if (sampled := self._as_the_policys(rollout.sampled_entropy)) is not None:  # no forward
             entropy = float((sampled[with_tokens] * self._loss_mask(rollout)[with_tokens]).sum())
             return heard, LossStats(entropy=entropy, low_clipped_min=0.0) if len(silent) else LossStats()
         measured = cut_micro_batches(with_tokens, lengths, args.per_device_train_batch_size,

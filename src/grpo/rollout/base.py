@@ -19,8 +19,10 @@ class Generation:
     completion_mask: torch.Tensor  # (N, C) 1 up to and including the first EOS
     is_eos: torch.Tensor  # (N,) bool: the completion ended with EOS rather than at max_completion_length
     tool_mask: torch.Tensor | None = None  # (N, C) multi-turn: 1 on the model's tokens, 0 on tool turns' tokens
-    # (N, C) float32: each token's entropy of softmax(logits / temperature) as the sampler drew it, where the engine
-    # measured it (its compiled sampler, nothing but the temperature shaping the distribution); 0 past the end
+    # (N, C) float32 each, where the engine measured them (its compiled sampler, nothing but the temperature shaping
+    # the distribution), 0 past the end: each token's log-prob and entropy of softmax(logits / temperature) as the
+    # sampler drew it
+    logps: torch.Tensor | None = None
     entropies: torch.Tensor | None = None
 
     def model_token_mask(self) -> torch.Tensor:

@@ -22,7 +22,7 @@ from grpo.rollout.base import Generation, eos_token_ids, left_pad, pad_and_cat
 from grpo.rollout.decoder import LeanDecoder
 from grpo.rollout.kv_cache import CopiedKV, GroupKV, use_shared_prefix
 from grpo.rollout.processors import generation_rules
-from grpo.rollout.sampling import process_logits, sample_tokens_and_entropy
+from grpo.rollout.sampling import process_logits, sample_and_measure
 from grpo.sampling_params import SamplingParams
 
 RowDone = Callable[[int, list[int], bool], None]  # (row, its tokens, whether it ended: EOS or a stop)
@@ -114,16 +114,19 @@ class RolloutEngine:
         lengths = torch.cat([p[1] for p in pieces])
         completion_mask = (torch.arange(completion_ids.size(1)).unsqueeze(0) < lengths.unsqueeze(1)).long()
         is_eos = torch.cat([p[2] for p in pieces]) & (lengths > 0)
-        measured = all(p[3] is not None for p in pieces)
-        entropies = pad_and_cat([p[3] for p in pieces], 0.0) * completion_mask if measured else None
-        return Generation(all_prompt_ids, all_prompt_mask, completion_ids, completion_mask, is_eos,
+        logps = entropies = None
+        if all(p[3] is not None for p in pieces):  # (rows, T, 2): log-prob, entropy
+            stats = pad_and_cat([p[3].flatten(1) for p in pieces], 0.0).unflatten(1, (-1, 2))
+            logps, entropies = (stats[..., i] * completion_mask for i in (0, 1))
+        return Generation(all_prompt_ids, all_prompt_mask, completion_ids, completion_mask, is_eos, logps=logps,
                           entropies=entropies)
 
     def _generate_chunk(self, model: Any, decoder: LeanDecoder | None, prompt_ids: list[list[int]], g: int,
                         turn: Turn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Returns completion ids (rows, T) right-padded, lengths (rows,), whether each row ended (EOS or a
         stopping criterion such as stop_strings) rather than ran out of max_new_tokens or its budget, and each
-        token's entropy (rows, T) where the sampler measured it (`Generation.entropies`), else None."""
+        token's (log-prob, entropy) (rows, T, 2) where the sampler measured them (`Generation.logps`, `.entropies`),
+        else None."""
         device = next(model.parameters()).device
         budgets = None if turn.budgets is None else turn.budgets.to(device)
         max_new = self.max_new_tokens if budgets is None else int(budgets.max())
@@ -161,21 +164,21 @@ class RolloutEngine:
         active = torch.arange(rows, device=device)  # the original row of each row still decoding
         eos = torch.tensor(self.eos_ids, device=device)
         suppressed = self._suppressed_ids(model, device)
-        # the sampler's entropy is TRL's `entropy` where the distribution is softmax(logits / T) as it stands
+        # the sampler's log-probs and entropies are the policy's where it draws from softmax(logits / T) as it is
         measures = self.params.only_temperature and rules.processors is None and suppressed is None
-        entropies = torch.zeros((rows, max_new), dtype=torch.float32) if measures else None
+        stats = torch.zeros((rows, max_new, 2), dtype=torch.float32) if measures else None
 
         for step in range(max_new):
             if rules.processors is not None:
                 processed = rules.processors(history, logits.float())
             else:
                 processed = process_logits(logits, self.params, history if penalize else None, suppressed)
-            new_tokens, entropy = sample_tokens_and_entropy(processed, self.params, self._generator_for(device),
-                                                            with_entropy=entropies is not None)
-            if entropy is None:  # not wanted, or a step the compiled sampler did not take (CUDA, a NaN row)
-                entropies = None
+            new_tokens, measured = sample_and_measure(processed, self.params, self._generator_for(device),
+                                                      measure=stats is not None)
+            if measured is None:  # not wanted, or a step the compiled sampler did not take (CUDA, a NaN row)
+                stats = None
             else:
-                entropies[active, step] = entropy
+                stats[active, step] = measured
             tokens[active, step] = new_tokens
             if history is not None:
                 history = torch.cat([history, new_tokens.unsqueeze(1)], dim=1)
@@ -215,7 +218,7 @@ class RolloutEngine:
             next_position = next_position + 1
         used = int(lengths.max())
         return (tokens[:, :used].cpu(), lengths.cpu(), ended.cpu(),
-                None if entropies is None else entropies[:, :used])
+                None if stats is None else stats[:, :used])
 
     def _suppressed_ids(self, model: Any, device: torch.device) -> torch.Tensor | None:
         """Token ids never to sample: generation_kwargs' `suppress_tokens`, else the model's generation config's

@@ -13,9 +13,10 @@
    -ffast-math, so no comparison here relies on infinities or NaN: a row whose max or sum is not finite (a NaN
    logit, all -inf) is checked by its bits and gets token -1, and sampling.py samples such a batch with torch.
 
-   With `entropies`, each row's entropy of softmax(logits) comes from the same pass: with x = l - max,
-   S = sum exp(x) and W = sum exp(x) x (both in double), H = log S - W / S. A token of zero probability adds 0 to
-   both (its x is clamped at FLOOR, where exp is exactly 0).
+   With `stats`, the same pass also gives the drawn token's log-probability and the row's entropy of
+   softmax(logits): with x = l - max, S = sum exp(x) and W = sum exp(x) x (both in double),
+   log p(token) = x_token - log S and H = log S - W / S. A token of zero probability adds 0 to S and W (its x is
+   clamped at FLOOR, where exp is exactly 0).
 
    Built and loaded by cpu_kernels.py; called by sampling.py, which documents the contract. */
 
@@ -80,19 +81,20 @@ static float row_max(const float *logits, int vocab) {
     return nan ? NAN : max;
 }
 
-static long sample_row(const float *logits, int vocab, double uniform, double *sums, double *entropy) {
+/* The row's token from `uniform`; with `stats` (not NULL), stats[0] = its log-probability, stats[1] = the
+   row's entropy. */
+static long sample_row(const float *logits, int vocab, double uniform, double *sums, double *stats) {
     float max = row_max(logits, vocab);
     if (!finite_float(max)) return -1;
     int blocks = (vocab + BLOCK - 1) / BLOCK;
     double total = 0.0, weighted = 0.0;
     for (int b = 0; b < blocks; b++) {
         int end = (b + 1) * BLOCK < vocab ? (b + 1) * BLOCK : vocab;
-        sums[b] = entropy ? block_sum_weighted(logits, b * BLOCK, end, max, &weighted)
-                          : block_sum(logits, b * BLOCK, end, max);
+        sums[b] = stats ? block_sum_weighted(logits, b * BLOCK, end, max, &weighted)
+                        : block_sum(logits, b * BLOCK, end, max);
         total += sums[b];
     }
     if (!finite_positive_double(total)) return -1;
-    if (entropy) *entropy = log(total) - weighted / total;
     double target = uniform * total, before = 0.0;
     int chosen = -1; /* u's block; the last block of positive mass where rounding runs past the end */
     for (int b = 0; b < blocks; b++) {
@@ -101,30 +103,34 @@ static long sample_row(const float *logits, int vocab, double uniform, double *s
         before += sums[b];
     }
     int start = chosen * BLOCK, end = start + BLOCK < vocab ? start + BLOCK : vocab;
-    long last = start;
+    long token = start;
     double running = before;
     for (int i = start; i < end; i++) {
         float p = shifted_exp(logits[i], max);
         if (p > 0.0f) {
-            last = i;
+            token = i;
             running += (double)p;
-            if (running > target) return i;
+            if (running > target) break;
         }
     }
-    return last;
+    if (stats) {
+        stats[0] = (double)clamped(logits[token], max) - log(total);
+        stats[1] = log(total) - weighted / total;
+    }
+    return token;
 }
 
 /* tokens[r] for each of `rows` rows of `logits` (row r at logits + r * row_stride, `vocab` entries), from
-   `uniforms[r]` in [0, 1); -1 where the row's max or sum is not finite. `entropies` (NULL: not wanted) gets each
-   row's entropy of softmax(logits), in nats. */
+   `uniforms[r]` in [0, 1); -1 where the row's max or sum is not finite. `stats` (rows x 2, NULL: not wanted)
+   gets each row's drawn token's log-probability and its entropy of softmax(logits), in nats. */
 void grpo_sample_tokens(const float *logits, long row_stride, const double *uniforms, int rows, int vocab,
-                        long *tokens, double *entropies, int threads) {
+                        long *tokens, double *stats, int threads) {
     int blocks = (vocab + BLOCK - 1) / BLOCK;
 #pragma omp parallel num_threads(threads)
     {
         double sums[blocks]; /* 6 KB for a 49k vocabulary, 32 KB for 256k */
 #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++)
-            tokens[r] = sample_row(logits + r * row_stride, vocab, uniforms[r], sums, entropies ? entropies + r : NULL);
+            tokens[r] = sample_row(logits + r * row_stride, vocab, uniforms[r], sums, stats ? stats + 2 * r : NULL);
     }
 }

@@ -81,26 +81,26 @@ def sample_tokens(processed: torch.Tensor, params: SamplingParams, generator: to
     against 2.1 ms). Elsewhere torch's float32 cumulative sum is exact up to its rounding (on SmolLM2's next-token
     distributions a total variation of 1.8e-4 from softmax(processed), mean log-prob equal to 4 decimals).
     """
-    return sample_tokens_and_entropy(processed, params, generator, with_entropy=False)[0]
+    return sample_and_measure(processed, params, generator, measure=False)[0]
 
 
-def sample_tokens_and_entropy(processed: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                              with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`sample_tokens`, and (`with_entropy`, where the compiled kernel samples) each row's entropy of
-    softmax(processed) in nats, float32, from the kernel's own pass over the row (H = log S - sum p x / S, x the
-    logit less the row's max); None elsewhere. The same uniforms are drawn either way, so asking for the entropy
-    never changes the tokens."""
+def sample_and_measure(processed: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                       measure: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sample_tokens`, and (`measure`, where the compiled kernel samples) a (rows, 2) float32 tensor of each drawn
+    token's log-probability and each row's entropy of softmax(processed), in nats, from the kernel's own pass over
+    the row (x the logit less the row's max, S = sum exp(x): log p = x_token - log S, H = log S - sum p x / S);
+    None elsewhere. The same uniforms are drawn either way, so measuring never changes the tokens."""
     if params.greedy:  # on the logits: softmax can round two close ones to the same probability, a false tie
         return processed.argmax(dim=-1), None
     if _kernel_applies(processed):
         rows, vocab = processed.shape
         uniforms = torch.rand(rows, dtype=torch.float64, generator=generator)
         tokens = torch.empty(rows, dtype=torch.long)
-        entropy = torch.empty(rows, dtype=torch.float64) if with_entropy else None
+        stats = torch.empty((rows, 2), dtype=torch.float64) if measure else None
         kernel()(processed.data_ptr(), processed.stride(0), uniforms.data_ptr(), rows, vocab, tokens.data_ptr(),
-                 None if entropy is None else entropy.data_ptr(), torch.get_num_threads())
+                 None if stats is None else stats.data_ptr(), torch.get_num_threads())
         if bool((tokens >= 0).all()):  # -1: a row's max or sum was not finite (NaN logits): torch's path says how
-            return tokens, None if entropy is None else entropy.float()
+            return tokens, None if stats is None else stats.float()
         # torch's path draws its own uniforms after these: a NaN row fails there too, with torch's message
     probs = torch.softmax(processed, dim=-1)
     cdf = probs.cumsum(dim=-1)
