@@ -13,15 +13,15 @@ torch.cuda.max_memory_allocated on CUDA) is its own, and runs alternate between 
 machine's speed hits both alike.
 
 Config (both trainers, TRL's names): per_device_train_batch_size = G, gradient_accumulation_steps 2 (two
-G-completion groups a step, on-policy), beta 0, loss "dapo", temperature 1, top_p 1, top_k 0, AdamW, the same
-learning rate and seed, gradient checkpointing on (TRL's default; --gradient-checkpointing default gives each
-trainer its own: grpo turns it on only when memory needs it), float32 unless --bf16. Reward: completion
-tokens / L for the random models (completions run to the limit: the same work every step; with little reward
-spread, grpo trains every row there as TRL does rather than leave the silent ones out), the course's
--|20 - characters| for smollm2 (completions shorten as it learns; "time to target" is the wall time until the
-step whose reward first reaches --target). `--task word_problems` (smollm2): the built-in arithmetic word
-problems, scored 1 or 0 by `problem_reward`, where a group whose completions are all right or all wrong has no
-signal (the share is printed; grpo leaves those rows out of its training forward/backward, TRL trains them).
+G-completion groups a step, on-policy unless --num-iterations > 1), beta 0, loss "dapo", temperature 1, top_p 1,
+top_k 0, AdamW, the same learning rate and seed, gradient checkpointing on (TRL's default; --gradient-checkpointing
+default gives each trainer its own: grpo turns it on only when memory needs it), float32 unless --bf16. Reward:
+completion tokens / L for the random models (completions run to the limit: the same work every step; with little
+reward spread, grpo trains every row there as TRL does rather than leave the silent ones out), the course's
+-|20 - characters| for smollm2 (completions shorten as it learns; "time to target" is the wall time until the step whose
+reward first reaches --target). `--task word_problems` (smollm2): the built-in arithmetic word problems, scored 1 or
+0 by `problem_reward`, where a group whose completions are all right or all wrong has no signal (the share is
+printed; grpo leaves those rows out of its training forward/backward, TRL trains them).
 
 Phases are timed inside each trainer by wrapping its own functions: generation, rewards, old/reference log-probs
 (no-grad forwards), the training forward, backward, the optimizer step; "other" is the step's remainder. MFU of
@@ -33,6 +33,7 @@ unpacked forward computes), peak = the best float32 (bf16 with --bf16) 2048^3 ma
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import os
@@ -127,7 +128,8 @@ def settings(opts: argparse.Namespace, output_dir: str) -> dict[str, Any]:
     return dict(output_dir=output_dir, max_steps=opts.steps, per_device_train_batch_size=opts.g,
                 gradient_accumulation_steps=2, num_generations=opts.g, max_completion_length=opts.length,
                 learning_rate=opts.learning_rate, seed=opts.seed, beta=0.0, loss_type="dapo", scale_rewards="group",
-                temperature=1.0, top_p=1.0, top_k=0, num_iterations=1, epsilon=0.2, max_grad_norm=1.0,
+                temperature=1.0, top_p=1.0, top_k=0, num_iterations=opts.num_iterations, epsilon=0.2,
+                max_grad_norm=1.0,
                 weight_decay=0.0, lr_scheduler_type="linear", logging_steps=1,
                 report_to="none", disable_tqdm=True, bf16=cuda or opts.bf16, use_cpu=not cuda,
                 log_completions=False, shuffle_dataset=True, save_strategy="no",
@@ -218,9 +220,8 @@ def run_trl(opts: argparse.Namespace, vocab_size: int, output_dir: str) -> list[
     clock.wrap(trainer, "_get_per_token_logps_and_entropies", by_grad)
     clock.wrap(trainer.accelerator, "backward", "backward")
     trainer.train()
-    logs = [r for r in trainer.state.log_history if "reward" in r]
-    return [dict(step, reward=r["reward"], completion_length=r["completions/mean_length"], num_tokens=r["num_tokens"],
-                 silent=r["frac_reward_zero_std"]) for step, r in zip(steps, logs)]
+    logs = round_metrics_carried([r for r in trainer.state.log_history if "loss" in r and "train_runtime" not in r])
+    return [dict(step, **r) for step, r in zip(steps, logs)]
 
 
 def run_grpo(opts: argparse.Namespace, vocab_size: int, output_dir: str) -> list[dict[str, Any]]:
@@ -250,8 +251,21 @@ def run_grpo(opts: argparse.Namespace, vocab_size: int, output_dir: str) -> list
     trainer.train()
     records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "step_time" in r]
-    return [dict(step_time=r["step_time"], phases=p, reward=r["reward"], completion_length=r["completions/mean_length"],
-                 num_tokens=r["num_tokens"], silent=r["frac_reward_zero_std"]) for r, p in zip(records, phases)]
+    return [dict(step_time=r["step_time"], phases=p, **m) for r, p, m in zip(records, phases,
+                                                                            round_metrics_carried(records))]
+
+
+def round_metrics_carried(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each optimizer step's round metrics (reward, length, tokens seen, silent share) and its round's number. A
+    round's later passes (--num-iterations > 1) log none in either trainer: they carry the round's."""
+    names = dict(reward="reward", completion_length="completions/mean_length", num_tokens="num_tokens",
+                 silent="frac_reward_zero_std")
+    carried, last, rounds = [], {}, 0
+    for log in logs:
+        if "reward" in log:
+            last, rounds = {ours: log[theirs] for ours, theirs in names.items()}, rounds + 1
+        carried.append(dict(last, round=rounds))
+    return carried
 
 
 def worker(opts: argparse.Namespace) -> None:
@@ -276,7 +290,8 @@ def run_worker(trainer: str, case: dict[str, Any], opts: argparse.Namespace, see
         command = [sys.executable, __file__, "--worker", trainer, "--model", case["model"], "--model-dir",
                    case["model_dir"], "--length", str(case["length"]), "--g", str(case["g"]), "--mode", case["mode"],
                    "--steps", str(case["steps"]), "--result", result.name, "--device", opts.device,
-                   "--learning-rate", str(opts.learning_rate), "--seed", str(seed)]
+                   "--learning-rate", str(opts.learning_rate), "--seed", str(seed),
+                   "--num-iterations", str(opts.num_iterations)]
         command += (["--threads", str(opts.threads)] if opts.threads else []) + (["--bf16"] if opts.bf16 else [])
         command += ["--gradient-checkpointing", opts.gradient_checkpointing, "--task", opts.task]
         command += [arg for option in opts.grpo_option for arg in ("--grpo-option", option)]
@@ -302,14 +317,19 @@ def summarize(results: list[dict[str, Any]], target: float) -> dict[str, Any]:
     trained and generated tokens per step, the mean reward curve, time to target, the largest peak memory."""
     steps, times_to_target = [], []
     for result in results:
-        seen = [s["num_tokens"] for s in result["steps"]]
+        # a round's tokens, counted at its first step: each of its passes trains them all; its generated tokens
+        # are spread over its passes
+        passes = collections.Counter(s["round"] for s in result["steps"])
+        seen = {s["round"]: s["num_tokens"] for s in result["steps"]}
         elapsed = 0.0
         reached = None
-        for step, before, after in zip(result["steps"], [0.0] + seen[:-1], seen):
+        for step in result["steps"]:
             elapsed += step["step_time"]
             if reached is None and step["reward"] >= target:
                 reached = elapsed
-            steps.append(dict(step, trained=after - before, generated=step["completion_length"] * step["rows"]))
+            trained = seen[step["round"]] - seen.get(step["round"] - 1, 0.0)
+            steps.append(dict(step, trained=trained,
+                              generated=step["completion_length"] * step["rows"] / passes[step["round"]]))
         times_to_target.append(reached)
     curves = [[s["reward"] for s in r["steps"]] for r in results]
     elapsed = [list(itertools.accumulate(s["step_time"] for s in r["steps"])) for r in results]
@@ -347,9 +367,12 @@ def matmul_flops(device: str, dtype: torch.dtype, repeats: int = 5) -> float:
 
 
 def ratio(ours: float | None, theirs: float | None, inverse: bool = False) -> str:
-    if ours is None or not theirs:
+    """ours / theirs, or theirs / ours (`inverse`); "-" where either is missing or the divisor is 0 (a phase one
+    trainer does not run: grpo's old log-probs, taken from its sampler)."""
+    numerator, divisor = (theirs, ours) if inverse else (ours, theirs)
+    if numerator is None or not divisor:
         return "-"
-    return f"{theirs / ours:.2f}x" if inverse else f"{ours / theirs:.2f}x"
+    return f"{numerator / divisor:.2f}x"
 
 
 def percent(fraction: float) -> str:
@@ -461,6 +484,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timing runs per trainer, alternating trainers")
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--num-iterations", type=int, default=1,
+                        help="passes over each round (both trainers; > 1 needs the old policy's log-probs)")
     parser.add_argument("--vary-seed", action="store_true",
                         help="repeat r trains with seed + r (both trainers alike), so time to target is a mean over "
                              "different samples rather than over one sample's trajectory")

@@ -4,6 +4,7 @@ optimizer step is split into micro-batches."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict
 
@@ -488,6 +489,31 @@ def test_normalisers_count_the_optimizer_step_not_the_round(tmp_path, tiny_model
     own.old_logps = None  # a round that feeds one step is on-policy: old = logp.detach()
     alone = step_update(trainer, own, [torch.arange(0, 4), torch.arange(4, 8)], start)
     assert_same_update(in_round, alone)
+
+
+def test_the_entropy_quantile_takes_the_samplers_entropies_on_a_rounds_first_step(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
+    """top_entropy_quantile: where the sampler drew from the policy itself (no token suppressed), the step's
+    entropies are the ones it measured: no forward, the same high-entropy tokens and the same update."""
+    import grpo.trainer_rows
+
+    trainer = sgd_trainer(tmp_path, tiny_model_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                          top_entropy_quantile=0.3, generation_kwargs={"suppress_tokens": []})
+    trainer._create_optimizer_and_scheduler(1)
+    rollout, _ = trainer.generate_and_score(list(length_task(2)))
+    assert rollout.sampled_entropy is not None
+    micro_batches = [torch.arange(0, 4), torch.arange(4, 8)]
+    forwards, real = [], grpo.trainer_rows.completion_logps
+    monkeypatch.setattr(grpo.trainer_rows, "completion_logps", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    sampled = trainer._high_entropy_masks(rollout, micro_batches)
+    assert forwards == []
+    measured = dataclasses.replace(rollout, sampled_entropy=None)
+    by_forward = trainer._high_entropy_masks(measured, micro_batches)
+    assert len(forwards) == 2 and all(torch.equal(a, b) for a, b in zip(sampled, by_forward))
+    assert 0 < sum(m.sum() for m in sampled) < sum(trainer._loss_mask(rollout.select(r)).sum() for r in micro_batches)
+    start = snapshot(trainer.model)
+    assert_same_update(step_update(trainer, measured, micro_batches, start),
+                       step_update(trainer, rollout, micro_batches, start))
 
 
 def test_mask_truncated_completions_leaves_them_out_of_loss_and_normaliser(tmp_path, tiny_model_dir):

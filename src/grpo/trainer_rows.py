@@ -35,13 +35,19 @@ class StepRows:
     @torch.no_grad()
     def _high_entropy_masks(self, rollout: Rollout, micro_batches: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per micro-batch, tokens whose entropy is >= the (1 - rho) quantile over the whole optimizer step (TRL:
-        per micro-batch). Costs a no-grad forward, but keeps the update independent of the split."""
+        per micro-batch), which keeps the update independent of the split. The entropies are the sampler's on a
+        round's first step where they are the policy's (`_as_the_policys`), else a no-grad forward's."""
         entropies, masks, rho = [], [], self.args.top_entropy_quantile
+        sampled = self._as_the_policys(rollout.sampled_entropy)
         for rows in micro_batches:
             batch = rollout.select(rows)
-            with self._autocast():
-                _, entropy = completion_logps(self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                              batch.completion_mask, self.args.temperature, with_entropy=True)
+            if sampled is not None:
+                entropy = batch.sampled_entropy
+            else:
+                with self._autocast():
+                    _, entropy = completion_logps(self.model, batch.prompt_ids, batch.prompt_mask,
+                                                  batch.completion_ids, batch.completion_mask, self.args.temperature,
+                                                  with_entropy=True)
             entropies.append(entropy.float())
             masks.append(self._loss_mask(batch).to(entropy.device).bool())
         threshold = entropy_threshold(torch.cat([e[m] for e, m in zip(entropies, masks)]), rho)
