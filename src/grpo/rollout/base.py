@@ -105,7 +105,7 @@ class Rollout:
     ref_logps: torch.Tensor | None = None  # (N, C) reference-model log-probs, when beta > 0
     tool_mask: torch.Tensor | None = None  # (N, C) multi-turn: 0 on tool turns' tokens, which the loss leaves out
     # (N, C) `Generation.entropies`, kept while the weights are those that sampled (dropped after the round's first
-    # optimizer step): the logged entropy of rows that need no forward (`StepRows._without_silent_rows`)
+    # optimizer step): the step's entropies without a forward (`StepRows._without_silent_rows`, `_high_entropy_masks`)
     sampled_entropy: torch.Tensor | None = None
     prompts: list[Any] = field(default_factory=list)
     completions: list[Any] = field(default_factory=list)
