@@ -158,10 +158,11 @@ class GRPOConfig(TRLFields):
     skip_zero_advantage_rows: bool = True
     """Leave out of the training forward/backward the completions whose advantage is exactly 0 (a group whose
     rewards are all equal: all right or all wrong) or that have no token in the loss (mask_truncated_completions),
-    whose loss and gradient are then exactly 0: the same update for less work (a no-grad forward still measures
-    the entropy of the former for the logged metric; nor are their old-policy log-probs computed). Applies where
-    nothing else in the loss reads them (beta = 0, no entropy bonus or entropy quantile mask, no MoE router loss,
-    not vespo), not under DeepSpeed; off: every row is trained, as in TRL."""
+    whose loss and gradient are then exactly 0: the same update for less work (the logged entropy still counts
+    the former: the built-in sampler's where it is the policy's, else a no-grad forward's; nor are their
+    old-policy log-probs computed by a forward). Applies where nothing else in the loss reads them (beta = 0, no
+    entropy bonus or entropy quantile mask, no MoE router loss, not vespo), not under DeepSpeed; off: every row is
+    trained, as in TRL."""
     learning_rate: float = 1e-6
     """Peak AdamW learning rate. TRL's 1e-6 suits pretrained models; the embedded demo model uses far more."""
     lr_scheduler_type: str = "linear"

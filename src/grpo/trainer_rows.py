@@ -89,7 +89,8 @@ class StepRows:
         cut again (`batching.split_silent`), and what those rows add to the step's statistics without a backward:
         the entropy of those with loss tokens, as the sampler measured it (`_as_the_policys`) or else from a
         no-grad forward, and a per-sequence clip fraction of 0 (`LossSettings.zero_advantage_is_silent`)."""
-        args, loss_tokens, processes = self.args, self._loss_mask(rollout).sum(1), self.processes
+        args, loss_mask, processes = self.args, self._loss_mask(rollout), self.processes
+        loss_tokens = loss_mask.sum(1)
         lengths = rollout.row_lengths()  # as the plan cut them (`_optimizer_steps`)
         heard, silent = split_silent(micro_batches, self._silent(rollout, loss_tokens), lengths,
                                      args.per_device_train_batch_size, args.max_tokens_per_micro_batch)
@@ -98,7 +99,7 @@ class StepRows:
         with_tokens = silent[loss_tokens[silent] > 0]
         # while the weights are those that sampled (`training_step` drops the entropies once they move)
         if (sampled := self._as_the_policys(rollout.sampled_entropy)) is not None:  # no forward
-            entropy = float((sampled[with_tokens] * self._loss_mask(rollout)[with_tokens]).sum())
+            entropy = float((sampled[with_tokens] * loss_mask[with_tokens]).sum())
             return heard, LossStats(entropy=entropy, low_clipped_min=0.0) if len(silent) else LossStats()
         measured = cut_micro_batches(with_tokens, lengths, args.per_device_train_batch_size,
                                      args.max_tokens_per_micro_batch)
