@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import SIZES, build, prompts  # noqa: E402
+from models import SIZES, build, cpu_name, prompts  # noqa: E402
 
 TRAINERS = ("trl", "grpo")
 PHASES = ("generation", "rewards", "old/ref logps", "train forward", "backward", "optimizer")
@@ -520,7 +520,7 @@ def main() -> None:
     import transformers
     import trl
 
-    print(f"device={opts.device} threads={torch.get_num_threads()} torch={torch.__version__} "
+    print(f"device={opts.device} cpu={cpu_name()} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"transformers={transformers.__version__} trl={trl.__version__} steps={opts.steps} lr={opts.learning_rate} "
           f"seed={opts.seed}{' + repeat' if opts.vary_seed else ''} {'bf16' if opts.bf16 else 'float32'}"
           f"{' (TRL: malloc keeps freed memory)' if opts.trl_keeps_freed_memory else ''}")

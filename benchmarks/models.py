@@ -7,6 +7,8 @@ scaled up so that EOS fires in some contexts and not others: completion lengths 
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,22 @@ def build(size: str, seed: int = 0) -> LlamaForCausalLM:
     with torch.no_grad():
         model.lm_head.weight[EOS_ID] *= eos_scale
     return model
+
+
+def cpu_name() -> str:
+    """The CPU the numbers came from (the same 2-core benchmarks read half as fast on one VM as on another):
+    /proc/cpuinfo's model name with its family and model, where a VM's name alone ("AMD EPYC") says little."""
+    fields: dict[str, str] = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+        if not key.strip():
+            break  # the first processor's block is enough
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return name
 
 
 def add_group_arguments(parser: Any) -> None:

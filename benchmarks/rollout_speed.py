@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import SIZES, IdTokenizer, build, prompts  # noqa: E402
+from models import SIZES, IdTokenizer, build, cpu_name, prompts  # noqa: E402
 
 from grpo import GRPOConfig  # noqa: E402
 from grpo.rollout import RolloutEngine, TransformersGenerator  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> None:
                         help="the engine's CPU weight copies (bfloat16: RolloutEngine(copy_dtype=), which training "
                              "does not use; the model and generate stay in --dtype)")
     opts = parser.parse_args()
-    print(f"device={opts.device} dtype={opts.dtype} engine copies={opts.engine_copies} "
+    print(f"device={opts.device} cpu={cpu_name()} dtype={opts.dtype} engine copies={opts.engine_copies} "
           f"threads={torch.get_num_threads()} torch={torch.__version__} "
           f"G={opts.num_generations} prompts/round={opts.prompts} prompt_len={opts.prompt_len[0]}-{opts.prompt_len[1]}")
     header = (f"{'model':<6} {'params':>7} {'max_new':>7} {'hf len':>7} {'grpo len':>8} {'hf tok/s':>9} "
