@@ -41,10 +41,10 @@ def cpu_name() -> str:
     fields: dict[str, str] = {}
     cpuinfo = Path("/proc/cpuinfo")
     for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if not line.strip():
+            break  # the first processor's block is enough
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
-        if not key.strip():
-            break  # the first processor's block is enough
     name = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in fields:
         name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
